@@ -1,0 +1,218 @@
+"""Recipes: one YAML file per model with a section per stage, parsed strictly into dataclasses.
+
+A recipe looks like
+
+    model:    {name_or_path: llava-hf/llava-v1.6-mistral-7b-hf, dtype: bfloat16}
+    selfgen:  {output_dir: data/selfgen, images: {type: folder, path: ...}, ...}
+
+Unknown keys and ill-typed values raise `RecipeError` naming the dotted key before any work starts.
+Command-line overrides use the same dotted keys: `selfgen.batch_size=4 model.dtype=float32`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections shared by every stage
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model to load and how. `tiny:<family>[@seed]` builds a small random model offline."""
+
+    name_or_path: str = "tiny:llava"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # sdpa | eager | flash_attention_2; None lets transformers choose
+    attn_implementation: str | None = None
+    # None puts the whole model on this process's device; "auto" shards one copy over all visible GPUs
+    device_map: str | None = None
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strict dict -> dataclass conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise RecipeError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (list, tuple, typing.Sequence, typing.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise RecipeError(f"{key}: expected one of {[e.value for e in tp]}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{key}: expected a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+    if tp is list:
+        if isinstance(value, list):
+            return value
+        raise RecipeError(f"{key}: expected a list, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, section: str) -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types (named as section.key)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{section}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"known keys of {section}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{section}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain JSON-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipe files and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`selfgen.batch_size=4` -> (["selfgen", "batch_size"], 4); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().lstrip("-").split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], default_section: str | None = None) -> dict:
+    """Set dotted keys in the raw recipe mapping. A bare key goes to `default_section`."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1 and default_section:
+            path = [default_section, *path]
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe_dict(path: str | Path | None, overrides: list[str] = (), default_section: str | None = None) -> dict:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {p} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {p}: the top level must be a mapping of sections")
+    return apply_overrides(data, list(overrides), default_section)
+
+
+# Stages register their section's dataclass here so unknown sections are caught in every command.
+SECTIONS: dict[str, type] = {"model": ModelConfig}
+# Sections owned by stages that are parsed by their own module (they are allowed in any recipe).
+LATER_SECTIONS = {"dpo", "infuse_sft", "eval", "name", "description"}
+
+
+def parse_section(data: dict, name: str, cls: type) -> Any:
+    unknown = sorted(set(data) - set(SECTIONS) - LATER_SECTIONS)
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"known sections: {', '.join(sorted(set(SECTIONS) | LATER_SECTIONS))}"
+        )
+    return from_dict(cls, data.get(name) or {}, name)
