@@ -1,0 +1,85 @@
+"""The `stic` command: one subcommand per stage plus small tools.
+
+    stic selfgen --recipe recipes/default.yaml [section.key=value ...] [--overwrite]
+    stic tiny-model --family llava -o DIR
+    stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from stic.config import RecipeError, load_recipe_dict, parse_override
+
+
+def _selfgen(args) -> int:
+    from stic.selfgen import parse_recipe, run_selfgen
+
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="selfgen"))
+    run_selfgen(recipe, overwrite=args.overwrite)
+    return 0
+
+
+def _tiny_model(args) -> int:
+    from stic.tiny import save_tiny_model
+
+    out = save_tiny_model(args.family, args.output, seed=args.seed)
+    print(f"tiny {args.family} model written to {out}")
+    return 0
+
+
+def _corrupt(args) -> int:
+    from corruptions import corrupt
+    from stic.images import decode_image
+
+    settings = {}
+    for text in args.set or []:
+        path, value = parse_override(text)
+        settings[".".join(path)] = value
+    image = decode_image(args.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
+    out, record = corrupt(image, args.kind, seed=args.seed, **settings)
+    out.save(args.output)
+    print(json.dumps(record))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stic.tiny import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="stic", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("selfgen", help="build STIC preference pairs from unlabeled images")
+    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and selfgen: sections)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder and start over")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selfgen.batch_size=4 model.dtype=float32")
+    p.set_defaults(func=_selfgen)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random model offline")
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_model)
+
+    from corruptions import REGISTRY
+
+    p = sub.add_parser("corrupt", help="preview one image corruption")
+    p.add_argument("image")
+    p.add_argument("--kind", required=True, choices=sorted(REGISTRY))
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a corruption setting, e.g. hue=0.1")
+    p.set_defaults(func=_corrupt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except RecipeError as err:
+        print(f"stic: recipe error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

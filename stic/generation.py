@@ -1,0 +1,126 @@
+"""Batched generation for image + prompt requests.
+
+Prompts are rendered exactly as TRL renders them for training (TRL's `prepare_multimodal_messages` and the
+processor's own chat template, no extra special tokens), so a description is generated from the same token
+sequence that the trainer later conditions on. Requests are sorted by length before batching to limit
+padding, batches are left-padded, and each output records why it stopped (EOS or the length limit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be positive when do_sample is true")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0)
+        else:  # keep greedy decoding free of the model's own sampling defaults
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclasses.dataclass
+class Request:
+    image: Image.Image | None
+    prompt: str
+
+
+@dataclasses.dataclass
+class Output:
+    text: str
+    finish_reason: str  # "eos" or "length"
+    num_tokens: int
+
+
+def conversation(prompt: str, image: Image.Image | None) -> list[dict]:
+    """One user turn in the structured form TRL's collators build from a {prompt, images} row."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    return prepare_multimodal_messages([{"role": "user", "content": prompt}], images=[image] if image else [])
+
+
+def stable_seed(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class BatchGenerator:
+    def __init__(self, model, processor, batch_size: int = 8, group_by_length: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model, self.processor = model, processor
+        self.batch_size, self.group_by_length = batch_size, group_by_length
+        tok = processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
+
+    def prompt_text(self, prompt: str, image: Image.Image | None) -> str:
+        return self.processor.apply_chat_template(conversation(prompt, image), add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def encode(self, requests: Sequence[Request]) -> dict:
+        """Model inputs for a batch, left-padded, exactly as generation sees them."""
+        texts = [self.prompt_text(r.prompt, r.image) for r in requests]
+        images = [[r.image] if r.image is not None else [] for r in requests]
+        kwargs = {"images": images} if any(images) else {}
+        return self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                              add_special_tokens=False, **kwargs)
+
+    def _order(self, requests: Sequence[Request]) -> list[int]:
+        if not self.group_by_length:
+            return list(range(len(requests)))
+        tok = self.processor.tokenizer
+        lengths = [len(tok(r.prompt, add_special_tokens=False)["input_ids"]) for r in requests]
+        pixels = [r.image.width * r.image.height if r.image is not None else 0 for r in requests]
+        # prompt length first, then image size, which sets the number of image tokens on dynamic-resolution models
+        return sorted(range(len(requests)), key=lambda i: (lengths[i], pixels[i]))
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig, seed: int = 0,
+                 on_batch: Callable[[int, int], None] | None = None) -> list[Output]:
+        """Outputs in request order. `on_batch(n_requests, n_new_tokens)` reports progress."""
+        order = self._order(requests)
+        outputs: list[Output | None] = [None] * len(requests)
+        device = self.model.device
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            inputs = self.encode([requests[i] for i in idx]).to(device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            torch.manual_seed(stable_seed(seed, start))  # sampling depends on the seed and batch, not on history
+            out = self.model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=self.pad_id)
+            new = out[:, inputs["input_ids"].shape[1]:].tolist()
+            n_tokens = 0
+            for i, ids in zip(idx, new):
+                stop = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+                keep = ids if stop is None else ids[:stop]
+                text = self.processor.tokenizer.decode(keep, skip_special_tokens=True).strip()
+                outputs[i] = Output(text, "length" if stop is None else "eos", len(keep))
+                n_tokens += len(keep) + (stop is not None)
+            if on_batch:
+                on_batch(len(idx), n_tokens)
+        return outputs

@@ -1,0 +1,409 @@
+"""Stage 1 data: the model builds its own preference pairs from unlabeled images (STIC Algorithm 1).
+
+For each image, with a private random stream seeded by (seed, image id):
+  1. draw an ordinary caption prompt x;
+  2. y_w = model(good step-by-step prompt, clean image);
+  3. with probability p: y_l = model(random hallucination prompt, clean image)
+     otherwise:          y_l = model(x, corrupted image), the corruption drawn from the recipe's list;
+  4. store (clean image, x, y_w, y_l). Training uses x with the clean image for both responses.
+
+The output is a parquet dataset in TRL's conversational preference format ({prompt, chosen, rejected,
+images}) plus provenance columns, written in atomic parts so a killed run resumes where it stopped, and
+shardable over `accelerate launch` processes.
+
+    stic selfgen --recipe recipes/default.yaml [selfgen.key=value ...] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import json
+import base64
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from stic.config import SECTIONS, ModelConfig, RecipeError, from_dict, parse_section, to_dict
+from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
+from stic.images import ImageLoader, ImageRejected, ImageSourceConfig, list_images
+from stic.prompts import PromptsConfig, PromptSets, load_prompts
+from stic.store import ShardedOutput
+
+ID_COLUMN = "image_id"
+
+
+@dataclasses.dataclass
+class SelfGenConfig:
+    output_dir: str = "outputs/selfgen"
+    images: ImageSourceConfig = dataclasses.field(default_factory=ImageSourceConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    seed: int = 42
+    # p in Algorithm 1: the share of images whose rejected answer comes from a hallucination prompt
+    hallucination_prob: float = 0.5
+    # corruption kinds for the other branch: a name, or {kind: name, <setting>: value, ...}
+    corruptions: list[str | dict] = dataclasses.field(default_factory=lambda: ["color_jitter", "lower_resolution"])
+    chosen_sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    rejected_sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(do_sample=True, temperature=1.0, top_p=0.95))
+    batch_size: int = 8
+    group_by_length: bool = True
+    images_per_part: int = 64  # images per parquet part: the unit of work lost to a kill
+    drop_truncated_chosen: bool = False  # also drop pairs whose chosen answer hit max_new_tokens
+    preview_pairs: int = 12  # pairs shown in preview.html
+
+    def __post_init__(self):
+        if not 0.0 <= self.hallucination_prob <= 1.0:
+            raise ValueError(f"hallucination_prob must lie in [0, 1], got {self.hallucination_prob}")
+        if self.hallucination_prob < 1.0 and not self.corruptions:
+            raise ValueError("corruptions is empty but hallucination_prob < 1 needs at least one")
+        if self.batch_size < 1 or self.images_per_part < 1:
+            raise ValueError("batch_size and images_per_part must be at least 1")
+
+
+SECTIONS["selfgen"] = SelfGenConfig
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelConfig
+    selfgen: SelfGenConfig
+
+
+def parse_recipe(data: dict) -> Recipe:
+    return Recipe(model=parse_section(data, "model", ModelConfig), selfgen=parse_section(data, "selfgen", SelfGenConfig))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-image plan: every random choice of Algorithm 1, fixed by (seed, image id) alone, so it does not
+# depend on sharding, batch composition or how often the run was resumed.
+
+
+@dataclasses.dataclass
+class Plan:
+    image_id: str
+    caption_prompt: str
+    branch: str  # "hallucination" or "corruption"
+    hallucination_prompt: str | None
+    corruption: dict | None  # {"kind": ..., **settings}
+    corruption_seed: int | None
+
+    @property
+    def rejected_prompt(self) -> str:
+        return self.hallucination_prompt if self.branch == "hallucination" else self.caption_prompt
+
+
+def _corruption_specs(items: list[str | dict]) -> list[dict]:
+    from corruptions import make_corruption
+
+    specs = []
+    for i, item in enumerate(items):
+        spec = {"kind": item} if isinstance(item, str) else dict(item)
+        if "kind" not in spec:
+            raise RecipeError(f"selfgen.corruptions[{i}]: a mapping needs a 'kind' key")
+        try:
+            make_corruption(spec["kind"], **{k: v for k, v in spec.items() if k != "kind"})
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"selfgen.corruptions[{i}]: {err}") from None
+        specs.append(spec)
+    return specs
+
+
+def plan_image(image_id: str, cfg: SelfGenConfig, prompts: PromptSets, corruptions: list[dict]) -> Plan:
+    rng = random.Random(f"{cfg.seed}\x1f{image_id}")
+    caption = rng.choice(prompts.caption)
+    if rng.random() < cfg.hallucination_prob:
+        return Plan(image_id, caption, "hallucination", rng.choice(prompts.hallucination), None, None)
+    return Plan(image_id, caption, "corruption", None, dict(rng.choice(corruptions)), rng.getrandbits(31))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def features():
+    import datasets
+
+    message = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+    text = datasets.Value("string")
+    return datasets.Features({
+        ID_COLUMN: text,
+        "prompt": message, "chosen": message, "rejected": message,
+        "images": datasets.List(datasets.Image()),
+        "rejected_branch": text,
+        "caption_prompt": text, "chosen_prompt": text, "rejected_prompt": text,
+        "corruption": text, "corruption_params": text,
+        "chosen_finish_reason": text, "rejected_finish_reason": text,
+        "chosen_num_tokens": datasets.Value("int32"), "rejected_num_tokens": datasets.Value("int32"),
+        "seed": datasets.Value("int64"), "model": text, "generation": text,
+        # the field names of STIC's released preference records, for tools written against them
+        "image_corruption": datasets.Value("bool"), "hallu_prompt": text,
+    })
+
+
+def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_record: dict | None,
+             prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str) -> dict:
+    return {
+        ID_COLUMN: plan.image_id,
+        "prompt": [{"role": "user", "content": plan.caption_prompt}],
+        "chosen": [{"role": "assistant", "content": chosen.text}],
+        "rejected": [{"role": "assistant", "content": rejected.text}],
+        "images": [image],
+        "rejected_branch": plan.branch,
+        "caption_prompt": plan.caption_prompt,
+        "chosen_prompt": prompts.good,
+        "rejected_prompt": plan.rejected_prompt,
+        "corruption": plan.corruption["kind"] if plan.corruption else None,
+        "corruption_params": json.dumps(corruption_record, sort_keys=True) if corruption_record else None,
+        "chosen_finish_reason": chosen.finish_reason, "rejected_finish_reason": rejected.finish_reason,
+        "chosen_num_tokens": chosen.num_tokens, "rejected_num_tokens": rejected.num_tokens,
+        "seed": cfg.seed, "model": model_name, "generation": generation,
+        "image_corruption": plan.branch == "corruption",
+        "hallu_prompt": plan.hallucination_prompt or "",
+    }
+
+
+def drop_reason(chosen: Output, rejected: Output, cfg: SelfGenConfig) -> str | None:
+    if not chosen.text:
+        return "empty_chosen"
+    if not rejected.text:
+        return "empty_rejected"
+    if chosen.text == rejected.text:
+        return "identical"
+    if cfg.drop_truncated_chosen and chosen.finish_reason == "length":
+        return "truncated_chosen"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
+    """What the output depends on. Batch size, part size and the image limit may change between resumes."""
+    sg = to_dict(recipe.selfgen)
+    for key in ("output_dir", "batch_size", "images_per_part", "preview_pairs", "group_by_length"):
+        sg.pop(key)
+    sg["images"].pop("limit")
+    sg["prompt_sets"] = dataclasses.asdict(prompts)
+    return {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
+
+
+class PairGenerator:
+    """Turns loaded images into preference rows with one model."""
+
+    def __init__(self, generator: BatchGenerator, cfg: SelfGenConfig, prompts: PromptSets, model_name: str):
+        from corruptions import make_corruption
+
+        self.gen, self.cfg, self.prompts, self.model_name = generator, cfg, prompts, model_name
+        self.corruption_specs = _corruption_specs(cfg.corruptions)
+        self._make_corruption = make_corruption
+        self.generation = json.dumps({"chosen": to_dict(cfg.chosen_sampling),
+                                      "rejected": to_dict(cfg.rejected_sampling)}, sort_keys=True)
+
+    def plan(self, image_id: str) -> Plan:
+        return plan_image(image_id, self.cfg, self.prompts, self.corruption_specs)
+
+    def rejected_request(self, plan: Plan, image) -> tuple[Request, dict | None]:
+        if plan.branch == "hallucination":
+            return Request(image, plan.hallucination_prompt), None
+        settings = {k: v for k, v in plan.corruption.items() if k != "kind"}
+        corrupted, record = self._make_corruption(plan.corruption["kind"], **settings)(image, plan.corruption_seed)
+        return Request(corrupted, plan.caption_prompt), record
+
+    def __call__(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
+        """items: (image_id, clean PIL image). Returns (rows, drops)."""
+        plans = [self.plan(image_id) for image_id, _ in items]
+        chosen_req = [Request(image, self.prompts.good) for _, image in items]
+        rejected = [self.rejected_request(plan, image) for plan, (_, image) in zip(plans, items)]
+        seed = stable_seed(self.cfg.seed, items[0][0])
+        chosen_out = self.gen.generate(chosen_req, self.cfg.chosen_sampling, seed, on_batch)
+        rejected_out = self.gen.generate([r for r, _ in rejected], self.cfg.rejected_sampling, seed + 1, on_batch)
+        rows, drops = [], []
+        for plan, (_, image), c, (_, record), r in zip(plans, items, chosen_out, rejected, rejected_out):
+            reason = drop_reason(c, r, self.cfg)
+            if reason:
+                drops.append({"id": plan.image_id, "status": "dropped", "reason": reason})
+            else:
+                rows.append(make_row(plan, image, c, r, record, self.prompts, self.cfg, self.model_name,
+                                     self.generation))
+        return rows, drops
+
+
+def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
+    """Run the stage; returns the manifest on the main process."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from stic.models import load_model, load_processor
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # one bar for the stage, not one per parquet part
+    transformers.logging.disable_progress_bar()
+    cfg = recipe.selfgen
+    state = PartialState()
+    prompts = load_prompts(cfg.prompts)
+    _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
+    store = ShardedOutput(cfg.output_dir, rank=state.process_index)
+    refs = list_images(cfg.images)
+    if state.is_main_process:
+        store.prepare(run_config(recipe, prompts), overwrite=overwrite)
+    state.wait_for_everyone()
+
+    done = store.done_ids(ID_COLUMN)
+    todo = [r for r in refs if r.id not in done]
+    mine = todo[state.process_index::state.num_processes]
+    started = time.time()
+    stats = {"images": 0, "rows": 0, "tokens": 0}
+
+    if mine:
+        processor = load_processor(recipe.model)
+        model = load_model(recipe.model, state.device)
+        engine = BatchGenerator(model, processor, cfg.batch_size, cfg.group_by_length)
+        pairs = PairGenerator(engine, cfg, prompts, recipe.model.name_or_path)
+        loader = ImageLoader(cfg.images)
+        bar = tqdm(total=len(mine), unit="img", desc=f"selfgen[{state.process_index}]", dynamic_ncols=True,
+                   disable=not state.is_local_main_process)
+
+        def on_batch(_n, n_tokens):
+            stats["tokens"] += n_tokens
+            elapsed = max(time.time() - started, 1e-6)
+            bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}")
+
+        for start in range(0, len(mine), cfg.images_per_part):
+            chunk = mine[start:start + cfg.images_per_part]
+            items, rejects = [], []
+            for ref in chunk:
+                try:
+                    items.append((ref.id, loader(ref)))
+                except ImageRejected as err:
+                    rejects.append({"id": ref.id, "status": "rejected", "reason": str(err),
+                                    "path": ref.path, "row": ref.row})
+            rows, drops = pairs(items, on_batch) if items else ([], [])
+            store.write_rows(rows, features())
+            store.log(rejects + drops)
+            stats["images"] += len(chunk)
+            stats["rows"] += len(rows)
+            bar.update(len(chunk))
+            on_batch(0, 0)
+        bar.close()
+
+    elapsed = time.time() - started
+    state.wait_for_everyone()
+    # Every process's figures reach the main process for the manifest.
+    from accelerate.utils import gather_object
+
+    all_stats = gather_object([{**stats, "rank": state.process_index, "seconds": elapsed}])
+    if not state.is_main_process:
+        return None
+    return write_manifest(store, recipe, refs, all_stats, resumed_from=len(done))
+
+
+def write_manifest(store: ShardedOutput, recipe: Recipe, refs, run_stats: list[dict], resumed_from: int) -> dict:
+    import pyarrow.parquet as pq
+
+    ids = store.row_ids(ID_COLUMN)
+    branches: dict[str, int] = {}
+    finish: dict[str, int] = {}
+    for part in store.part_files():
+        table = pq.read_table(part, columns=["rejected_branch", "chosen_finish_reason"])
+        for b in table.column("rejected_branch").to_pylist():
+            branches[b] = branches.get(b, 0) + 1
+        for f in table.column("chosen_finish_reason").to_pylist():
+            finish[f] = finish.get(f, 0) + 1
+    ledger = store.ledger()
+    rejects = [e for e in ledger if e["status"] == "rejected"]
+    dropped: dict[str, int] = {}
+    for e in ledger:
+        if e["status"] == "dropped":
+            dropped[e["reason"]] = dropped.get(e["reason"], 0) + 1
+    with open(store.root / "rejects.jsonl", "w") as fh:
+        for e in rejects:
+            fh.write(json.dumps({"id": e["id"], "path": e.get("path"), "row": e.get("row"),
+                                 "reason": e["reason"]}) + "\n")
+    wall = max((s["seconds"] for s in run_stats), default=0.0)
+    this_images = sum(s["images"] for s in run_stats)
+    this_tokens = sum(s["tokens"] for s in run_stats)
+    manifest = {
+        "stage": "selfgen",
+        "config": {"model": to_dict(recipe.model), "selfgen": to_dict(recipe.selfgen)},
+        "counts": {
+            "images_in_source": len(refs),
+            "rows": len(ids),
+            "duplicate_rows": len(ids) - len(set(ids)),
+            "rejected_images": len(rejects),
+            "dropped_pairs": dropped,
+            "rejected_branch": branches,
+            "chosen_finish_reason": finish,
+            "images_remaining": len({r.id for r in refs} - set(ids) - {e["id"] for e in ledger}),
+        },
+        "last_run": {
+            "processes": len(run_stats),
+            "already_done_at_start": resumed_from,
+            "images_processed": this_images,
+            "seconds": round(wall, 2),
+            "images_per_second": round(this_images / wall, 3) if wall else None,
+            "generated_tokens": this_tokens,
+            "tokens_per_second": round(this_tokens / wall, 1) if wall else None,
+        },
+        "rejects_file": "rejects.jsonl",
+        "data_files": [p.relative_to(store.root).as_posix() for p in store.part_files()],
+    }
+    (store.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_preview(store, recipe.selfgen.preview_pairs)
+    c = manifest["counts"]
+    print(f"selfgen: {c['rows']} pairs in {store.root} ({c['rejected_images']} images rejected, "
+          f"{sum(dropped.values())} pairs dropped); last run {this_images} images in {wall:.1f}s, "
+          f"{manifest['last_run']['tokens_per_second']} tok/s")
+    return manifest
+
+
+def write_preview(store: ShardedOutput, n: int) -> None:
+    """preview.html: a few pairs side by side, with the corrupted image the rejected answer was made from."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from corruptions import corrupt
+
+    cards = []
+    for part in store.part_files():
+        if len(cards) >= n:
+            break
+        for row in pq.read_table(part).slice(0, n - len(cards)).to_pylist():
+            image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+            shown = [("clean image", image)]
+            if row["corruption_params"]:
+                rec = json.loads(row["corruption_params"])
+                shown.append((f"{rec['kind']} (rejected's input)", corrupt(image, rec["kind"], rec["seed"],
+                                                                           **rec["settings"])[0]))
+            imgs = "".join(f"<figure><img src='data:image/jpeg;base64,{_thumb(im)}'><figcaption>{html.escape(t)}"
+                           f"</figcaption></figure>" for t, im in shown)
+            e = html.escape
+            cards.append(
+                f"<section><h2>{e(row[ID_COLUMN])} <small>rejected via {e(row['rejected_branch'])}</small></h2>"
+                f"<div class=imgs>{imgs}</div><p class=prompt><b>Prompt x:</b> {e(row['caption_prompt'])}</p>"
+                f"<div class=pair><div class=chosen><h3>chosen ({e(row['chosen_finish_reason'])})</h3>"
+                f"<p>{e(row['chosen'][0]['content'])}</p></div><div class=rejected><h3>rejected "
+                f"({e(row['rejected_finish_reason'])})</h3><p class=prompt>{e(row['rejected_prompt'])}</p>"
+                f"<p>{e(row['rejected'][0]['content'])}</p></div></div></section>"
+            )
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}section{border-bottom:1px solid #ccc;"
+             "padding:8px}.imgs{display:flex;gap:8px}img{max-height:180px}.pair{display:flex;gap:12px}"
+             ".pair>div{flex:1;padding:6px}.chosen{background:#eefbea}.rejected{background:#fdecec}"
+             ".prompt{color:#555;font-size:90%}figure{margin:0}")
+    (store.root / "preview.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>STIC preference pairs</title><style>{style}</style>"
+        f"<h1>STIC preference pairs ({len(cards)} shown)</h1>{''.join(cards)}"
+    )
+
+
+def _thumb(image) -> str:
+    image = image.copy()
+    image.thumbnail((256, 256))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode()
