@@ -1,0 +1,76 @@
+import pytest
+import yaml
+
+from stic.config import RecipeError, load_recipe_dict
+from stic.selfgen import parse_recipe
+
+
+def write(tmp_path, data):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_valid_recipe_parses_nested_sections(tmp_path):
+    path = write(tmp_path, {"model": {"name_or_path": "x/y", "dtype": "bfloat16"},
+                            "selfgen": {"batch_size": 3, "images": {"type": "folder", "path": "/tmp"},
+                                        "chosen_sampling": {"max_new_tokens": 9}, "hallucination_prob": 1}})
+    recipe = parse_recipe(load_recipe_dict(path))
+    assert recipe.model.dtype == "bfloat16"
+    assert recipe.selfgen.batch_size == 3
+    assert recipe.selfgen.images.type == "folder"
+    assert recipe.selfgen.chosen_sampling.max_new_tokens == 9
+    assert recipe.selfgen.hallucination_prob == 1.0 and isinstance(recipe.selfgen.hallucination_prob, float)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"selfgen": {"batch_sise": 3}}, "selfgen.batch_sise"),
+    ({"selfgen": {"images": {"kind": "folder"}}}, "selfgen.images.kind"),
+    ({"model": {"dtype": "int4"}}, "model.dtype"),
+    ({"selfgen": {"batch_size": "8"}}, "selfgen.batch_size"),
+    ({"selfgen": {"batch_size": 2.5}}, "selfgen.batch_size"),
+    ({"selfgen": {"drop_truncated_chosen": "yes"}}, "selfgen.drop_truncated_chosen"),
+    ({"selfgen": {"corruptions": "color_jitter"}}, "selfgen.corruptions"),
+    ({"selfgen": {"chosen_sampling": {"max_new_tokens": None}}}, "selfgen.chosen_sampling.max_new_tokens"),
+    ({"selfgen": {"hallucination_prob": 1.5}}, "hallucination_prob"),
+    ({"selfgen": {"images": {"type": "folder"}}}, "images.path"),
+    ({"selfgn": {}}, "selfgn"),
+])
+def test_bad_recipe_names_the_key(tmp_path, data, needle):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(load_recipe_dict(write(tmp_path, data)))
+    assert needle in str(err.value)
+
+
+def test_overrides_are_typed_and_default_to_the_stage_section(tmp_path):
+    path = write(tmp_path, {"selfgen": {"batch_size": 3}})
+    data = load_recipe_dict(path, ["batch_size=5", "model.dtype=float32", "selfgen.images.limit=2",
+                                   "--selfgen.corruptions=[jpeg]"], default_section="selfgen")
+    recipe = parse_recipe(data)
+    assert recipe.selfgen.batch_size == 5
+    assert recipe.model.dtype == "float32"
+    assert recipe.selfgen.images.limit == 2
+    assert recipe.selfgen.corruptions == ["jpeg"]
+    with pytest.raises(RecipeError, match="selfgen.batch_size"):
+        parse_recipe(load_recipe_dict(path, ["batch_size=lots"], default_section="selfgen"))
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe_dict(path, ["batch_size"], default_section="selfgen")
+
+
+def test_bad_corruption_settings_are_refused_before_work(tmp_path):
+    from stic.selfgen import _corruption_specs
+
+    with pytest.raises(RecipeError, match=r"corruptions\[1\].*no setting"):
+        _corruption_specs(["jpeg", {"kind": "color_jitter", "brightnes": 0.2}])
+    with pytest.raises(RecipeError, match="unknown corruption"):
+        _corruption_specs(["sepia"])
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = parse_recipe(load_recipe_dict(path))
+        assert recipe.model.name_or_path

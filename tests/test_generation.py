@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from stic.config import ModelConfig
+from stic.generation import BatchGenerator, Request, SamplingConfig
+from stic.models import load_model, load_processor
+from stic.tiny import FAMILIES
+from tests.conftest import photo
+
+
+def engine(family, batch_size=4, **kw):
+    cfg = ModelConfig(name_or_path=f"tiny:{family}", dtype="float32")
+    return BatchGenerator(load_model(cfg), load_processor(cfg), batch_size=batch_size, **kw)
+
+
+def requests():
+    prompts = ["Describe the image.", "What is shown in this picture, in detail?", "Tell me about it.",
+               "Describe the contents of this picture in detail please.", "What can you see?"]
+    return [Request(photo(i, size=(60 + 20 * i, 50 + 10 * (i % 2))), p) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_prompt_is_the_training_prompt(family):
+    """The tokens and pixels generation conditions on are those TRL's DPO collator builds for the same row."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    eng = engine(family)
+    image, prompt = photo(7, size=(90, 70)), "Describe the image."
+    row = {"images": [image], "prompt": [{"role": "user", "content": prompt}],
+           "chosen": [{"role": "assistant", "content": "a cat"}],
+           "rejected": [{"role": "assistant", "content": "a dog"}]}
+    batch = DataCollatorForVisionPreference(eng.processor)([row])
+    keep = (batch["attention_mask"][0] == 1) & (batch["completion_mask"][0] == 0)
+    train_prompt = batch["input_ids"][0][keep]
+    gen = eng.encode([Request(image, prompt)])
+    gen_prompt = gen["input_ids"][0][gen["attention_mask"][0] == 1]
+    assert torch.equal(train_prompt, gen_prompt)
+    n = gen["pixel_values"].shape[0]
+    assert torch.equal(batch["pixel_values"][:n], gen["pixel_values"])
+
+
+def test_batched_greedy_matches_one_at_a_time():
+    reqs = requests()
+    sampling = SamplingConfig(max_new_tokens=8)
+    batched = engine("llava", batch_size=4).generate(reqs, sampling)
+    single = engine("llava", batch_size=1, group_by_length=False).generate(reqs, sampling)
+    assert [o.text for o in batched] == [o.text for o in single]
+    assert all(o.finish_reason == "length" and o.num_tokens == 8 for o in batched)
+
+
+def test_batched_generation_works_for_every_family():
+    for family in FAMILIES:
+        outs = engine(family, batch_size=3).generate(requests(), SamplingConfig(max_new_tokens=5, do_sample=True))
+        assert len(outs) == 5 and all(o.num_tokens <= 5 for o in outs), family
+
+
+def test_finish_reason_eos_is_detected():
+    eng = engine("llava", batch_size=2)
+    reqs = requests()[:2]
+    first = eng.model.generate(**eng.encode(reqs[:1]), max_new_tokens=8, do_sample=False)
+    new = first[0, -8:].tolist()
+    # make the first token that has not appeared before the end-of-sequence token
+    k = next(i for i in range(1, 8) if new[i] not in new[:i])
+    eng.model.generation_config.eos_token_id = new[k]
+    eng = BatchGenerator(eng.model, eng.processor, batch_size=2)
+    out = eng.generate(reqs[:1], SamplingConfig(max_new_tokens=8))[0]
+    assert out.finish_reason == "eos" and out.num_tokens == k
+    assert out.text == eng.processor.tokenizer.decode(new[:k], skip_special_tokens=True).strip()
+
+
+def test_sampling_is_reproducible_for_a_seed():
+    eng = engine("llava", batch_size=3)
+    s = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.5)
+    a = [o.text for o in eng.generate(requests(), s, seed=3)]
+    b = [o.text for o in eng.generate(requests(), s, seed=3)]
+    c = [o.text for o in eng.generate(requests(), s, seed=4)]
+    assert a == b and a != c
