@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stic.config import ModelConfig
-from stic.generation import BatchGenerator, Request, SamplingConfig
+from stic.generation import BatchGenerator, Request, SamplingConfig, stable_seed
 from stic.models import load_model, load_processor
 from stic.tiny import FAMILIES
 from tests.conftest import photo
@@ -57,13 +57,15 @@ def test_batched_generation_works_for_every_family():
 def test_finish_reason_eos_is_detected():
     eng = engine("llava", batch_size=2)
     reqs = requests()[:2]
-    first = eng.model.generate(**eng.encode(reqs[:1]), max_new_tokens=8, do_sample=False)
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=2.0)
+    torch.manual_seed(stable_seed(0, 0))  # the engine's seed for its first batch
+    first = eng.model.generate(**eng.encode(reqs[:1]), **sampling.generate_kwargs(), pad_token_id=eng.pad_id)
     new = first[0, -8:].tolist()
     # make the first token that has not appeared before the end-of-sequence token
     k = next(i for i in range(1, 8) if new[i] not in new[:i])
     eng.model.generation_config.eos_token_id = new[k]
     eng = BatchGenerator(eng.model, eng.processor, batch_size=2)
-    out = eng.generate(reqs[:1], SamplingConfig(max_new_tokens=8))[0]
+    out = eng.generate(reqs[:1], sampling, seed=0)[0]
     assert out.finish_reason == "eos" and out.num_tokens == k
     assert out.text == eng.processor.tokenizer.decode(new[:k], skip_special_tokens=True).strip()
 
