@@ -244,8 +244,11 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
 
     datasets.disable_progress_bars()  # one bar for the stage, not one per parquet part
     transformers.logging.disable_progress_bar()
+    import torch
+
     cfg = recipe.selfgen
-    state = PartialState()
+    # Without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the CPU.
+    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
     prompts = load_prompts(cfg.prompts)
     _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
     store = ShardedOutput(cfg.output_dir, rank=state.process_index)

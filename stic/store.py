@@ -34,6 +34,15 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def _flatten(obj, prefix: str = "") -> dict:
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    flat = {}
+    for k, v in obj.items():
+        flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return flat
+
+
 class ShardedOutput:
     def __init__(self, out_dir: str | os.PathLike, rank: int = 0):
         self.root = Path(out_dir)
@@ -53,8 +62,8 @@ class ShardedOutput:
         if config_path.exists():
             old = json.loads(config_path.read_text())
             if _canonical(old) != _canonical(run_config) and not overwrite:
-                changed = sorted(k for k in set(old) | set(run_config) if _canonical(old.get(k)) != _canonical(
-                    run_config.get(k)))
+                a, b = _flatten(old), _flatten(run_config)
+                changed = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
                 raise OutputConflict(
                     f"{self.root} already holds a run made with a different configuration (differs in: "
                     f"{', '.join(changed)}). Use another output directory, or pass --overwrite to delete it and "
