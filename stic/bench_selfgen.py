@@ -1,0 +1,112 @@
+"""Benchmark: the batched selfgen engine against a one-image-at-a-time loop, same model, images and settings.
+
+    python -m stic.bench_selfgen [--images 32] [--batch-size 16] [--max-new-tokens 32] [--shape tiny|7b]
+
+Both sides decode greedily with EOS disabled, so they generate the same number of tokens and the ratio
+measures throughput alone. `--shape 7b` builds a randomly initialised model with LLaVA-1.5-7B's shapes
+(CLIP ViT-L/14 at 336 px, Llama-7B) on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from stic.generation import BatchGenerator, Request, SamplingConfig, conversation
+from stic.images import ImageLoader, ImageSourceConfig, list_images
+from stic.prompts import CAPTION_PROMPTS
+
+
+def build(shape: str, device: str):
+    from stic.tiny import build_tiny_model
+
+    model, processor = build_tiny_model("llava")
+    if shape == "tiny":
+        return model.to(device), processor
+    if not device.startswith("cuda"):
+        raise SystemExit("--shape 7b needs a CUDA GPU")
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+    )
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=processor.chat_template,
+    )
+    return model, processor
+
+
+def one_at_a_time(model, processor, requests, max_new_tokens):
+    """A plain loop: one image and prompt per generate call."""
+    tokens = 0
+    for r in requests:
+        text = processor.apply_chat_template(conversation(r.prompt, r.image), add_generation_prompt=True,
+                                             tokenize=False)
+        inputs = processor(text=[text], images=[[r.image]], return_tensors="pt", add_special_tokens=False)
+        inputs = inputs.to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id)
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    return tokens
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--shape", choices=["tiny", "7b"], default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    model, processor = build(args.shape, args.device)
+    model.generation_config.eos_token_id = None  # fixed-length outputs on both sides
+    src = ImageSourceConfig(max_pixels=640 * 480)
+    loader, refs = ImageLoader(src), list_images(src)
+    photos = [loader(r) for r in refs]
+    requests = [Request(photos[i % len(photos)], CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)])
+                for i in range(args.images)]
+    engine = BatchGenerator(model, processor, batch_size=args.batch_size)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    engine.generate(requests[:2], sampling)  # warm-up (allocator, kernels)
+    one_at_a_time(model, processor, requests[:1], args.max_new_tokens)
+
+    sync(); t0 = time.perf_counter()
+    loop_tokens = one_at_a_time(model, processor, requests, args.max_new_tokens)
+    sync(); loop_s = time.perf_counter() - t0
+
+    sync(); t0 = time.perf_counter()
+    outs = engine.generate(requests, sampling)
+    sync(); batched_s = time.perf_counter() - t0
+    batched_tokens = sum(o.num_tokens for o in outs)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.shape} LLaVA ({n_params / 1e6:.1f}M parameters) on {args.device}; "
+          f"{args.images} images, {args.max_new_tokens} new tokens each, threads={torch.get_num_threads()}")
+    print(f"{'':<22}{'seconds':>9}{'images/s':>11}{'tokens/s':>11}")
+    print(f"{'one at a time':<22}{loop_s:>9.2f}{args.images / loop_s:>11.2f}{loop_tokens / loop_s:>11.1f}")
+    print(f"{f'batched (bs={args.batch_size})':<22}{batched_s:>9.2f}{args.images / batched_s:>11.2f}"
+          f"{batched_tokens / batched_s:>11.1f}")
+    print(f"speed-up (images/s ratio): {loop_s / batched_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
