@@ -7,7 +7,7 @@ RECIPE ?= recipes/default.yaml
 # Extra dotted overrides, e.g. ARGS="selfgen.batch_size=4 model.dtype=float32"
 ARGS ?=
 # accelerate launch options, e.g. LAUNCH="--num_processes 2 --cpu" or --config_file recipes/accelerate/ddp.yaml
-LAUNCH ?= --num_processes 1
+LAUNCH ?= --config_file recipes/accelerate/single.yaml
 export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false

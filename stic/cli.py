@@ -77,9 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from corruptions import CorruptionError
+    from stic.images import ImageRejected, ImageSourceError
+    from stic.store import OutputConflict
+
     try:
         code = args.func(args)
     except RecipeError as err:
         print(f"stic: recipe error: {err}", file=sys.stderr)
+        code = 2
+    except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError) as err:
+        print(f"stic: error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

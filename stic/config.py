@@ -173,10 +173,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str], default_section: str | None = None) -> dict:
-    """Set dotted keys in the raw recipe mapping. A bare key goes to `default_section`."""
+    """Set dotted keys in the raw recipe mapping. A key that names no section goes to `default_section`."""
     for text in overrides:
         path, value = parse_override(text)
-        if len(path) == 1 and default_section:
+        if default_section and (len(path) == 1 or path[0] not in set(SECTIONS) | LATER_SECTIONS):
             path = [default_section, *path]
         node = data
         for part in path[:-1]:

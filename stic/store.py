@@ -75,6 +75,7 @@ class ShardedOutput:
                          "run_config.json"):
                 path = self.root / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # half-written parts of a killed run
         for d in (self.data_dir, self.ledger_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str) + "\n")

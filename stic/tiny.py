@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "idefics3")
+BUILD_VERSION = 1  # bump when a builder changes, so cached tiny models are rebuilt
 
 # A small English corpus for the BPE merges: enough that prompts tokenize into word-sized pieces.
 _CORPUS = """
@@ -292,4 +293,4 @@ def tiny_model_path(spec: str) -> Path:
     body = spec.removeprefix("tiny:")
     family, _, seed = body.partition("@")
     cache = Path(os.environ.get("STIC_CACHE", Path.home() / ".cache" / "stic")) / "tiny"
-    return save_tiny_model(family, cache / f"{family}-seed{seed or 0}", seed=int(seed or 0))
+    return save_tiny_model(family, cache / f"{family}-seed{seed or 0}-v{BUILD_VERSION}", seed=int(seed or 0))
