@@ -390,6 +390,7 @@ def write_preview(store: ShardedOutput, n: int) -> None:
                 f"<section><h2>{e(row[ID_COLUMN])} <small>rejected via {e(row['rejected_branch'])}</small></h2>"
                 f"<div class=imgs>{imgs}</div><p class=prompt><b>Prompt x:</b> {e(row['caption_prompt'])}</p>"
                 f"<div class=pair><div class=chosen><h3>chosen ({e(row['chosen_finish_reason'])})</h3>"
+                f"<details class=prompt><summary>step-by-step prompt</summary>{e(row['chosen_prompt'])}</details>"
                 f"<p>{e(row['chosen'][0]['content'])}</p></div><div class=rejected><h3>rejected "
                 f"({e(row['rejected_finish_reason'])})</h3><p class=prompt>{e(row['rejected_prompt'])}</p>"
                 f"<p>{e(row['rejected'][0]['content'])}</p></div></div></section>"
