@@ -1,6 +1,8 @@
 """The `stic` command: one subcommand per stage plus small tools.
 
     stic selfgen --recipe recipes/default.yaml [section.key=value ...] [--overwrite]
+    stic dpo --recipe recipes/default.yaml [dpo.key=value ...]
+    stic merge --recipe recipes/default.yaml [--adapter DIR] -o OUT
     stic tiny-model --family llava -o DIR
     stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
 """
@@ -19,6 +21,23 @@ def _selfgen(args) -> int:
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="selfgen"))
     run_selfgen(recipe, overwrite=args.overwrite)
+    return 0
+
+
+def _dpo(args) -> int:
+    from stic.dpo import parse_recipe, run_dpo
+
+    run_dpo(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")))
+    return 0
+
+
+def _merge(args) -> int:
+    from stic.dpo import merge_adapter, parse_recipe
+
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"))
+    adapter = args.adapter or recipe.dpo.output_dir
+    out = merge_adapter(recipe.model, adapter, args.output)
+    print(f"merged {adapter} into {recipe.model.name_or_path}: {out}")
     return 0
 
 
@@ -57,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selfgen.batch_size=4 model.dtype=float32")
     p.set_defaults(func=_selfgen)
 
+    p = sub.add_parser("dpo", help="stage 1: DPO + SFT regulariser on the self-generated pairs")
+    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.learning_rate=1e-6 dpo.resume=true")
+    p.set_defaults(func=_dpo)
+
+    p = sub.add_parser("merge", help="merge a trained adapter into its base model as a standalone folder")
+    p.add_argument("--recipe", required=True, help="recipe whose model: is the base")
+    p.add_argument("--adapter", help="adapter folder (default: the recipe's dpo.output_dir)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_merge)
+
     p = sub.add_parser("tiny-model", help="build a tiny random model offline")
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("-o", "--output", required=True)
@@ -79,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from corruptions import CorruptionError
     from stic.images import ImageRejected, ImageSourceError
+    from stic.dpo import DatasetError
     from stic.store import OutputConflict
 
     try:
@@ -86,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     except RecipeError as err:
         print(f"stic: recipe error: {err}", file=sys.stderr)
         code = 2
-    except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError) as err:
+    except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError,
+            DatasetError) as err:
         print(f"stic: error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

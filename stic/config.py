@@ -132,9 +132,13 @@ def from_dict(cls: type, data: dict, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        import difflib
+
+        hints = [m for k in unknown for m in difflib.get_close_matches(k, fields, n=2, cutoff=0.6)]
         raise RecipeError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}; "
-            f"known keys of {section}: {', '.join(sorted(fields))}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}"
+            + (f" (did you mean {', '.join(f'{section}.{h}' for h in hints)}?)" if hints else "")
+            + f"; known keys of {section}: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
     try:
@@ -176,7 +180,7 @@ def apply_overrides(data: dict, overrides: list[str], default_section: str | Non
     """Set dotted keys in the raw recipe mapping. A key that names no section goes to `default_section`."""
     for text in overrides:
         path, value = parse_override(text)
-        if default_section and (len(path) == 1 or path[0] not in set(SECTIONS) | LATER_SECTIONS):
+        if default_section and (len(path) == 1 or path[0] not in SECTIONS):
             path = [default_section, *path]
         node = data
         for part in path[:-1]:
@@ -202,17 +206,15 @@ def load_recipe_dict(path: str | Path | None, overrides: list[str] = (), default
     return apply_overrides(data, list(overrides), default_section)
 
 
-# Stages register their section's dataclass here so unknown sections are caught in every command.
-SECTIONS: dict[str, type] = {"model": ModelConfig}
-# Sections owned by stages that are parsed by their own module (they are allowed in any recipe).
-LATER_SECTIONS = {"dpo", "infuse_sft", "eval", "name", "description"}
+# Every section a recipe may hold; each stage parses its own and the shared `model:` section.
+SECTIONS = ("name", "description", "model", "selfgen", "dpo", "infuse_sft", "eval")
 
 
 def parse_section(data: dict, name: str, cls: type) -> Any:
-    unknown = sorted(set(data) - set(SECTIONS) - LATER_SECTIONS)
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise RecipeError(
             f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"known sections: {', '.join(sorted(set(SECTIONS) | LATER_SECTIONS))}"
+            f"known sections: {', '.join(SECTIONS)}"
         )
     return from_dict(cls, data.get(name) or {}, name)

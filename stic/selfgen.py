@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stic.config import SECTIONS, ModelConfig, RecipeError, from_dict, parse_section, to_dict
+from stic.config import ModelConfig, RecipeError, from_dict, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageLoader, ImageRejected, ImageSourceConfig, list_images
 from stic.prompts import PromptsConfig, PromptSets, load_prompts
@@ -62,8 +62,6 @@ class SelfGenConfig:
         if self.batch_size < 1 or self.images_per_part < 1:
             raise ValueError("batch_size and images_per_part must be at least 1")
 
-
-SECTIONS["selfgen"] = SelfGenConfig
 
 
 @dataclasses.dataclass

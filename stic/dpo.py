@@ -1,0 +1,393 @@
+"""Stage 1 training: DPO with an SFT regulariser on the self-generated pairs, with TRL's DPOTrainer.
+
+The paper's objective (eq. 4.1) is
+
+    L = -log sigmoid(beta * [log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)]) - alpha * log pi(y_w|x)
+
+`sft_weight` is alpha. It becomes TRL's `loss_type: [sigmoid, sft]` with `loss_weights: [1, alpha]`. TRL's sft
+term is the mean negative log-likelihood per chosen token, whereas the paper writes the sequence
+log-likelihood and its public code divides the summed log-probability by 1024. With chosen answers of L
+tokens on average, the paper's alpha therefore corresponds to sft_weight = alpha * L / 1024 here
+(`paper_alpha_to_sft_weight`). The run summary records L for the dataset that was trained on.
+
+Every `DPOConfig` option works in the recipe's `dpo:` section; the stage adds the keys of `DPOStageConfig`.
+
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m stic dpo --recipe recipes/X.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from trl import DPOConfig
+
+from stic.config import ModelConfig, RecipeError, parse_section, to_dict
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def paper_alpha_to_sft_weight(alpha: float, mean_chosen_tokens: float) -> float:
+    """The TRL sft weight that matches the paper's summed-log-prob / 1024 regulariser on average."""
+    return alpha * mean_chosen_tokens / 1024.0
+
+
+@dataclasses.dataclass
+class DPOStageConfig(DPOConfig):
+    """DPOConfig plus the stage's own keys. Defaults follow the paper where it gives them."""
+
+    output_dir: str = "outputs/dpo"
+    # A folder written by `stic selfgen`, any local dataset in that format, a STIC-style JSON/JSONL file of
+    # records, or a Hugging Face dataset id.
+    dataset: str = "outputs/selfgen"
+    dataset_split: str = "train"
+    image_folder: str | None = None  # where a JSON/JSONL dataset's relative image paths live
+    max_samples: int | None = None
+    # dpo: DPO + alpha * SFT (STIC stage 1). sft_positive: plain SFT on the preferred answers only, same data
+    # and budget (the paper's Table 3 ablation).
+    mode: Literal["dpo", "sft_positive"] = "dpo"
+    sft_weight: float | None = 1.0  # alpha; None leaves loss_type/loss_weights exactly as given
+    use_peft: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # None: every linear layer of the language model (the vision tower and lm_head stay frozen)
+    lora_target_modules: list[str] | None = None
+    train_projector: bool = False  # also train the vision-language projector (fully, next to the adapter)
+    ref_model: str | None = None  # full fine-tuning only: the frozen reference (default: the base model)
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    plot: bool = True
+    report_to: str | list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    logging_steps: float = 1
+
+    def __post_init__(self):
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
+        if self.sft_weight is not None:
+            already = losses and losses[-1] == "sft" and weights[-1] == self.sft_weight
+            if "sft" in losses and not already:
+                raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
+                                 "(sft_weight: null keeps loss_type as given)")
+            if self.sft_weight > 0 and not already:
+                losses, weights = losses + ["sft"], weights + [float(self.sft_weight)]
+        self.loss_type, self.loss_weights = losses, weights
+        if not torch.cuda.is_available():
+            self.use_cpu = True  # lets `accelerate launch` processes on a GPU-less machine join over gloo
+            self.bf16 = False if self.bf16 is None else self.bf16
+        if self.mode == "sft_positive" and self.ref_model:
+            raise ValueError("ref_model has no use in mode sft_positive")
+        super().__post_init__()
+
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelConfig
+    dpo: DPOStageConfig
+
+
+def parse_recipe(data: dict) -> Recipe:
+    return Recipe(model=parse_section(data, "model", ModelConfig), dpo=parse_section(data, "dpo", DPOStageConfig))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+
+class DatasetError(ValueError):
+    """The preference dataset cannot be trained on; the message says why and where."""
+
+
+def _stic_records_to_rows(records: list, source: str, image_folder: str | None) -> list[dict]:
+    """STIC's released records: full chosen/rejected conversations sharing one user prompt, `image` a file name."""
+    rows = []
+    for i, rec in enumerate(records):
+        try:
+            chosen, rejected = rec["chosen"], rec["rejected"]
+            prompt = [m for m in chosen if m["role"] != "assistant"]
+            row = {"prompt": prompt, "chosen": [chosen[-1]], "rejected": [rejected[-1]]}
+        except (KeyError, TypeError, IndexError):
+            raise DatasetError(f"{source}: record {i} needs 'chosen' and 'rejected' conversations") from None
+        for m in prompt:  # the image is passed separately; drop any inline placeholder
+            m["content"] = m["content"].replace("<image>\n", "").replace("<image>", "").strip()
+        if rec.get("image"):
+            root = Path(image_folder) if image_folder else Path(source).parent
+            row["images"] = [str(root / rec["image"])]
+        rows.append(row)
+    return rows
+
+
+def load_preference_dataset(cfg: DPOStageConfig):
+    """Load, check and trim the dataset to the columns DPOTrainer reads. Problems raise DatasetError."""
+    import datasets
+
+    source = cfg.dataset
+    path = Path(source)
+    if path.is_dir() and (path / "data").is_dir():
+        ds = datasets.load_dataset("parquet", data_dir=str(path), split=cfg.dataset_split)
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        ds = ds[cfg.dataset_split] if isinstance(ds, datasets.DatasetDict) else ds
+    elif path.is_file() and path.suffix in (".json", ".jsonl"):
+        text = path.read_text()
+        try:
+            records = (json.loads(text) if path.suffix == ".json"
+                       else [json.loads(line) for line in text.splitlines() if line.strip()])
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        if records and isinstance(records[0], dict) and "prompt" not in records[0]:
+            records = _stic_records_to_rows(records, str(path), cfg.image_folder)
+        ds = datasets.Dataset.from_list(records)
+        if "images" in ds.column_names:
+            ds = ds.cast_column("images", datasets.List(datasets.Image()))
+    elif path.exists():
+        ds = datasets.load_dataset(str(path), split=cfg.dataset_split)
+    elif source.count("/") == 1 and not source.startswith((".", "/")):
+        ds = datasets.load_dataset(source, split=cfg.dataset_split)  # a Hugging Face dataset id
+    else:
+        raise DatasetError(f"dataset {source} does not exist")
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DatasetError(f"dataset {source} lacks column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                           f"(it has: {', '.join(ds.column_names)})")
+    if "image" in ds.column_names and "images" not in ds.column_names:
+        ds = ds.map(lambda r: {"images": [r["image"]]}, remove_columns=["image"])
+    if cfg.max_samples:
+        ds = ds.select(range(min(cfg.max_samples, len(ds))))
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {source} is empty")
+    keep = [c for c in (*REQUIRED_COLUMNS, "images") if c in ds.column_names]
+    ds = ds.select_columns(keep)
+    if "images" in keep:
+        _check_images(ds, source)
+    return ds
+
+
+def _check_images(ds, source: str) -> None:
+    """Every image must exist (and be stored or readable) before training starts, not fail at step N."""
+    import datasets
+
+    raw = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    for i, images in enumerate(raw["images"]):
+        for img in images or []:
+            if img.get("bytes"):
+                continue
+            p = img.get("path")
+            if not p or not Path(p).is_file():
+                raise DatasetError(f"dataset {source}: row {i} refers to a missing image file {p!r}")
+
+
+def mean_chosen_tokens(ds, processor, limit: int = 512) -> float:
+    tok = processor.tokenizer
+    n = min(limit, len(ds))
+    lengths = [len(tok(r["chosen"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in ds.select(range(n))]
+    return sum(lengths) / max(1, len(lengths))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model and adapter
+
+
+def language_model_linear_regex(model) -> str:
+    """A PEFT target regex for the language model's linear layers (not the vision tower, projector, lm_head)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "language_model" in name and "lm_head" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise RuntimeError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
+                           "set dpo.lora_target_modules")
+    return rf".*language_model.*\.({'|'.join(sorted(names))})"
+
+
+PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger", "connector", "mm_projector")
+
+
+def projector_module(model) -> str:
+    names = dict(model.named_modules())
+    for candidate in PROJECTOR_NAMES:
+        found = [n for n in names if n == candidate or n.endswith("." + candidate)]
+        if found:
+            return found[0]
+    raise RuntimeError(f"no projector module ({', '.join(PROJECTOR_NAMES)}) in {type(model).__name__}")
+
+
+def lora_config(cfg: DPOStageConfig, model):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules or language_model_linear_regex(model)
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM",
+    )
+
+
+def freeze_for_full_finetune(model, train_projector: bool) -> None:
+    """Full fine-tuning trains the language model (and projector if asked); the vision tower stays frozen."""
+    projector = projector_module(model)
+    for name, p in model.named_parameters():
+        in_lm = "language_model" in name or "lm_head" in name
+        p.requires_grad = in_lm or (train_projector and projector in name)
+
+
+def load_training_model(model_cfg: ModelConfig, cfg: DPOStageConfig):
+    from accelerate import PartialState
+
+    from stic.models import load_model
+
+    state = PartialState()
+    if model_cfg.load_in_4bit and not torch.cuda.is_available():
+        raise RuntimeError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+    if model_cfg.load_in_4bit and not cfg.use_peft:
+        raise RuntimeError("a 4-bit model can only be trained with an adapter (dpo.use_peft: true)")
+    device = state.device if model_cfg.load_in_4bit else "cpu"  # the Trainer places unquantised models
+    model = load_model(model_cfg, device)
+    if model_cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_dpo(recipe: Recipe) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from stic.models import load_model, load_processor
+
+    cfg, model_cfg = recipe.dpo, recipe.model
+    processor = load_processor(model_cfg)
+    dataset = load_preference_dataset(cfg)  # refuse bad data before the model is loaded
+    model = load_training_model(model_cfg, cfg)
+
+    resume_from = None
+    if cfg.resume:
+        resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if resume_from is None:
+            print(f"dpo: resume requested but {cfg.output_dir} has no checkpoint; starting from step 0")
+
+    peft_config = lora_config(cfg, model) if cfg.use_peft else None
+    started = time.time()
+    if cfg.mode == "sft_positive":
+        trainer = _sft_positive_trainer(cfg, model, processor, dataset, peft_config)
+    else:
+        from trl import DPOTrainer
+
+        ref_model = None
+        if not cfg.use_peft:
+            freeze_for_full_finetune(model, cfg.train_projector)
+            ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
+            ref_model = load_model(ref_cfg, "cpu")
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset,
+                             processing_class=processor, peft_config=peft_config)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(cfg.output_dir)
+    summary = None
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(cfg.output_dir)
+        summary = write_summary(recipe, trainer, result, dataset, processor, time.time() - started, resume_from)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_config):
+    """Plain SFT on (x, image) -> y_w with the same data, schedule and budget as the DPO run."""
+    from trl import SFTConfig, SFTTrainer
+
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)
+              if f.init and f.name in {g.name for g in dataclasses.fields(DPOConfig)}}
+    for key in ("loss_type", "loss_weights", "pad_to_multiple_of", "learning_rate"):
+        shared.pop(key, None)
+    sft_args = SFTConfig(**shared, learning_rate=cfg.learning_rate)
+    data = dataset.map(lambda r: {"completion": r["chosen"]}, remove_columns=["chosen", "rejected"])
+    return SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=processor,
+                      peft_config=peft_config)
+
+
+def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: float, resumed_from) -> dict:
+    cfg = recipe.dpo
+    out = Path(cfg.output_dir)
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h and "step" in h]
+    mean_len = mean_chosen_tokens(dataset, processor)
+    summary = {
+        "stage": "dpo",
+        "mode": cfg.mode,
+        "model": to_dict(recipe.model),
+        "dataset": {"source": cfg.dataset, "rows": len(dataset), "mean_chosen_tokens": round(mean_len, 1)},
+        "loss": {"loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights, "beta": cfg.beta,
+                 "paper_alpha_equivalent": (round(cfg.sft_weight * 1024 / mean_len, 4)
+                                            if cfg.sft_weight and mean_len else None)},
+        "adapter": cfg.use_peft,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resumed_from,
+        "train_metrics": result.metrics,
+        "first_log": train_logs[0] if train_logs else None,
+        "last_log": train_logs[-1] if train_logs else None,
+        "seconds": round(seconds, 1),
+        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                if torch.cuda.is_available() else None),
+        "output_dir": str(out),
+    }
+    if cfg.plot and train_logs:
+        summary["plot"] = str(plot_training_curves(history, out / "training_curves.png"))
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"dpo: {trainer.state.global_step} steps in {seconds:.0f}s; saved to {out}")
+    return summary
+
+
+def plot_training_curves(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = [h for h in history if "loss" in h and "step" in h]
+    steps = [h["step"] for h in logs]
+    panels = [("loss", ["loss"]), ("reward margin", ["rewards/margins"]), ("reward accuracy", ["rewards/accuracies"]),
+              ("log-probs", ["logps/chosen", "logps/rejected"])]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(s, h[key]) for s, h in zip(steps, logs) if key in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merge
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str) -> Path:
+    """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load."""
+    from peft import PeftModel
+
+    from stic.models import load_model, load_processor
+
+    if model_cfg.load_in_4bit:
+        model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
+    base = load_model(model_cfg, "cpu")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    processor = load_processor(model_cfg)
+    processor.save_pretrained(out)
+    return out
