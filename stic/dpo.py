@@ -69,11 +69,10 @@ class DPOStageConfig(DPOConfig):
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
         if self.sft_weight is not None:
-            already = losses and losses[-1] == "sft" and weights[-1] == self.sft_weight
-            if "sft" in losses and not already:
+            if "sft" in losses:
                 raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
                                  "(sft_weight: null keeps loss_type as given)")
-            if self.sft_weight > 0 and not already:
+            if self.sft_weight > 0:
                 losses, weights = losses + ["sft"], weights + [float(self.sft_weight)]
         self.loss_type, self.loss_weights = losses, weights
         if not torch.cuda.is_available():
@@ -328,6 +327,7 @@ def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: 
                  "paper_alpha_equivalent": (round(cfg.sft_weight * 1024 / mean_len, 4)
                                             if cfg.sft_weight and mean_len else None)},
         "adapter": cfg.use_peft,
+        "processes": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
         "resumed_from": resumed_from,
         "train_metrics": result.metrics,
@@ -341,6 +341,7 @@ def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: 
     if cfg.plot and train_logs:
         summary["plot"] = str(plot_training_curves(history, out / "training_curves.png"))
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
     print(f"dpo: {trainer.state.global_step} steps in {seconds:.0f}s; saved to {out}")
     return summary
 
