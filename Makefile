@@ -12,7 +12,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install selfgen test test-all bench-selfgen clean
+.PHONY: install selfgen dpo merge test test-all bench-selfgen bench-dpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ install: $(STAMP)
 selfgen: $(STAMP)
 	$(BIN)/accelerate launch $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)
 
+dpo: $(STAMP)
+	$(BIN)/accelerate launch $(LAUNCH) -m stic dpo --recipe $(RECIPE) $(ARGS)
+
+# Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged
+MERGED ?= outputs/merged
+merge: $(STAMP)
+	$(BIN)/stic merge --recipe $(RECIPE) -o $(MERGED) $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -34,6 +42,9 @@ test-all: $(STAMP)
 
 bench-selfgen: $(STAMP)
 	$(BIN)/python -m stic.bench_selfgen $(ARGS)
+
+bench-dpo: $(STAMP)
+	$(BIN)/python -m stic.bench_dpo $(ARGS)
 
 clean:
 	rm -rf outputs .cache

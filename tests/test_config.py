@@ -71,6 +71,12 @@ def test_shipped_recipes_parse():
 
     recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
     assert recipes
+    from stic import dpo
+
     for path in recipes:
         recipe = parse_recipe(load_recipe_dict(path))
         assert recipe.model.name_or_path
+        stage1 = dpo.parse_recipe(load_recipe_dict(path)).dpo
+        assert stage1.loss_type == ["sigmoid", "sft"] and stage1.beta == 0.1
+        if "tiny:" not in recipe.model.name_or_path:  # the paper's settings
+            assert stage1.learning_rate == 1e-7 and stage1.lora_r == 128 and stage1.lora_alpha == 256
