@@ -11,6 +11,7 @@ Command-line overrides use the same dotted keys: `selfgen.batch_size=4 model.dty
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import types
@@ -74,7 +75,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in args:
             return value
         raise RecipeError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin in (list, tuple, typing.Sequence, typing.Sequence):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         item = args[0] if args else Any
