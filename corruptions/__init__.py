@@ -10,7 +10,14 @@ The same (image, kind, settings, seed) always gives the same pixels, and `record
 reproduce them: the settings and the values drawn from the seed.
 """
 
-from corruptions.registry import REGISTRY, Corruption, CorruptionError, corrupt, make_corruption, register
 from corruptions import kinds as _kinds  # noqa: F401  (registers the built-in corruptions)
+from corruptions.registry import (
+    REGISTRY,
+    Corruption,
+    CorruptionError,
+    corrupt,
+    make_corruption,
+    register,
+)
 
 __all__ = ["REGISTRY", "Corruption", "CorruptionError", "corrupt", "make_corruption", "register"]

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 CONFIGS = [("LoRA", True, False), ("LoRA + grad ckpt", True, True), ("full", False, False),
            ("full + grad ckpt", False, True)]
@@ -26,8 +25,14 @@ CONFIGS = [("LoRA", True, False), ("LoRA + grad ckpt", True, True), ("full", Fal
 
 def build_model(hidden: int, layers: int):
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers import CLIPImageProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from stic.tiny import build_tiny_model
 

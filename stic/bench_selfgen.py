@@ -27,8 +27,14 @@ def build(shape: str, device: str):
         return model.to(device), processor
     if not device.startswith("cuda"):
         raise SystemExit("--shape 7b needs a CUDA GPU")
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = processor.tokenizer
     config = LlavaConfig(

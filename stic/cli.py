@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from corruptions import CorruptionError
-    from stic.images import ImageRejected, ImageSourceError
     from stic.dpo import DatasetError
+    from stic.images import ImageRejected, ImageSourceError
     from stic.store import OutputConflict
 
     try:

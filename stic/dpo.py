@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from typing import Literal
 import torch
 from trl import DPOConfig
 
-from stic.config import ModelConfig, RecipeError, parse_section, to_dict
+from stic.config import ModelConfig, parse_section, to_dict
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 

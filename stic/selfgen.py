@@ -16,19 +16,17 @@ shardable over `accelerate launch` processes.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
 import json
-import base64
 import random
-import time
-from pathlib import Path
 from typing import Any
 
-from stic.config import ModelConfig, RecipeError, from_dict, parse_section, to_dict
+from stic.config import ModelConfig, RecipeError, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
-from stic.images import ImageLoader, ImageRejected, ImageSourceConfig, list_images
+from stic.images import ImageLoader, ImageSourceConfig, list_images
 from stic.prompts import PromptsConfig, PromptSets, load_prompts
 from stic.store import ShardedOutput
 
@@ -232,76 +230,27 @@ class PairGenerator:
 
 def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     """Run the stage; returns the manifest on the main process."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
     from stic.models import load_model, load_processor
-
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()  # one bar for the stage, not one per parquet part
-    transformers.logging.disable_progress_bar()
-    import torch
+    from stic.store import run_sharded
 
     cfg = recipe.selfgen
-    # Without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the CPU.
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
     prompts = load_prompts(cfg.prompts)
     _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
-    store = ShardedOutput(cfg.output_dir, rank=state.process_index)
     refs = list_images(cfg.images)
-    if state.is_main_process:
-        store.prepare(run_config(recipe, prompts), overwrite=overwrite)
-    state.wait_for_everyone()
 
-    done = store.done_ids(ID_COLUMN)
-    todo = [r for r in refs if r.id not in done]
-    mine = todo[state.process_index::state.num_processes]
-    started = time.time()
-    stats = {"images": 0, "rows": 0, "tokens": 0}
-
-    if mine:
+    def make_worker(device):
         processor = load_processor(recipe.model)
-        model = load_model(recipe.model, state.device)
-        engine = BatchGenerator(model, processor, cfg.batch_size, cfg.group_by_length)
-        pairs = PairGenerator(engine, cfg, prompts, recipe.model.name_or_path)
-        loader = ImageLoader(cfg.images)
-        bar = tqdm(total=len(mine), unit="img", desc=f"selfgen[{state.process_index}]", dynamic_ncols=True,
-                   disable=not state.is_local_main_process)
+        engine = BatchGenerator(load_model(recipe.model, device), processor, cfg.batch_size, cfg.group_by_length)
+        return PairGenerator(engine, cfg, prompts, recipe.model.name_or_path)
 
-        def on_batch(_n, n_tokens):
-            stats["tokens"] += n_tokens
-            elapsed = max(time.time() - started, 1e-6)
-            bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}")
-
-        for start in range(0, len(mine), cfg.images_per_part):
-            chunk = mine[start:start + cfg.images_per_part]
-            items, rejects = [], []
-            for ref in chunk:
-                try:
-                    items.append((ref.id, loader(ref)))
-                except ImageRejected as err:
-                    rejects.append({"id": ref.id, "status": "rejected", "reason": str(err),
-                                    "path": ref.path, "row": ref.row})
-            rows, drops = pairs(items, on_batch) if items else ([], [])
-            store.write_rows(rows, features())
-            store.log(rejects + drops)
-            stats["images"] += len(chunk)
-            stats["rows"] += len(rows)
-            bar.update(len(chunk))
-            on_batch(0, 0)
-        bar.close()
-
-    elapsed = time.time() - started
-    state.wait_for_everyone()
-    # Every process's figures reach the main process for the manifest.
-    from accelerate.utils import gather_object
-
-    all_stats = gather_object([{**stats, "rank": state.process_index, "seconds": elapsed}])
-    if not state.is_main_process:
+    job = run_sharded(
+        name="selfgen", out_dir=cfg.output_dir, refs=refs, run_config=run_config(recipe, prompts),
+        load=ImageLoader(cfg.images), make_worker=make_worker, features=features(), id_column=ID_COLUMN,
+        items_per_part=cfg.images_per_part, overwrite=overwrite,
+    )
+    if job is None:  # not the main process
         return None
-    return write_manifest(store, recipe, refs, all_stats, resumed_from=len(done))
+    return write_manifest(job.store, recipe, refs, job.run_stats, resumed_from=job.done_at_start)
 
 
 def write_manifest(store: ShardedOutput, recipe: Recipe, refs, run_stats: list[dict], resumed_from: int) -> dict:

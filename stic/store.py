@@ -16,12 +16,14 @@ so a crash between the two at worst repeats the ledger's items, never a row. Eac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
@@ -133,3 +135,81 @@ class ShardedOutput:
             fh.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
             fh.flush()
             os.fsync(fh.fileno())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The job loop shared by every stage that generates from images (selfgen, the stage-2 descriptions)
+
+
+@dataclasses.dataclass
+class JobResult:
+    store: ShardedOutput
+    run_stats: list[dict]  # one entry per process: images, rows, tokens, seconds
+    done_at_start: int
+
+
+def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, load: Callable[[Any], Any],
+                make_worker: Callable, features, id_column: str, items_per_part: int,
+                overwrite: bool = False) -> JobResult | None:
+    """Process `refs` (objects with an `id`) over all `accelerate launch` processes, resumably.
+
+    load(ref) returns the item (an image) or raises ImageRejected; make_worker(device) is called once per
+    process that has work and returns worker(items, on_batch) -> (rows, drops), with items a list of
+    (id, item). Returns the JobResult on the main process, None elsewhere.
+    """
+    import datasets
+    import torch
+    import transformers
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from stic.images import ImageRejected
+
+    datasets.disable_progress_bars()  # one bar for the job, not one per parquet part
+    transformers.logging.disable_progress_bar()
+    # Without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the CPU.
+    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    store = ShardedOutput(out_dir, rank=state.process_index)
+    if state.is_main_process:
+        store.prepare(run_config, overwrite=overwrite)
+    state.wait_for_everyone()
+
+    done = store.done_ids(id_column)
+    todo = [r for r in refs if r.id not in done]
+    mine = todo[state.process_index::state.num_processes]  # the same order on every process: disjoint shards
+    started = time.time()
+    stats = {"images": 0, "rows": 0, "tokens": 0}
+    if mine:
+        worker = make_worker(state.device)
+        bar = tqdm(total=len(mine), unit="img", desc=f"{name}[{state.process_index}]", dynamic_ncols=True,
+                   disable=not state.is_local_main_process)
+
+        def on_batch(_n, n_tokens):
+            stats["tokens"] += n_tokens
+            elapsed = max(time.time() - started, 1e-6)
+            bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}")
+
+        for start in range(0, len(mine), items_per_part):
+            chunk = mine[start:start + items_per_part]
+            items, rejects = [], []
+            for ref in chunk:
+                try:
+                    items.append((ref.id, load(ref)))
+                except ImageRejected as err:
+                    rejects.append({"id": ref.id, "status": "rejected", "reason": str(err),
+                                    "path": getattr(ref, "path", None), "row": getattr(ref, "row", None)})
+            rows, drops = worker(items, on_batch) if items else ([], [])
+            store.write_rows(rows, features)
+            store.log(rejects + drops)
+            stats["images"] += len(chunk)
+            stats["rows"] += len(rows)
+            bar.update(len(chunk))
+            on_batch(0, 0)
+        bar.close()
+    elapsed = time.time() - started
+    state.wait_for_everyone()
+    run_stats = gather_object([{**stats, "rank": state.process_index, "seconds": elapsed}])
+    if not state.is_main_process:
+        return None
+    return JobResult(store, run_stats, len(done))

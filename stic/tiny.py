@@ -144,8 +144,14 @@ def _clip_vision(image_size: int = 32, patch_size: int = 8):
 
 def _build_llava(next_: bool):
     from transformers import (
-        CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-        LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor,
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
     )
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -186,7 +192,10 @@ def _build_llava(next_: bool):
 
 def _build_qwen2_5_vl():
     from transformers import (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
@@ -222,7 +231,12 @@ def _build_qwen2_5_vl():
 
 
 def _build_idefics3():
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
     row_col = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     specials = ["<unk>", "<|im_start|>", "<end_of_utterance>", "<pad>", "<image>", "<fake_token_around_image>",

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,16 @@ import torch
 import yaml
 
 from stic.config import ModelConfig, RecipeError, load_recipe_dict
-from stic.dpo import (DatasetError, DPOStageConfig, Recipe, load_preference_dataset, merge_adapter,
-                      paper_alpha_to_sft_weight, parse_recipe, run_dpo)
+from stic.dpo import (
+    DatasetError,
+    DPOStageConfig,
+    Recipe,
+    load_preference_dataset,
+    merge_adapter,
+    paper_alpha_to_sft_weight,
+    parse_recipe,
+    run_dpo,
+)
 from tests.conftest import photo
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stic.images import (ImageLoader, ImageRejected, ImageSourceConfig, ImageSourceError, decode_image,
-                         list_images)
+from stic.images import (
+    ImageLoader,
+    ImageRejected,
+    ImageSourceConfig,
+    ImageSourceError,
+    decode_image,
+    list_images,
+)
 from tests.conftest import photo, write_bad_images
 
 

@@ -15,7 +15,14 @@ from stic.config import ModelConfig
 from stic.generation import BatchGenerator, Output
 from stic.models import load_model, load_processor
 from stic.prompts import CAPTION_PROMPTS, HALLUCINATION_PROMPTS, PromptSets
-from stic.selfgen import ID_COLUMN, PairGenerator, SelfGenConfig, parse_recipe, plan_image, run_selfgen
+from stic.selfgen import (
+    ID_COLUMN,
+    PairGenerator,
+    SelfGenConfig,
+    parse_recipe,
+    plan_image,
+    run_selfgen,
+)
 from stic.store import OutputConflict
 from stic.tiny import FAMILIES
 from tests.conftest import photo, selfgen_recipe, write_bad_images
