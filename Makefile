@@ -12,7 +12,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install selfgen dpo merge test test-all bench-selfgen bench-dpo clean
+.PHONY: install selfgen dpo infuse-sft merge test test-all bench-selfgen bench-dpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ selfgen: $(STAMP)
 
 dpo: $(STAMP)
 	$(BIN)/accelerate launch $(LAUNCH) -m stic dpo --recipe $(RECIPE) $(ARGS)
+
+infuse-sft: $(STAMP)
+	$(BIN)/accelerate launch $(LAUNCH) -m stic infuse-sft --recipe $(RECIPE) $(ARGS)
 
 # Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged
 MERGED ?= outputs/merged

@@ -2,6 +2,8 @@
 
     stic selfgen --recipe recipes/default.yaml [section.key=value ...] [--overwrite]
     stic dpo --recipe recipes/default.yaml [dpo.key=value ...]
+    stic infuse-sft --recipe recipes/default.yaml [infuse_sft.key=value ...]
+    stic dar --recipe recipes/default.yaml --image IMG --question "..."
     stic merge --recipe recipes/default.yaml [--adapter DIR] -o OUT
     stic tiny-model --family llava -o DIR
     stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
@@ -38,6 +40,35 @@ def _merge(args) -> int:
     adapter = args.adapter or recipe.dpo.output_dir
     out = merge_adapter(recipe.model, adapter, args.output)
     print(f"merged {adapter} into {recipe.model.name_or_path}: {out}")
+    return 0
+
+
+def _infuse_sft(args) -> int:
+    from stic.infuse import parse_recipe, run_infuse_sft
+
+    run_infuse_sft(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft")))
+    return 0
+
+
+def _dar(args) -> int:
+    import torch
+
+    from stic.generation import BatchGenerator, SamplingConfig
+    from stic.images import decode_image
+    from stic.infuse import default_dar_adapters, describe_and_respond, load_for_dar, parse_recipe
+
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft"))
+    adapters = [] if args.base else (args.adapter or default_dar_adapters(recipe))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_for_dar(recipe.model, adapters, device)
+    image = decode_image(args.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
+    cfg = recipe.infuse_sft
+    [(description, answer)] = describe_and_respond(
+        BatchGenerator(model, processor), [image], [args.question], describe_prompt=cfg.describe.prompt,
+        template=cfg.template, describe_sampling=cfg.describe.sampling,
+        answer_sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
+    print(json.dumps({"adapters": adapters, "description": description, "answer": answer.text,
+                      "finish_reason": answer.finish_reason}, indent=2))
     return 0
 
 
@@ -81,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.learning_rate=1e-6 dpo.resume=true")
     p.set_defaults(func=_dpo)
 
+    p = sub.add_parser("infuse-sft", help="stage 2: description-infused fine-tuning")
+    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and infuse_sft: sections)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. infuse_sft.subset.size=100")
+    p.set_defaults(func=_infuse_sft)
+
+    p = sub.add_parser("dar", help="describe-and-respond: describe the image, then answer with the description")
+    p.add_argument("--recipe", required=True, help="recipe whose model: is the base and infuse_sft: the template")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--adapter", action="append", help="adapter(s) merged in order (default: the stage-2 output)")
+    p.add_argument("--base", action="store_true", help="use the base model without adapters")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_dar)
+
     p = sub.add_parser("merge", help="merge a trained adapter into its base model as a standalone folder")
     p.add_argument("--recipe", required=True, help="recipe whose model: is the base")
     p.add_argument("--adapter", help="adapter folder (default: the recipe's dpo.output_dir)")
@@ -110,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from corruptions import CorruptionError
     from stic.dpo import DatasetError
+    from stic.instructions import InstructionDataError
     from stic.images import ImageRejected, ImageSourceError
     from stic.store import OutputConflict
 
@@ -119,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stic: recipe error: {err}", file=sys.stderr)
         code = 2
     except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError,
-            DatasetError) as err:
+            DatasetError, InstructionDataError) as err:
         print(f"stic: error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -27,6 +27,7 @@ import torch
 from trl import DPOConfig
 
 from stic.config import ModelConfig, parse_section, to_dict
+from stic.models import LoraOptions, lora_config, projector_module
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -37,7 +38,7 @@ def paper_alpha_to_sft_weight(alpha: float, mean_chosen_tokens: float) -> float:
 
 
 @dataclasses.dataclass
-class DPOStageConfig(DPOConfig):
+class DPOStageConfig(LoraOptions, DPOConfig):
     """DPOConfig plus the stage's own keys. Defaults follow the paper where it gives them."""
 
     output_dir: str = "outputs/dpo"
@@ -51,13 +52,6 @@ class DPOStageConfig(DPOConfig):
     # and budget (the paper's Table 3 ablation).
     mode: Literal["dpo", "sft_positive"] = "dpo"
     sft_weight: float | None = 1.0  # alpha; None leaves loss_type/loss_weights exactly as given
-    use_peft: bool = True
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    # None: every linear layer of the language model (the vision tower and lm_head stay frozen)
-    lora_target_modules: list[str] | None = None
-    train_projector: bool = False  # also train the vision-language projector (fully, next to the adapter)
     ref_model: str | None = None  # full fine-tuning only: the frozen reference (default: the base model)
     resume: bool = False  # continue from the last checkpoint in output_dir
     plot: bool = True
@@ -190,40 +184,6 @@ def mean_chosen_tokens(ds, processor, limit: int = 512) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Model and adapter
-
-
-def language_model_linear_regex(model) -> str:
-    """A PEFT target regex for the language model's linear layers (not the vision tower, projector, lm_head)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "language_model" in name and "lm_head" not in name:
-            names.add(name.rsplit(".", 1)[-1])
-    if not names:
-        raise RuntimeError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
-                           "set dpo.lora_target_modules")
-    return rf".*language_model.*\.({'|'.join(sorted(names))})"
-
-
-PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger", "connector", "mm_projector")
-
-
-def projector_module(model) -> str:
-    names = dict(model.named_modules())
-    for candidate in PROJECTOR_NAMES:
-        found = [n for n in names if n == candidate or n.endswith("." + candidate)]
-        if found:
-            return found[0]
-    raise RuntimeError(f"no projector module ({', '.join(PROJECTOR_NAMES)}) in {type(model).__name__}")
-
-
-def lora_config(cfg: DPOStageConfig, model):
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules or language_model_linear_regex(model)
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM",
-    )
 
 
 def freeze_for_full_finetune(model, train_projector: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stic.config import ModelConfig
@@ -63,3 +65,54 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
     if "device_map" not in kwargs:
         model.to(device)
     return model.eval()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Adapters, shared by the training stages
+
+
+@dataclasses.dataclass
+class LoraOptions:
+    """LoRA settings of a training stage (mixed into its TRL config). Defaults: the paper's r 128, alpha 256."""
+
+    use_peft: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # None: every linear layer of the language model (the vision tower and lm_head stay frozen)
+    lora_target_modules: list[str] | None = None
+    train_projector: bool = False  # also train the vision-language projector (fully, next to the adapter)
+
+
+def language_model_linear_regex(model) -> str:
+    """A PEFT target regex for the language model's linear layers (not the vision tower, projector, lm_head)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "language_model" in name and "lm_head" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise RuntimeError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
+                           "set lora_target_modules in the recipe")
+    return rf".*language_model.*\.({'|'.join(sorted(names))})"
+
+
+PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger", "connector", "mm_projector")
+
+
+def projector_module(model) -> str:
+    names = dict(model.named_modules())
+    for candidate in PROJECTOR_NAMES:
+        found = [n for n in names if n == candidate or n.endswith("." + candidate)]
+        if found:
+            return found[0]
+    raise RuntimeError(f"no projector module ({', '.join(PROJECTOR_NAMES)}) in {type(model).__name__}")
+
+
+def lora_config(cfg: LoraOptions, model):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules or language_model_linear_regex(model)
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,213 @@
+"""The model's old instruction data: loading LLaVA-format records, checking them, and choosing a subset.
+
+A LLaVA record is `{id, image?, conversations: [{from: human|gpt, value}]}` with `<image>` once in the first
+human turn (leading or trailing). It becomes `{id, image, source, messages}` with `messages` in the
+conversational format (`role`/`content`) and the `<image>` placeholder removed: the image is passed
+separately and the chat template puts it where the model expects it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+IMAGE_TOKEN = "<image>"
+ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+# Words of the visual concepts a description should cover (the "informative" score of the balanced subset).
+CONCEPT_WORDS = set("""
+red orange yellow green blue purple pink brown black white gray grey golden silver beige dark bright colorful
+wood wooden metal metallic glass plastic stone brick concrete fabric leather paper ceramic marble
+one two three four five six seven eight nine ten several many few pair dozen number count
+left right above below behind front near next beside between under over top bottom middle center corner
+large small big tiny tall short long wide narrow huge little size round square
+""".split())
+
+
+class InstructionDataError(ValueError):
+    """The instruction file cannot be read at all; the message names the file and record."""
+
+
+@dataclasses.dataclass
+class InstructionDataConfig:
+    # A LLaVA-format JSON/JSONL file, or a local/hub dataset with `messages` (+ `images`/`image`) columns
+    path: str = "recipes/data/sample_llava_instructions.json"
+    # Root of the records' relative image paths; `sample_photos` looks names up among the bundled photos
+    image_folder: str | None = None
+    text_only: Literal["keep", "exclude"] = "exclude"  # records without an image
+    split: str = "train"  # for datasets
+
+
+@dataclasses.dataclass
+class SubsetConfig:
+    size: int = 5000  # the paper uses 5k samples of LLaVA's SFT mix
+    strategy: Literal["random", "balanced"] = "random"
+    seed: int = 42
+    # balanced: the source of a record, from this field, else the first folder of its image path (coco/, gqa/ ...)
+    source_field: str | None = None
+    # balanced: within each source, take the records that mention the most concept words first
+    prefer_informative: bool = False
+
+
+def resolve_image(folder: str | None, rel: str) -> str:
+    if folder == "sample_photos":
+        from stic.images import sample_photos_dir
+
+        return str(sample_photos_dir() / Path(rel).name)
+    path = Path(rel)
+    return str(path if path.is_absolute() or folder is None else Path(folder) / path)
+
+
+def _strip_image_token(text: str) -> str:
+    return re.sub(r"\s*<image>\s*", "\n", text).strip()
+
+
+def convert_llava_record(rec, index: int, cfg: InstructionDataConfig) -> tuple[dict | None, str | None]:
+    """(converted record, None) or (None, reason it is skipped)."""
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return None, "no conversations"
+    messages = []
+    for turn in convs:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            return None, "a turn lacks a valid 'from' or 'value'"
+        messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return None, "no human turn"
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, "no gpt turn"
+    image = rec.get("image")
+    if image is not None and not isinstance(image, str):
+        return None, "'image' is not a path"
+    first = messages[users[0]]
+    first["content"] = _strip_image_token(first["content"])
+    for m in messages:
+        if IMAGE_TOKEN in m["content"]:
+            m["content"] = _strip_image_token(m["content"])
+    if image is None and cfg.text_only == "exclude":
+        return None, "text-only (text_only: exclude)"
+    image_path = resolve_image(cfg.image_folder, image) if image else None
+    if image_path and not Path(image_path).is_file():
+        return None, f"missing image file {image_path}"
+    source = str(rec.get("source") or (Path(image).parts[0] if image and len(Path(image).parts) > 1 else
+                                       ("text" if image is None else "unknown")))
+    return {"id": str(rec.get("id", index)), "image": image, "image_path": image_path, "source": source,
+            "messages": messages}, None
+
+
+def load_instructions(cfg: InstructionDataConfig) -> tuple[list[dict], list[dict]]:
+    """(usable records, skipped [{index, id, reason}]). Malformed files raise InstructionDataError."""
+    path = Path(cfg.path)
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                raw = []
+                for n, line in enumerate(text.splitlines(), start=1):
+                    if line.strip():
+                        try:
+                            raw.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise InstructionDataError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+        except json.JSONDecodeError as err:
+            raise InstructionDataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, "
+                                       f"column {err.colno})") from None
+        if not isinstance(raw, list):
+            raise InstructionDataError(f"{path}: expected a JSON list of records")
+        records, skipped = [], []
+        for i, rec in enumerate(raw):
+            out, reason = convert_llava_record(rec, i, cfg)
+            if out is None:
+                rid = rec.get("id") if isinstance(rec, dict) else None
+                skipped.append({"index": i, "id": rid, "reason": reason})
+            else:
+                records.append(out)
+        return records, skipped
+    return _load_messages_dataset(cfg)
+
+
+def _load_messages_dataset(cfg: InstructionDataConfig) -> tuple[list[dict], list[dict]]:
+    """A dataset already in `messages` format; images as paths or stored bytes."""
+    import datasets
+
+    path = Path(cfg.path)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
+    elif path.exists() or cfg.path.count("/") == 1:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    else:
+        raise InstructionDataError(f"instruction data {cfg.path} does not exist")
+    if "messages" not in ds.column_names:
+        raise InstructionDataError(f"{cfg.path}: needs a 'messages' column (has: {', '.join(ds.column_names)})")
+    col = "images" if "images" in ds.column_names else ("image" if "image" in ds.column_names else None)
+    if col:
+        ds = ds.cast_column(col, datasets.List(datasets.Image(decode=False)) if col == "images"
+                            else datasets.Image(decode=False))
+    records, skipped = [], []
+    for i, row in enumerate(ds):
+        imgs = row.get(col) if col else None
+        img = (imgs[0] if isinstance(imgs, list) and imgs else imgs) if col else None
+        messages = [{"role": m["role"], "content": _strip_image_token(m["content"])
+                     if isinstance(m["content"], str) else m["content"]} for m in row["messages"]]
+        if not any(m["role"] == "user" for m in messages):
+            skipped.append({"index": i, "id": row.get("id"), "reason": "no user turn"})
+            continue
+        if img is None and cfg.text_only == "exclude":
+            skipped.append({"index": i, "id": row.get("id"), "reason": "text-only (text_only: exclude)"})
+            continue
+        image_path = img.get("path") if img else None
+        if img and not img.get("bytes") and not (image_path and Path(image_path).is_file()):
+            skipped.append({"index": i, "id": row.get("id"), "reason": f"missing image file {image_path}"})
+            continue
+        records.append({"id": str(row.get("id", i)), "image": image_path or (f"row-{i}" if img else None),
+                        "image_path": image_path, "image_bytes": img.get("bytes") if img else None,
+                        "source": str(row.get("source") or "dataset"), "messages": messages})
+    return records, skipped
+
+
+def informativeness(record: dict) -> int:
+    text = " ".join(m["content"] for m in record["messages"] if isinstance(m["content"], str)).lower()
+    return len(set(re.findall(r"[a-z]+", text)) & CONCEPT_WORDS)
+
+
+def choose_subset(records: list[dict], cfg: SubsetConfig) -> list[dict]:
+    """N records chosen with `seed`: uniformly, or evenly across sources (round-robin over shuffled sources)."""
+    rng = random.Random(cfg.seed)
+    n = min(cfg.size, len(records))
+    if cfg.strategy == "random":
+        return [records[i] for i in sorted(rng.sample(range(len(records)), n))]
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        key = str(rec.get(cfg.source_field) or rec["source"]) if cfg.source_field else rec["source"]
+        groups.setdefault(key, []).append(rec)
+    for key in sorted(groups):
+        rng.shuffle(groups[key])
+        if cfg.prefer_informative:  # stable sort keeps the shuffled order among equal scores
+            groups[key].sort(key=informativeness, reverse=True)
+    chosen, order = [], sorted(groups)
+    while len(chosen) < n:
+        for key in order:
+            if groups[key] and len(chosen) < n:
+                chosen.append(groups[key].pop(0))
+    return chosen
+
+
+def composition(records: list[dict]) -> dict:
+    return {
+        "records": len(records),
+        "by_source": dict(sorted(Counter(r["source"] for r in records).items())),
+        "with_image": sum(1 for r in records if r["image"]),
+        "turns": sum(len(r["messages"]) for r in records),
+        "mean_concept_words": round(sum(map(informativeness, records)) / max(1, len(records)), 2),
+    }
