@@ -1,0 +1,216 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stic.config import ModelConfig
+from stic.generation import BatchGenerator
+from stic.infuse import (DEFAULT_TEMPLATE, InfuseSFTConfig, Recipe, describe_and_respond, describe_images,
+                         infuse_instruction, infuse_record, parse_recipe, run_infuse_sft)
+from stic.instructions import InstructionDataConfig, SubsetConfig, load_instructions
+from stic.models import load_model, load_processor
+from tests.conftest import photo
+from tests.test_instructions import conv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def llava_mix(tmp_path):
+    (tmp_path / "img" / "coco").mkdir(parents=True)
+    for i in range(4):
+        photo(20 + i, size=(56, 48)).save(tmp_path / "img" / "coco" / f"{i}.jpg")
+    records = [
+        {"id": f"r{i}", "image": f"coco/{i % 4}.jpg",
+         "conversations": conv(f"<image>\nWhat color is the block {i}?", f"Block {i} is red.",
+                               "And the background?", "A gradient.")} for i in range(6)]
+    records += [{"id": "text", "conversations": conv("Name a fruit.", "Apple.")},
+                {"id": "gone", "image": "coco/nope.jpg", "conversations": conv("<image>\nQ?", "A")},
+                {"id": "nohuman", "image": "coco/0.jpg", "conversations": [{"from": "gpt", "value": "A"}]}]
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(records))
+    return InstructionDataConfig(path=str(path), image_folder=str(tmp_path / "img"), text_only="keep")
+
+
+def make_adapter(out: Path, family="llava"):
+    """A stage-1 LoRA adapter with non-zero weights, without running stage 1."""
+    from peft import get_peft_model
+
+    from stic.models import LoraOptions, lora_config
+
+    model = load_model(ModelConfig(name_or_path=f"tiny:{family}", dtype="float32"))
+    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def stage2_cfg(tmp_path, data, adapter, **kw):
+    base = dict(output_dir=str(tmp_path / "s2"), data=data, subset=SubsetConfig(size=7, strategy="balanced"),
+                stage1_adapter=str(adapter), per_device_train_batch_size=2, learning_rate=1e-3,
+                max_length=None, report_to=[], save_strategy="no", gradient_checkpointing=False, plot=False,
+                lora_r=4, lora_alpha=8)
+    base.update(kw)
+    cfg = InfuseSFTConfig(**base)
+    cfg.describe.sampling.max_new_tokens = 8
+    cfg.describe.images_per_part = 1
+    return cfg
+
+
+def test_infused_prompt_matches_the_template_exactly():
+    record = {"id": "x", "image": "a.jpg", "image_path": "/a.jpg",
+              "messages": [{"role": "user", "content": "What is red?"}, {"role": "assistant", "content": "The mug."},
+                           {"role": "user", "content": "And blue?"}, {"role": "assistant", "content": "The sky."}]}
+    out = infuse_record(record, "  A mug on a table.  ", DEFAULT_TEMPLATE)
+    assert out["messages"][0]["content"] == "Image description: A mug on a table.\nWhat is red?"
+    assert out["messages"][1:] == record["messages"][1:]  # answers and later turns unchanged
+    assert record["messages"][0]["content"] == "What is red?"  # the source record is not modified
+    custom = infuse_record(record, "d", "Context: {description}\n\nQuestion: {instruction}")
+    assert custom["messages"][0]["content"] == "Context: d\n\nQuestion: What is red?"
+    assert infuse_instruction("Q", "D") == "Image description: D\nQ"
+    with pytest.raises(ValueError, match="description"):
+        InfuseSFTConfig(output_dir="x", template="{instruction}", report_to=[])
+
+
+def test_image_placeholder_goes_where_the_chat_template_puts_it(llava_mix):
+    from trl.data_utils import prepare_multimodal_messages
+
+    records, _ = load_instructions(llava_mix)
+    row = infuse_record(records[0], "A block.", DEFAULT_TEMPLATE)
+    processor = load_processor(ModelConfig(name_or_path="tiny:llava"))
+    text = processor.apply_chat_template(prepare_multimodal_messages(row["messages"], images=[None]), tokenize=False)
+    assert text.startswith("USER: <image>\nImage description: A block.\nWhat color is the block 0? ASSISTANT: Block 0")
+
+
+def test_loss_mask_covers_only_the_answers(tmp_path, llava_mix):
+    from trl import SFTTrainer
+
+    from stic.infuse import build_training_set
+
+    records, _ = load_instructions(llava_mix)
+    ds, _ = build_training_set(records[:2], {"coco/0.jpg": "A block.", "coco/1.jpg": "Two blocks."},
+                               DEFAULT_TEMPLATE)
+    cfg = stage2_cfg(tmp_path, llava_mix, "unused", stage1_adapter=None, adapter_mode="new")
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    processor = load_processor(mcfg)
+    trainer = SFTTrainer(model=load_model(mcfg), args=cfg, train_dataset=ds, processing_class=processor)
+    batch = trainer.data_collator([ds[0], ds[1]])
+    tok = processor.tokenizer
+    for i, rec in enumerate(records[:2]):
+        labels = batch["labels"][i]
+        trained = labels[labels != -100].tolist()
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        expected = []
+        for a in answers:  # each answer followed by the end-of-turn token, nothing else
+            expected += tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert trained == expected
+        assert "Image description" not in tok.decode(trained)
+
+
+def test_description_step_resumes_without_loss_or_duplication(tmp_path, llava_mix, monkeypatch):
+    from stic import store
+    from stic.instructions import choose_subset
+
+    adapter = make_adapter(tmp_path / "stage1")
+    cfg = stage2_cfg(tmp_path, llava_mix, adapter)
+    recipe = Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg)
+    records, _ = load_instructions(llava_mix)
+    subset = choose_subset(records, cfg.subset)
+    real = store.ShardedOutput.write_rows
+    calls = {"n": 0}
+
+    def dying(self, rows, features):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed while describing")
+        return real(self, rows, features)
+
+    monkeypatch.setattr(store.ShardedOutput, "write_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        describe_images(recipe, subset)
+    monkeypatch.setattr(store.ShardedOutput, "write_rows", real)
+    out = store.ShardedOutput(Path(cfg.output_dir) / "descriptions")
+    first = {p.name: p.stat().st_mtime_ns for p in out.part_files()}
+    assert len(first) == 2
+    descriptions = describe_images(recipe, subset)
+    images = {r["image"] for r in subset if r["image"]}
+    assert set(descriptions) == images
+    ids = out.row_ids("image_id")
+    assert len(ids) == len(set(ids)) == len(images)
+    assert all(out.root.joinpath("data", n).stat().st_mtime_ns == t for n, t in first.items())  # not redone
+
+
+def test_stage2_end_to_end_continues_the_stage1_adapter(tmp_path, llava_mix):
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(tmp_path / "stage1")
+    cfg = stage2_cfg(tmp_path, llava_mix, adapter)
+    summary = run_infuse_sft(Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
+    out = Path(cfg.output_dir)
+    skipped = [json.loads(line) for line in (out / "skipped_records.jsonl").read_text().splitlines()]
+    assert {s["id"] for s in skipped} == {"gone", "nohuman"}
+    assert summary["subset"]["composition"]["records"] == 7
+    assert summary["subset"]["composition"]["by_source"] == {"coco": 6, "text": 1}
+    assert summary["trained_records"] == 7 and summary["global_step"] == 4
+    sample = json.loads((out / "infused_samples.jsonl").read_text().splitlines()[0])
+    assert sample["messages"][0]["content"].startswith("Image description: ")
+    s1, s2 = load_file(str(adapter / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert s1.keys() == s2.keys()  # the same adapter, trained further
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_stage2_new_adapter_on_the_merged_stage1_model(tmp_path, llava_mix):
+    adapter = make_adapter(tmp_path / "stage1")
+    cfg = stage2_cfg(tmp_path, llava_mix, adapter, adapter_mode="new", subset=SubsetConfig(size=3))
+    summary = run_infuse_sft(Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
+    assert summary["adapter_mode"] == "new" and summary["global_step"] == 2
+    assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_dar_gives_the_model_the_image_in_both_steps():
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    model, processor = load_model(mcfg), load_processor(mcfg)
+    calls = []
+    real = model.generate
+
+    def spy(**kw):
+        calls.append({"pixels": kw.get("pixel_values"), "ids": kw["input_ids"].clone()})
+        return real(**kw)
+
+    model.generate = spy
+    image = photo(5, size=(64, 64))
+    [(description, answer)] = describe_and_respond(BatchGenerator(model, processor), [image], ["Is it red?"])
+    assert len(calls) == 2
+    expected = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    for call in calls:
+        assert call["pixels"] is not None and torch.allclose(call["pixels"], expected)
+    second = processor.tokenizer.decode(calls[1]["ids"][0], skip_special_tokens=False)
+    assert "<image>" in second
+    assert infuse_instruction("Is it red?", description) in second  # exactly the training infusion
+    assert answer.finish_reason in ("eos", "length")
+
+
+def test_dar_and_infuse_commands(tmp_path, llava_mix):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny:llava", "dtype": "float32"},
+                                 "infuse_sft": {"output_dir": str(tmp_path / "s2"), "report_to": []}}))
+    photo(1).save(tmp_path / "q.png")
+    res = subprocess.run([sys.executable, "-m", "stic", "dar", "--recipe", str(r), "--base", "--image",
+                          str(tmp_path / "q.png"), "--question", "What is it?", "--max-new-tokens", "4"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["adapters"] == [] and isinstance(out["description"], str) and out["answer"] is not None
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    res = subprocess.run([sys.executable, "-m", "stic", "infuse-sft", "--recipe", str(r), f"data.path={bad}"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "bad.json: not valid JSON" in res.stderr and "Traceback" not in res.stderr
