@@ -71,7 +71,7 @@ def test_shipped_recipes_parse():
 
     recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
     assert recipes
-    from stic import dpo
+    from stic import dpo, infuse
 
     for path in recipes:
         recipe = parse_recipe(load_recipe_dict(path))
@@ -80,3 +80,6 @@ def test_shipped_recipes_parse():
         assert stage1.loss_type == ["sigmoid", "sft"] and stage1.beta == 0.1
         if "tiny:" not in recipe.model.name_or_path:  # the paper's settings
             assert stage1.learning_rate == 1e-7 and stage1.lora_r == 128 and stage1.lora_alpha == 256
+        stage2 = infuse.parse_recipe(load_recipe_dict(path)).infuse_sft
+        assert stage2.stage1_adapter == stage1.output_dir and stage2.num_train_epochs == 1
+        assert stage2.assistant_only_loss and "{description}" in stage2.template

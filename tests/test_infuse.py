@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -11,7 +10,7 @@ import yaml
 from stic.config import ModelConfig
 from stic.generation import BatchGenerator
 from stic.infuse import (DEFAULT_TEMPLATE, InfuseSFTConfig, Recipe, describe_and_respond, describe_images,
-                         infuse_instruction, infuse_record, parse_recipe, run_infuse_sft)
+                         infuse_instruction, infuse_record, run_infuse_sft)
 from stic.instructions import InstructionDataConfig, SubsetConfig, load_instructions
 from stic.models import load_model, load_processor
 from tests.conftest import photo
