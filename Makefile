@@ -12,7 +12,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install selfgen dpo infuse-sft merge test test-all bench-selfgen bench-dpo clean
+.PHONY: install selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ dpo: $(STAMP)
 
 infuse-sft: $(STAMP)
 	$(BIN)/accelerate launch $(LAUNCH) -m stic infuse-sft --recipe $(RECIPE) $(ARGS)
+
+# make eval MODEL=stage1 EVAL_ARGS="--dar --benchmarks pope scienceqa"
+MODEL ?= base
+EVAL_ARGS ?=
+eval: $(STAMP)
+	$(BIN)/accelerate launch $(LAUNCH) eval/run.py --recipe $(RECIPE) --model $(MODEL) $(EVAL_ARGS) $(ARGS)
 
 # Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged
 MERGED ?= outputs/merged

@@ -72,6 +72,32 @@ def _dar(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    from pathlib import Path
+
+    from stic.evaluate import EvalConfig, load_items, score_predictions
+    from stic.judge import Judge, JudgeConfig
+
+    cfg = EvalConfig(data_root=args.data_root, benchmarks=[args.benchmark])
+    items = load_items(cfg, args.benchmark)
+    predictions = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
+    known = {it.id for it in items}
+    predictions = [p for p in predictions if p["question_id"] in known]
+    judge = Judge(JudgeConfig(), Path(args.predictions).parent / "judge_cache.jsonl")
+    scores = score_predictions(args.benchmark, items, predictions, judge)
+    print(json.dumps({k: v for k, v in scores.items() if k != "per_item"}, indent=2))
+    return 0
+
+
+def _compare(args) -> int:
+    from stic.evaluate import compare_runs
+
+    print(compare_runs(args.runs, args.plot))
+    if args.plot:
+        print(f"chart: {args.plot}")
+    return 0
+
+
 def _tiny_model(args) -> int:
     from stic.tiny import save_tiny_model
 
@@ -127,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_dar)
 
+    p = sub.add_parser("score", help="score a predictions file without a model")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--predictions", required=True, help="JSONL: {question_id, text, ...} per line")
+    p.add_argument("--data-root", default="playground/data/eval", help="where the benchmark's files live")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("compare", help="set several eval runs side by side (markdown table + bar chart)")
+    p.add_argument("runs", nargs="+", help="run folders written by eval/run.py")
+    p.add_argument("--plot", default="comparison.png", help="bar chart PNG path ('' to skip)")
+    p.set_defaults(func=_compare)
+
     p = sub.add_parser("merge", help="merge a trained adapter into its base model as a standalone folder")
     p.add_argument("--recipe", required=True, help="recipe whose model: is the base")
     p.add_argument("--adapter", help="adapter folder (default: the recipe's dpo.output_dir)")
@@ -155,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from corruptions import CorruptionError
+    from stic.benchmarks import BenchmarkFileError
     from stic.dpo import DatasetError
     from stic.instructions import InstructionDataError
     from stic.images import ImageRejected, ImageSourceError
@@ -166,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stic: recipe error: {err}", file=sys.stderr)
         code = 2
     except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError,
-            DatasetError, InstructionDataError) as err:
+            DatasetError, InstructionDataError, BenchmarkFileError) as err:
         print(f"stic: error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

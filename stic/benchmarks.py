@@ -1,0 +1,307 @@
+"""Benchmark readers and scorers, from local files in their published formats.
+
+Each benchmark turns its files into `Item`s (a unique id, the image, the exact prompt the model sees after
+the image, and what the scorer needs) and scores a {item id: raw answer} mapping with `stic.metrics`.
+Layouts follow LLaVA-1.5's `playground/data/eval/<benchmark>/`; see the README for where each file comes from.
+A malformed file raises `BenchmarkFileError` naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from stic import metrics as M
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+MULTIPLE_CHOICE = "\nAnswer with the option's letter from the given choices directly."
+CHARTQA_SUFFIX = "\nAnswer the question with a single word."  # lmms-eval's ChartQA prompt
+
+
+class BenchmarkFileError(ValueError):
+    """A benchmark file is missing or malformed; the message names the file and record."""
+
+
+@dataclasses.dataclass
+class Item:
+    id: str
+    image: str | bytes | None  # a file path, or encoded image bytes (MMBench)
+    prompt: str
+    meta: dict
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise BenchmarkFileError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BenchmarkFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise BenchmarkFileError(f"{path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise BenchmarkFileError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+    return out
+
+
+def _need(rec, keys, where: str):
+    if not isinstance(rec, dict):
+        raise BenchmarkFileError(f"{where}: expected an object")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise BenchmarkFileError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# ScienceQA-IMG
+
+
+def load_scienceqa(root: Path) -> list[Item]:
+    d = root / "scienceqa"
+    questions = _read_json(d / "llava_test_CQM-A.json")
+    problems = _read_json(d / "problems.json")
+    items = []
+    for i, rec in enumerate(questions):
+        where = f"{d / 'llava_test_CQM-A.json'} record {i}"
+        _need(rec, ["id", "conversations"], where)
+        if "image" not in rec:
+            continue  # ScienceQA-IMG: the image questions only
+        pid = str(rec["id"])
+        if pid not in problems:
+            raise BenchmarkFileError(f"{where}: id {pid} is not in problems.json")
+        text = rec["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+        prob = problems[pid]
+        items.append(Item(pid, str(d / "images" / "test" / rec["image"]), text + MULTIPLE_CHOICE,
+                          {"n_choices": len(prob["choices"]), "answer": prob["answer"]}))
+    return items
+
+
+def score_scienceqa(items, answers) -> tuple[dict, dict]:
+    per = {it.id: M.scienceqa_correct(answers[it.id], it.meta["n_choices"], it.meta["answer"]) for it in items}
+    return {"accuracy": _mean(per.values()), "count": len(per)}, per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# TextVQA val
+
+
+def load_textvqa(root: Path) -> list[Item]:
+    d = root / "textvqa"
+    questions = _read_jsonl(d / "llava_textvqa_val_v051_ocr.jsonl")
+    annotations = _read_json(d / "TextVQA_0.5.1_val.json")
+    if not isinstance(annotations, dict) or "data" not in annotations:
+        raise BenchmarkFileError(f"{d / 'TextVQA_0.5.1_val.json'}: expected an object with a 'data' list")
+    by_key = {(a["image_id"], a["question"].lower()): a["answers"] for a in annotations["data"]}
+    items = []
+    for n, q in enumerate(questions, start=1):
+        where = f"{d / 'llava_textvqa_val_v051_ocr.jsonl'} line {n}"
+        _need(q, ["question_id", "image", "text"], where)
+        # LLaVA's scorer matches on (image id, question read back from the prompt); so do we
+        key = (q["question_id"], M.textvqa_question_from_prompt(q["text"]))
+        if key not in by_key:
+            raise BenchmarkFileError(f"{where}: no annotation for image {key[0]} and question {key[1]!r}")
+        items.append(Item(f"{n}", str(d / "train_images" / q["image"]), q["text"],
+                          {"image_id": q["question_id"], "answers": by_key[key]}))
+    return items
+
+
+def score_textvqa(items, answers):
+    per = {it.id: M.vqa_soft_accuracy(answers[it.id], it.meta["answers"]) for it in items}
+    return {"accuracy": _mean(per.values()), "count": len(per)}, per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# POPE (COCO): three files, answers paired with labels by position within each
+
+
+POPE_SPLITS = ("adversarial", "popular", "random")
+
+
+def load_pope(root: Path) -> list[Item]:
+    d = root / "pope"
+    items = []
+    for split in POPE_SPLITS:
+        path = d / "coco" / f"coco_pope_{split}.json"  # JSON Lines despite the name
+        for n, q in enumerate(_read_jsonl(path), start=1):
+            _need(q, ["question_id", "image", "text", "label"], f"{path} line {n}")
+            if q["label"] not in ("yes", "no"):
+                raise BenchmarkFileError(f"{path} line {n}: label must be 'yes' or 'no', got {q['label']!r}")
+            items.append(Item(f"{split}/{q['question_id']}", str(d / "val2014" / q["image"]),
+                              q["text"] + SHORT_ANSWER, {"split": split, "label": q["label"]}))
+    return items
+
+
+def score_pope(items, answers):
+    out, per = {}, {}
+    for split in POPE_SPLITS:
+        sub = [it for it in items if it.meta["split"] == split]
+        if not sub:
+            continue
+        out[split] = M.pope_scores([answers[it.id] for it in sub], [it.meta["label"] for it in sub])
+        per.update({it.id: M.pope_parse(answers[it.id]) == it.meta["label"] for it in sub})
+    splits = [s for s in POPE_SPLITS if s in out]
+    out["f1"] = sum(out[s]["f1"] for s in splits) / len(splits)
+    out["accuracy"] = sum(out[s]["accuracy"] for s in splits) / len(splits)
+    return out, per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# MMBench dev (circular rows included in the TSV)
+
+
+def load_mmbench(root: Path) -> list[Item]:
+    import pandas as pd
+
+    path = root / "mmbench" / "mmbench_dev_20230712.tsv"
+    if not path.is_file():
+        raise BenchmarkFileError(f"{path} does not exist")
+    df = pd.read_table(path)
+    needed = ["index", "question", "A", "B", "answer", "image"]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise BenchmarkFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    items = []
+    for row_no, row in enumerate(df.to_dict("records"), start=2):
+        options = {k: str(row[k]) for k in "ABCDE" if k in row and not pd.isna(row[k])}
+        hint = row.get("hint")
+        prompt = ("" if hint is None or pd.isna(hint) else f"{hint}\n") + str(row["question"])
+        prompt += "".join(f"\n{k}. {v}" for k, v in options.items()) + MULTIPLE_CHOICE
+        try:
+            image = base64.b64decode(str(row["image"]), validate=True)
+        except ValueError:
+            raise BenchmarkFileError(f"{path} line {row_no} (index {row['index']}): image is not base64") from None
+        items.append(Item(str(int(row["index"])), image, prompt,
+                          {"answer": str(row["answer"]), "choices": options,
+                           "category": str(row.get("category", ""))}))
+    return items
+
+
+def score_mmbench(items, answers):
+    rows = [{"index": int(it.id), "answer": it.meta["answer"], "prediction": answers[it.id],
+             "choices": dict(it.meta["choices"]), "category": it.meta["category"]} for it in items]
+    per = {it.id: M.mmbench_infer_option(answers[it.id], dict(it.meta["choices"])) == it.meta["answer"]
+           for it in items}
+    return M.mmbench_circular(rows), per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# ChartQA test (human + augmented)
+
+
+def load_chartqa(root: Path) -> list[Item]:
+    d = root / "chartqa"
+    items = []
+    for split in ("human", "augmented"):
+        path = d / f"test_{split}.json"
+        for i, rec in enumerate(_read_json(path)):
+            _need(rec, ["imgname", "query", "label"], f"{path} record {i}")
+            items.append(Item(f"{split}/{i}", str(d / "png" / rec["imgname"]), rec["query"] + CHARTQA_SUFFIX,
+                              {"split": split, "label": str(rec["label"])}))
+    return items
+
+
+def score_chartqa(items, answers):
+    per = {it.id: M.relaxed_correctness(it.meta["label"], answers[it.id]) for it in items}
+    out = {s: _mean(per[it.id] for it in items if it.meta["split"] == s) for s in ("human", "augmented")}
+    out["accuracy"] = (out["human"] + out["augmented"]) / 2
+    out["count"] = len(per)
+    return out, per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# MathVista testmini
+
+
+def load_mathvista(root: Path) -> list[Item]:
+    d = root / "mathvista"
+    problems = _read_json(d / "testmini.json")
+    queries = _read_json(d / "query.json") if (d / "query.json").exists() else {}
+    items = []
+    for pid, prob in problems.items():
+        where = f"{d / 'testmini.json'} problem {pid}"
+        _need(prob, ["question", "image", "answer", "question_type", "answer_type"], where)
+        query = queries.get(pid) or prob.get("query") or prob["question"]
+        items.append(Item(str(pid), str(d / prob["image"]), query,
+                          {k: prob.get(k) for k in ("question_type", "answer_type", "choices", "precision",
+                                                    "answer")}))
+    return items
+
+
+def score_mathvista(items, answers):
+    per = {it.id: M.mathvista_correct(answers[it.id], it.meta)[0] for it in items}
+    return {"accuracy": _mean(per.values()), "count": len(per)}, per
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Judged: LLaVA-Bench (in the wild) and MM-Vet
+
+
+def load_llava_bench(root: Path) -> list[Item]:
+    d = root / "llava-bench-in-the-wild"
+    questions = _read_jsonl(d / "questions.jsonl")
+    contexts = {c["image"]: c for c in _read_jsonl(d / "context.jsonl")}
+    references = {a["question_id"]: a["text"] for a in _read_jsonl(d / "answers_gpt4.jsonl")}
+    items = []
+    for n, q in enumerate(questions, start=1):
+        _need(q, ["question_id", "image", "text", "category"], f"{d / 'questions.jsonl'} line {n}")
+        caption = contexts.get(q["image"], {}).get("caption", "")
+        items.append(Item(str(q["question_id"]), str(d / "images" / q["image"]), q["text"],
+                          {"category": q["category"], "question": q["text"],
+                           "caption": "\n".join(caption) if isinstance(caption, list) else caption,
+                           "reference": references.get(q["question_id"], "")}))
+    return items
+
+
+def load_mmvet(root: Path) -> list[Item]:
+    d = root / "mm-vet"
+    data = _read_json(d / "mm-vet.json")
+    items = []
+    for key, rec in data.items():
+        _need(rec, ["imagename", "question", "answer"], f"{d / 'mm-vet.json'} item {key}")
+        items.append(Item(key, str(d / "images" / rec["imagename"]), rec["question"],
+                          {"question": rec["question"], "answer": rec["answer"],
+                           "capability": rec.get("capability", [])}))
+    return items
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    load: Callable[[Path], list[Item]]
+    score: Callable | None  # None: scored by the LLM judge
+    headline: str  # the metric key shown in tables
+    max_new_tokens: int = 32
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    Benchmark("scienceqa", load_scienceqa, score_scienceqa, "accuracy", 16),
+    Benchmark("textvqa", load_textvqa, score_textvqa, "accuracy", 16),
+    Benchmark("chartqa", load_chartqa, score_chartqa, "accuracy", 16),
+    Benchmark("pope", load_pope, score_pope, "f1", 16),
+    Benchmark("mmbench", load_mmbench, score_mmbench, "accuracy", 16),
+    Benchmark("mathvista", load_mathvista, score_mathvista, "accuracy", 512),
+    Benchmark("llava_bench", load_llava_bench, None, "relative", 512),
+    Benchmark("mmvet", load_mmvet, None, "total", 512),
+]}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise BenchmarkFileError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]

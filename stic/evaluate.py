@@ -1,0 +1,275 @@
+"""Evaluation: greedy answers to the paper's benchmarks, sharded over processes, resumable, scored.
+
+    accelerate launch eval/run.py --recipe recipes/X.yaml --model base|stage1|stage2|PATH [--dar]
+                                  [--benchmarks pope scienceqa ...]
+
+For each benchmark the run writes, under `<eval.output_dir>/<run name>/<benchmark>/`:
+  predictions.jsonl  one line per item: {"question_id", "prompt", "text"[, "description"]} — the format
+                     `stic score` reads, so a run can be rescored without a model
+  scores.json        the metrics and each item's result
+and `summary.json` + `results.md` for the run. Answers are generated through the shared sharded engine
+(`store.run_sharded`), so a killed run resumes from the items it already answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from stic.benchmarks import BENCHMARKS, BenchmarkFileError, Item, get_benchmark
+from stic.config import ModelConfig, parse_section, to_dict
+from stic.generation import BatchGenerator, Request, SamplingConfig
+from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
+
+log = logging.getLogger("stic.eval")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    data_root: str = "playground/data/eval"  # LLaVA-1.5's layout: <data_root>/<benchmark>/...
+    output_dir: str = "outputs/eval"
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(BENCHMARKS))
+    batch_size: int = 8
+    limit: int | None = None  # first N items of each benchmark (quick checks)
+    # DaR: describe each image first, then answer with the description infused (stage-2 format)
+    describe_max_new_tokens: int = 256
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
+
+    def __post_init__(self):
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelConfig
+    eval: EvalConfig
+    raw: dict
+
+
+def parse_recipe(data: dict) -> Recipe:
+    return Recipe(model=parse_section(data, "model", ModelConfig), eval=parse_section(data, "eval", EvalConfig),
+                  raw=data)
+
+
+def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelConfig, list[str], str]:
+    """(model config, adapters merged in order, run name) for base | stage1 | stage2 | PATH."""
+    if spec == "base":
+        return recipe.model, [], "base"
+    if spec == "stage1":
+        from stic.dpo import parse_recipe as dpo_recipe
+
+        return recipe.model, [dpo_recipe(recipe.raw).dpo.output_dir], "stage1"
+    if spec == "stage2":
+        from stic.infuse import default_dar_adapters
+        from stic.infuse import parse_recipe as infuse_recipe
+
+        return recipe.model, default_dar_adapters(infuse_recipe(recipe.raw)), "stage2"
+    path = Path(spec)
+    if (path / "adapter_config.json").exists():
+        return recipe.model, [str(path)], path.name
+    if (path / "config.json").exists():  # a merged or full model folder
+        return dataclasses.replace(recipe.model, name_or_path=str(path)), [], path.name
+    raise FileNotFoundError(f"--model {spec}: not base/stage1/stage2, an adapter folder or a model folder")
+
+
+def load_items(cfg: EvalConfig, name: str) -> list[Item]:
+    items = get_benchmark(name).load(Path(cfg.data_root))
+    ids = [it.id for it in items]
+    if len(ids) != len(set(ids)):
+        raise BenchmarkFileError(f"{name}: item ids are not unique")
+    return items[: cfg.limit] if cfg.limit else items
+
+
+def prediction_features():
+    import datasets
+
+    text = datasets.Value("string")
+    return datasets.Features({"question_id": text, "prompt": text, "text": text, "description": text,
+                              "finish_reason": text})
+
+
+def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str], name: str, out_dir: Path,
+                     dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
+    """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
+    from stic.images import decode_image
+    from stic.infuse import describe_and_respond
+    from stic.store import ShardedOutput, run_sharded
+
+    cfg = recipe.eval
+    bench = get_benchmark(name)
+    by_id = {it.id: it for it in items}
+    answer_sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens)
+    describe_sampling = SamplingConfig(max_new_tokens=cfg.describe_max_new_tokens)
+
+    def load(item):
+        return decode_image(item.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
+
+    def make_worker(device):
+        if "engine" not in engine_cache:  # one model load per process for all benchmarks
+            from stic.infuse import load_for_dar
+
+            model, processor = load_for_dar(model_cfg, adapters, device)
+            engine_cache["engine"] = BatchGenerator(model, processor, cfg.batch_size)
+        engine = engine_cache["engine"]
+
+        def worker(batch, on_batch):
+            images = [img for _, img in batch]
+            prompts = [by_id[i].prompt for i, _ in batch]
+            if dar:
+                pairs = describe_and_respond(engine, images, prompts, describe_sampling=describe_sampling,
+                                             answer_sampling=answer_sampling)
+                descriptions, outs = [d for d, _ in pairs], [a for _, a in pairs]
+            else:
+                outs = engine.generate([Request(im, p) for im, p in zip(images, prompts)], answer_sampling,
+                                       on_batch=on_batch)
+                descriptions = [None] * len(outs)
+            rows = [{"question_id": i, "prompt": by_id[i].prompt, "text": o.text, "description": d,
+                     "finish_reason": o.finish_reason} for (i, _), o, d in zip(batch, outs, descriptions)]
+            return rows, []
+
+        return worker
+
+    from stic.images import ImageRef
+
+    refs = [ImageRef(id=it.id) for it in items]
+    run_config = {"stage": "eval", "benchmark": name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar,
+                  "max_new_tokens": bench.max_new_tokens}
+    job = run_sharded(name=name, out_dir=str(out_dir / "generation"), refs=refs, run_config=run_config,
+                      load=lambda ref: load(by_id[ref.id]), make_worker=make_worker, features=prediction_features(),
+                      id_column="question_id", items_per_part=max(cfg.batch_size * 4, 16))
+    if job is None:
+        return None
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for part in ShardedOutput(out_dir / "generation").part_files():
+        for r in pq.read_table(part).to_pylist():
+            rows[r["question_id"]] = r
+    rejected = {e["id"]: e["reason"] for e in job.store.ledger() if e["status"] == "rejected"}
+    ordered = []
+    for it in items:  # the benchmark's own order: POPE pairs answers with labels by position
+        if it.id in rows:
+            r = rows[it.id]
+            ordered.append({k: r[k] for k in ("question_id", "prompt", "text", "description") if r[k] is not None})
+        else:
+            # an unreadable image: scored as an empty answer so positions and counts stay aligned
+            ordered.append({"question_id": it.id, "prompt": it.prompt, "text": "",
+                            "error": rejected.get(it.id, "missing")})
+    return ordered
+
+
+def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None) -> dict:
+    """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`."""
+    answers = {p["question_id"]: p.get("text", "") for p in predictions}
+    missing = [it.id for it in items if it.id not in answers]
+    if missing:
+        raise BenchmarkFileError(f"{name}: predictions lack {len(missing)} item(s), e.g. {missing[:3]}")
+    bench = get_benchmark(name)
+    if bench.score is not None:
+        metrics, per = bench.score(items, answers)
+    elif judge is None or not judge.available:
+        return {"skipped": "no judge endpoint configured"}
+    else:
+        metrics, per = (score_llava_bench if name == "llava_bench" else score_mmvet)(items, answers, judge)
+    return {"benchmark": name, "headline": bench.headline, "metrics": metrics, "per_item": per}
+
+
+def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] | None = None) -> dict | None:
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    cfg = recipe.eval
+    model_cfg, adapters, run_name = resolve_model(recipe, model_spec)
+    run_name += "+dar" if dar else ""
+    run_dir = Path(cfg.output_dir) / run_name
+    names = benchmarks or cfg.benchmarks
+    judge = Judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
+    engine_cache: dict = {}
+    summary = {"run": run_name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar, "benchmarks": {}}
+    for name in names:
+        bench = get_benchmark(name)
+        if bench.score is None and not judge.available:
+            log.warning("skipping %s: it is scored by an LLM judge and %s is not set", name,
+                        cfg.judge.base_url_env)
+            summary["benchmarks"][name] = {"skipped": f"no judge endpoint ({cfg.judge.base_url_env} unset)"}
+            continue
+        items = load_items(cfg, name)
+        out = run_dir / name
+        predictions = answer_benchmark(recipe, model_cfg, adapters, name, out, dar, items, engine_cache)
+        if predictions is None:
+            continue
+        with open(out / "predictions.jsonl", "w") as fh:
+            fh.writelines(json.dumps(p) + "\n" for p in predictions)
+        scores = score_predictions(name, items, predictions, judge)
+        (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        summary["benchmarks"][name] = {"headline": bench.headline,
+                                       "value": scores["metrics"].get(bench.headline), "metrics": {
+                                           k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (run_dir / "results.md").write_text(results_table([summary]))
+    print(results_table([summary]))
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Tables and charts
+
+
+def _cell(entry: dict | None) -> float | None:
+    if not entry or "value" not in entry or entry["value"] is None:
+        return None
+    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1") else entry["value"]
+
+
+def results_table(summaries: list[dict]) -> str:
+    """A markdown table, one row per run, one column per benchmark (its headline metric, in %), plus the average
+    over the benchmarks every run has."""
+    names = [n for n in BENCHMARKS if any(n in s["benchmarks"] for s in summaries)]
+    common = [n for n in names if all(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
+    head = "| run | " + " | ".join(names) + " | average |\n|---|" + "---|" * (len(names) + 1) + "\n"
+    lines = []
+    for s in summaries:
+        cells = [_cell(s["benchmarks"].get(n)) for n in names]
+        avg = [_cell(s["benchmarks"][n]) for n in common]
+        tail = f" | {sum(avg) / len(avg):.1f} |" if avg else " | – |"
+        lines.append(f"| {s['run']} | " + " | ".join("skipped" if c is None else f"{c:.1f}" for c in cells) + tail)
+    return head + "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
+    summaries = []
+    for d in run_dirs:
+        path = Path(d) / "summary.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: pass run folders written by eval/run.py")
+        summaries.append(json.loads(path.read_text()))
+    table = results_table(summaries)
+    if out_png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [n for n in BENCHMARKS if any(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
+        width = 0.8 / max(1, len(summaries))
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
+        for k, s in enumerate(summaries):
+            vals = [_cell(s["benchmarks"].get(n)) or 0.0 for n in names]
+            ax.bar([i + k * width for i in range(len(names))], vals, width, label=s["run"])
+        ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+        ax.set_ylabel("score (%)")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=110)
+        plt.close(fig)
+    return table
