@@ -1,0 +1,219 @@
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stic.benchmarks import BENCHMARKS, BenchmarkFileError
+from stic.config import load_recipe_dict
+from stic.evaluate import compare_runs, load_items, parse_recipe, run_eval, score_predictions
+from tests.bench_files import make_eval_root
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    return make_eval_root(tmp_path_factory.mktemp("eval_data"))
+
+
+def recipe_dict(root, out, **ev):
+    e = {"data_root": str(root), "output_dir": str(out), "batch_size": 4}
+    e.update(ev)
+    return {"model": {"name_or_path": "tiny:llava", "dtype": "float32"}, "eval": e}
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    calls = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.calls.append({"auth": self.headers.get("Authorization"), "body": body})
+        prompt = body["messages"][0]["content"]
+        text = "0.6" if prompt.rstrip().endswith("Score:") else "8 6\nAssistant 2 is shorter."
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def judge_server(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeJudge.calls = []
+    monkeypatch.setenv("STIC_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    monkeypatch.setenv("STIC_JUDGE_API_KEY", "sk-test-secret-123")
+    yield server
+    server.shutdown()
+
+
+def test_every_benchmark_runs_end_to_end(tmp_path, eval_root, judge_server):
+    out = tmp_path / "runs"
+    summary = run_eval(parse_recipe(recipe_dict(eval_root, out)), "base", dar=False)
+    assert set(summary["benchmarks"]) == set(BENCHMARKS)
+    for name, entry in summary["benchmarks"].items():
+        assert "skipped" not in entry, name
+        scores = json.loads((out / "base" / name / "scores.json").read_text())
+        preds = [json.loads(line) for line in (out / "base" / name / "predictions.jsonl").read_text().splitlines()]
+        items = load_items(parse_recipe(recipe_dict(eval_root, out)).eval, name)
+        assert [p["question_id"] for p in preds] == [it.id for it in items]  # the benchmark's own order
+        assert set(scores["per_item"]) == {it.id for it in items}
+    assert summary["benchmarks"]["scienceqa"]["metrics"]["count"] == 3  # IMG questions only
+    assert summary["benchmarks"]["llava_bench"]["value"] == pytest.approx(75.0)  # fake judge: 8 vs 6
+    assert summary["benchmarks"]["mmvet"]["value"] == pytest.approx(60.0)
+    assert "| base |" in (out / "base" / "results.md").read_text()
+    # the judge got the key in the header only; it is written nowhere
+    assert FakeJudge.calls and all(c["auth"] == "Bearer sk-test-secret-123" for c in FakeJudge.calls)
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".md"):
+            assert "sk-test-secret-123" not in f.read_text(errors="ignore"), f
+    # judge answers are cached: rescoring asks nothing new
+    n = len(FakeJudge.calls)
+    run_eval(parse_recipe(recipe_dict(eval_root, out)), "base", dar=False, benchmarks=["llava_bench", "mmvet"])
+    assert len(FakeJudge.calls) == n
+
+
+def test_missing_judge_skips_only_the_judged_benchmarks(tmp_path, eval_root, monkeypatch, caplog):
+    monkeypatch.delenv("STIC_JUDGE_BASE_URL", raising=False)
+    summary = run_eval(parse_recipe(recipe_dict(eval_root, tmp_path / "r", limit=2)), "base", dar=False,
+                       benchmarks=["mmvet", "pope", "llava_bench"])
+    assert "skipped" in summary["benchmarks"]["mmvet"] and "skipped" in summary["benchmarks"]["llava_bench"]
+    assert summary["benchmarks"]["pope"]["value"] is not None
+    assert "STIC_JUDGE_BASE_URL" in caplog.text
+
+
+def test_rescoring_a_predictions_file_gives_the_same_scores(tmp_path, eval_root):
+    out = tmp_path / "runs"
+    run_eval(parse_recipe(recipe_dict(eval_root, out)), "base", dar=False,
+             benchmarks=["pope", "textvqa", "mmbench", "chartqa", "mathvista", "scienceqa"])
+    for name in ("pope", "textvqa", "mmbench", "chartqa", "mathvista", "scienceqa"):
+        saved = json.loads((out / "base" / name / "scores.json").read_text())
+        res = subprocess.run([sys.executable, "-m", "stic", "score", "--benchmark", name, "--predictions",
+                              str(out / "base" / name / "predictions.jsonl"), "--data-root", str(eval_root)],
+                             cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout)["metrics"] == saved["metrics"], name
+
+
+def test_scoring_uses_the_official_rules_on_known_answers(eval_root):
+    cfg = parse_recipe(recipe_dict(eval_root, "x")).eval
+    items = load_items(cfg, "pope")
+    # answer every question with its label, phrased as a sentence: all right
+    preds = [{"question_id": it.id, "text": ("Yes, there is." if it.meta["label"] == "yes" else "No, there is not.")}
+             for it in items]
+    s = score_predictions("pope", items, preds, None)["metrics"]
+    assert s["accuracy"] == 1.0 and s["random"]["f1"] == 1.0
+    items = load_items(cfg, "mmbench")
+    preds = [{"question_id": "42", "text": "C"}, {"question_id": "1000042", "text": "B. pear"},
+             {"question_id": "43", "text": "The answer is B"}]
+    s = score_predictions("mmbench", items, preds, None)["metrics"]
+    assert s["questions"] == 2 and s["accuracy"] == 0.5  # q42 fails on its rotated copy
+    items = load_items(cfg, "textvqa")
+    s = score_predictions("textvqa", items, [{"question_id": it.id, "text": "Acme"} for it in items], None)
+    assert s["metrics"]["accuracy"] == pytest.approx(1.0)  # 'the acme' normalises to 'acme': 8 of 10 match
+    with pytest.raises(BenchmarkFileError, match="lack 1 item"):
+        score_predictions("textvqa", items, [{"question_id": "1", "text": "x"}, {"question_id": "2", "text": "y"}],
+                          None)
+
+
+def test_killed_eval_resumes_from_answered_items(tmp_path, eval_root, monkeypatch):
+    from stic import store
+
+    real = store.ShardedOutput.write_rows
+    calls = {"n": 0}
+
+    def dying(self, rows, features):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, rows, features)
+
+    r = parse_recipe(recipe_dict(eval_root, tmp_path / "runs", batch_size=1))
+    monkeypatch.setattr(store.ShardedOutput, "write_rows", dying)
+    # items_per_part = max(4 * batch, 16): POPE has 9 items, so use a smaller batch via two benchmarks
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(r, "base", dar=False, benchmarks=["scienceqa", "pope"])
+    monkeypatch.setattr(store.ShardedOutput, "write_rows", real)
+    assert (tmp_path / "runs" / "base" / "scienceqa" / "predictions.jsonl").exists()
+    done = store.ShardedOutput(tmp_path / "runs" / "base" / "scienceqa" / "generation").row_ids("question_id")
+    summary = run_eval(r, "base", dar=False, benchmarks=["scienceqa", "pope"])
+    again = store.ShardedOutput(tmp_path / "runs" / "base" / "scienceqa" / "generation").row_ids("question_id")
+    assert sorted(again) == sorted(done)  # nothing regenerated
+    pope_ids = store.ShardedOutput(tmp_path / "runs" / "base" / "pope" / "generation").row_ids("question_id")
+    assert len(pope_ids) == len(set(pope_ids)) == 9
+    assert summary["benchmarks"]["pope"]["value"] is not None
+
+
+def test_malformed_benchmark_file_names_file_and_record(tmp_path, eval_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(eval_root, root)
+    path = root / "pope" / "coco" / "coco_pope_popular.json"
+    lines = path.read_text().splitlines()
+    lines[1] = '{"question_id": 2, "image": "x.jpg", "text": "Is there a dog?"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BenchmarkFileError, match=r"coco_pope_popular\.json line 2: missing field label"):
+        load_items(parse_recipe(recipe_dict(root, "x")).eval, "pope")
+    (root / "mathvista" / "testmini.json").write_text('{"1": {"pid": "1"')
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(root, tmp_path / "o")))
+    res = subprocess.run([sys.executable, "eval/run.py", "--recipe", str(r), "--benchmarks", "mathvista"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "testmini.json: not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dar_mode_and_compare(tmp_path, eval_root):
+    out = tmp_path / "runs"
+    plain = run_eval(parse_recipe(recipe_dict(eval_root, out)), "base", dar=False, benchmarks=["pope", "chartqa"])
+    dar = run_eval(parse_recipe(recipe_dict(eval_root, out, describe_max_new_tokens=6)), "base", dar=True,
+                   benchmarks=["pope", "chartqa"])
+    assert dar["run"] == "base+dar"
+    preds = [json.loads(line) for line in (out / "base+dar" / "pope" / "predictions.jsonl").read_text().splitlines()]
+    assert all("description" in p for p in preds)
+    table = compare_runs([str(out / "base"), str(out / "base+dar")], str(tmp_path / "cmp.png"))
+    assert "| base |" in table and "| base+dar |" in table and "average" in table
+    assert (tmp_path / "cmp.png").stat().st_size > 5_000
+    assert plain["benchmarks"]["pope"]["headline"] == "f1"
+
+
+def test_two_processes_give_the_same_predictions_and_scores(tmp_path, eval_root):
+    from tests.test_selfgen import free_port
+
+    names = ["pope", "mmbench", "chartqa"]
+    one = run_eval(parse_recipe(recipe_dict(eval_root, tmp_path / "one")), "base", dar=False, benchmarks=names)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(eval_root, tmp_path / "two")))
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "recipes/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",
+                          str(free_port()), "eval/run.py", "--recipe", str(r), "--benchmarks", *names],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in names:
+        a = (tmp_path / "one" / "base" / name / "predictions.jsonl").read_text()
+        b = (tmp_path / "two" / "base" / name / "predictions.jsonl").read_text()
+        assert a == b, name
+    two = json.loads((tmp_path / "two" / "base" / "summary.json").read_text())
+    assert two["benchmarks"] == json.loads(json.dumps(one["benchmarks"]))
+    parts = list((tmp_path / "two" / "base" / "pope" / "generation" / "data").glob("*.parquet"))
+    assert {p.name.split("-")[2] for p in parts} == {"r000", "r001"}
+
+
+def test_eval_section_is_strict(tmp_path, eval_root):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"eval": {"benchmarks": ["pope", "vqav2"]}}))
+    from stic.config import RecipeError
+
+    with pytest.raises(RecipeError, match="vqav2"):
+        parse_recipe(load_recipe_dict(r))
