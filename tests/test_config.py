@@ -71,7 +71,7 @@ def test_shipped_recipes_parse():
 
     recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
     assert recipes
-    from stic import dpo, infuse
+    from stic import dpo, evaluate, infuse
 
     for path in recipes:
         recipe = parse_recipe(load_recipe_dict(path))
@@ -83,3 +83,4 @@ def test_shipped_recipes_parse():
         stage2 = infuse.parse_recipe(load_recipe_dict(path)).infuse_sft
         assert stage2.stage1_adapter == stage1.output_dir and stage2.num_train_epochs == 1
         assert stage2.assistant_only_loss and "{description}" in stage2.template
+        assert len(evaluate.parse_recipe(load_recipe_dict(path)).eval.benchmarks) == 8

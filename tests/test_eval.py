@@ -217,3 +217,31 @@ def test_eval_section_is_strict(tmp_path, eval_root):
 
     with pytest.raises(RecipeError, match="vqav2"):
         parse_recipe(load_recipe_dict(r))
+
+
+def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
+    import torch
+    from peft import get_peft_model
+
+    from stic.config import ModelConfig
+    from stic.dpo import merge_adapter
+    from stic.models import LoraOptions, load_model, lora_config
+
+    model = load_model(ModelConfig(name_or_path="tiny:llava", dtype="float32"))
+    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_adapter(ModelConfig(name_or_path="tiny:llava", dtype="float32"), str(tmp_path / "adapter"),
+                  str(tmp_path / "merged"))
+    r = parse_recipe(recipe_dict(eval_root, tmp_path / "runs"))
+    a = run_eval(r, str(tmp_path / "adapter"), dar=False, benchmarks=["pope"])
+    m = run_eval(r, str(tmp_path / "merged"), dar=False, benchmarks=["pope"])
+    base = run_eval(r, "base", dar=False, benchmarks=["pope"])
+    assert a["adapters"] == [str(tmp_path / "adapter")] and m["adapters"] == []
+    read = lambda run: (tmp_path / "runs" / run / "pope" / "predictions.jsonl").read_text()
+    assert read("adapter") == read("merged")
+    assert read("adapter") != read("base")  # the adapter was applied
+    assert base["run"] == "base"
