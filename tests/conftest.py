@@ -66,3 +66,18 @@ def selfgen_recipe(out_dir, images: dict, family="llava", **selfgen) -> dict:
     }
     sg.update(selfgen)
     return {"model": {"name_or_path": f"tiny:{family}", "dtype": "float32"}, "selfgen": sg}
+
+
+def die_on_call(monkeypatch, cls, name: str, n: int):
+    """Make `cls.name` raise KeyboardInterrupt (a simulated kill) on its n-th call; returns the original."""
+    real = getattr(cls, name)
+    calls = {"n": 0}
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt(f"simulated kill at call {n} of {name}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, dying)
+    return real

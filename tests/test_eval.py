@@ -12,6 +12,7 @@ from stic.benchmarks import BENCHMARKS, BenchmarkFileError
 from stic.config import load_recipe_dict
 from stic.evaluate import compare_runs, load_items, parse_recipe, run_eval, score_predictions
 from tests.bench_files import make_eval_root
+from tests.conftest import die_on_call
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,18 +131,8 @@ def test_scoring_uses_the_official_rules_on_known_answers(eval_root):
 def test_killed_eval_resumes_from_answered_items(tmp_path, eval_root, monkeypatch):
     from stic import store
 
-    real = store.ShardedOutput.write_rows
-    calls = {"n": 0}
-
-    def dying(self, rows, features):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real(self, rows, features)
-
     r = parse_recipe(recipe_dict(eval_root, tmp_path / "runs", batch_size=1))
-    monkeypatch.setattr(store.ShardedOutput, "write_rows", dying)
-    # items_per_part = max(4 * batch, 16): POPE has 9 items, so use a smaller batch via two benchmarks
+    real = die_on_call(monkeypatch, store.ShardedOutput, "write_rows", 2)  # dies writing POPE's answers
     with pytest.raises(KeyboardInterrupt):
         run_eval(r, "base", dar=False, benchmarks=["scienceqa", "pope"])
     monkeypatch.setattr(store.ShardedOutput, "write_rows", real)
@@ -220,20 +211,11 @@ def test_eval_section_is_strict(tmp_path, eval_root):
 
 
 def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
-    import torch
-    from peft import get_peft_model
-
     from stic.config import ModelConfig
     from stic.dpo import merge_adapter
-    from stic.models import LoraOptions, load_model, lora_config
+    from tests.test_infuse import make_adapter
 
-    model = load_model(ModelConfig(name_or_path="tiny:llava", dtype="float32"))
-    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    make_adapter(tmp_path / "adapter", scale=0.05)
     merge_adapter(ModelConfig(name_or_path="tiny:llava", dtype="float32"), str(tmp_path / "adapter"),
                   str(tmp_path / "merged"))
     r = parse_recipe(recipe_dict(eval_root, tmp_path / "runs"))

@@ -13,7 +13,7 @@ from stic.infuse import (DEFAULT_TEMPLATE, InfuseSFTConfig, Recipe, describe_and
                          infuse_instruction, infuse_record, run_infuse_sft)
 from stic.instructions import InstructionDataConfig, SubsetConfig, load_instructions
 from stic.models import load_model, load_processor
-from tests.conftest import photo
+from tests.conftest import die_on_call, photo
 from tests.test_instructions import conv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def llava_mix(tmp_path):
     return InstructionDataConfig(path=str(path), image_folder=str(tmp_path / "img"), text_only="keep")
 
 
-def make_adapter(out: Path, family="llava"):
+def make_adapter(out: Path, family="llava", scale: float = 0.02):
     """A stage-1 LoRA adapter with non-zero weights, without running stage 1."""
     from peft import get_peft_model
 
@@ -47,7 +47,7 @@ def make_adapter(out: Path, family="llava"):
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.02)
+                p.normal_(0, scale)
     peft_model.save_pretrained(out)
     return out
 
@@ -123,16 +123,7 @@ def test_description_step_resumes_without_loss_or_duplication(tmp_path, llava_mi
     recipe = Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg)
     records, _ = load_instructions(llava_mix)
     subset = choose_subset(records, cfg.subset)
-    real = store.ShardedOutput.write_rows
-    calls = {"n": 0}
-
-    def dying(self, rows, features):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed while describing")
-        return real(self, rows, features)
-
-    monkeypatch.setattr(store.ShardedOutput, "write_rows", dying)
+    real = die_on_call(monkeypatch, store.ShardedOutput, "write_rows", 3)  # killed while describing
     with pytest.raises(KeyboardInterrupt):
         describe_images(recipe, subset)
     monkeypatch.setattr(store.ShardedOutput, "write_rows", real)

@@ -25,7 +25,7 @@ from stic.selfgen import (
 )
 from stic.store import OutputConflict
 from stic.tiny import FAMILIES
-from tests.conftest import photo, selfgen_recipe, write_bad_images
+from tests.conftest import die_on_call, photo, selfgen_recipe, write_bad_images
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = PromptSets("good prompt", tuple(CAPTION_PROMPTS), tuple(HALLUCINATION_PROMPTS))
@@ -151,16 +151,7 @@ def test_crash_between_rows_and_ledger_does_not_duplicate(tmp_path, photo_dir, m
 
     out = tmp_path / "out"
     recipe = selfgen_recipe(out, {"type": "folder", "path": str(photo_dir)}, images_per_part=2)
-    calls = {"n": 0}
-    real_log = store.ShardedOutput.log
-
-    def dying_log(self, entries):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_log(self, entries)
-
-    monkeypatch.setattr(store.ShardedOutput, "log", dying_log)
+    real_log = die_on_call(monkeypatch, store.ShardedOutput, "log", 2)
     with pytest.raises(KeyboardInterrupt):
         run(recipe)
     monkeypatch.setattr(store.ShardedOutput, "log", real_log)
