@@ -275,6 +275,37 @@ def load_mmvet(root: Path) -> list[Item]:
     return items
 
 
+# -------------------------------------------------------------------------------------------------------------
+# ShapesWorld (written by `stic shapes make-data`): descriptions scored by the exact judge, and QA
+
+
+def load_shapes_describe(root: Path) -> list[Item]:
+    from stic.shapes.world import DESCRIBE_PROMPT
+
+    d = root / "shapesworld"
+    return [Item(s["id"], str(d / "images" / f"{s['id']}.png"), DESCRIBE_PROMPT, {"scene": s})
+            for s in _read_jsonl(d / "scenes.jsonl")]
+
+
+def score_shapes_describe(items, answers):
+    from stic.shapes.judge import aggregate, score_description
+    from stic.shapes.world import Scene
+
+    per = {it.id: score_description(answers[it.id], Scene.from_json(it.meta["scene"])) for it in items}
+    return aggregate(list(per.values())), per
+
+
+def load_shapes_qa(root: Path) -> list[Item]:
+    d = root / "shapesworld"
+    return [Item(q["id"], str(d / "images" / q["image"]), q["question"], q) for q in _read_jsonl(d / "qa.jsonl")]
+
+
+def score_shapes_qa(items, answers):
+    from stic.shapes.judge import score_qa
+
+    return score_qa([it.meta for it in items], answers)
+
+
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else 0.0
@@ -298,7 +329,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("mathvista", load_mathvista, score_mathvista, "accuracy", 512),
     Benchmark("llava_bench", load_llava_bench, None, "relative", 512),
     Benchmark("mmvet", load_mmvet, None, "total", 512),
+    Benchmark("shapes_describe", load_shapes_describe, score_shapes_describe, "hallucination_rate", 48),
+    Benchmark("shapes_qa", load_shapes_qa, score_shapes_qa, "accuracy", 8),
 ]}
+PAPER_BENCHMARKS = ["scienceqa", "textvqa", "chartqa", "pope", "mmbench", "mathvista", "llava_bench", "mmvet"]
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -98,6 +98,20 @@ def _compare(args) -> int:
     return 0
 
 
+def _shapes(args) -> int:
+    from stic.shapes import model, world
+
+    if args.shapes_command == "make-data":
+        world.make_split(f"{args.output}/train", args.train, seed=args.seed, prefix="train")
+        world.make_split(f"{args.output}/eval/shapesworld", args.heldout, seed=args.seed + 1_000_003, prefix="test")
+        print(f"ShapesWorld: {args.train} training scenes in {args.output}/train, {args.heldout} held-out scenes in "
+              f"{args.output}/eval/shapesworld")
+    else:
+        out = model.pretrain(args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        print(f"ShapesWorld base model written to {out}")
+    return 0
+
+
 def _tiny_model(args) -> int:
     from stic.tiny import save_tiny_model
 
@@ -170,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("shapes", help="ShapesWorld: scenes with ground truth, and its toy VLM")
+    shapes = p.add_subparsers(dest="shapes_command", required=True)
+    q = shapes.add_parser("make-data", help="training scenes (unlabeled use) and held-out scenes with ground truth")
+    q.add_argument("-o", "--output", default="data/shapesworld")
+    q.add_argument("--train", type=int, default=1000)
+    q.add_argument("--heldout", type=int, default=3000)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_shapes)
+    q = shapes.add_parser("pretrain", help="pretrain the toy VLM from scratch on a CPU")
+    q.add_argument("-o", "--output", default="models/shapesworld-base")
+    q.add_argument("--steps", type=int, default=800)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_shapes)
 
     p = sub.add_parser("tiny-model", help="build a tiny random model offline")
     p.add_argument("--family", required=True, choices=FAMILIES)

@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from stic.benchmarks import BENCHMARKS, BenchmarkFileError, Item, get_benchmark
+from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError, Item, get_benchmark
 from stic.config import ModelConfig, parse_section, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
@@ -30,7 +30,7 @@ log = logging.getLogger("stic.eval")
 class EvalConfig:
     data_root: str = "playground/data/eval"  # LLaVA-1.5's layout: <data_root>/<benchmark>/...
     output_dir: str = "outputs/eval"
-    benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_BENCHMARKS))
     batch_size: int = 8
     limit: int | None = None  # first N items of each benchmark (quick checks)
     # DaR: describe each image first, then answer with the description infused (stage-2 format)
@@ -227,7 +227,7 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
 def _cell(entry: dict | None) -> float | None:
     if not entry or "value" not in entry or entry["value"] is None:
         return None
-    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1") else entry["value"]
+    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1", "hallucination_rate") else entry["value"]
 
 
 def results_table(summaries: list[dict]) -> str:

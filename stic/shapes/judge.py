@@ -1,0 +1,74 @@
+"""The exact judge of ShapesWorld: descriptions parsed into claimed objects and scored against ground truth.
+
+Per description, each claim "a <size> <color> <shape> at the <position>" is matched by object type
+(color + shape) to the scene:
+  object precision   claims of a present type / claims            (1 - CHAIR_i, the hallucination rate)
+  CHAIR_s            descriptions with at least one hallucinated claim / descriptions
+  recall             present types mentioned / present objects
+  size accuracy      claims of a present type with the right size / claims of a present type
+  position-aware precision   claims of a present type at its true position / claims
+"""
+
+from __future__ import annotations
+
+import re
+
+from stic.metrics import pope_scores
+from stic.shapes.world import POSITIONS, Scene
+
+_POS = "|".join(sorted(POSITIONS, key=len, reverse=True))
+CLAIM = re.compile(rf"\b(small|large)\s+([a-z]+)\s+([a-z]+)\s+at\s+the\s+({_POS})\b")
+
+
+def parse_claims(text: str) -> list[tuple[str, str, str]]:
+    """[(name, size, position)] in order of mention."""
+    text = " ".join(text.lower().replace(",", " , ").replace(".", " . ").split())
+    return [(f"{c} {s}", size, pos) for size, c, s, pos in CLAIM.findall(text)]
+
+
+def score_description(text: str, scene: Scene) -> dict:
+    claims = parse_claims(text)
+    truth = {o.name: o for o in scene.objects}
+    hallucinated = [c for c in claims if c[0] not in truth]
+    matched = [c for c in claims if c[0] in truth]
+    return {
+        "claims": len(claims),
+        "hallucinated": len(hallucinated),
+        "hallucinated_names": [c[0] for c in hallucinated],
+        "mentioned": len({c[0] for c in matched}),
+        "objects": len(scene.objects),
+        "size_right": sum(truth[c[0]].size == c[1] for c in matched),
+        "matched": len(matched),
+        "position_right": sum(truth[c[0]].position == c[2] for c in matched),
+    }
+
+
+def aggregate(per_item: list[dict]) -> dict:
+    claims = sum(p["claims"] for p in per_item)
+    matched = sum(p["matched"] for p in per_item)
+    n = len(per_item)
+    return {
+        "hallucination_rate": sum(p["hallucinated"] for p in per_item) / claims if claims else 0.0,  # CHAIR_i
+        "object_precision": 1 - sum(p["hallucinated"] for p in per_item) / claims if claims else 0.0,
+        "chair_s": sum(p["hallucinated"] > 0 for p in per_item) / n if n else 0.0,
+        "recall": sum(p["mentioned"] for p in per_item) / max(1, sum(p["objects"] for p in per_item)),
+        "size_accuracy": sum(p["size_right"] for p in per_item) / matched if matched else 0.0,
+        "position_precision": sum(p["position_right"] for p in per_item) / claims if claims else 0.0,
+        "claims_per_description": claims / n if n else 0.0,
+        "descriptions": n,
+    }
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def score_qa(items: list[dict], answers: dict[str, str]) -> tuple[dict, dict]:
+    """Exact match after normalisation; presence questions also POPE-style (yes/no parsing as LLaVA's)."""
+    per = {it["id"]: normalize_answer(answers[it["id"]]) == normalize_answer(it["answer"]) for it in items}
+    presence = [it for it in items if it["kind"] == "presence"]
+    out = {"accuracy": sum(per.values()) / len(per) if per else 0.0, "count": len(per)}
+    if presence:
+        pope = pope_scores([answers[it["id"]] for it in presence], [it["answer"] for it in presence])
+        out["presence"] = {k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return out, per

@@ -1,0 +1,170 @@
+"""The ShapesWorld toy VLM: a ~1M-parameter LlavaForConditionalGeneration, pretrained from scratch on a CPU.
+
+    stic shapes pretrain -o models/shapesworld-base [--steps 1500] [--seed 0]
+
+The tokenizer is word-level over the world's closed vocabulary (built offline with `tokenizers`), the image
+processor is CLIP's at 48 px, and the chat template is LLaVA-1.5's turn format. Pretraining mixes noisy
+captions (the world's co-occurrence bias), imaginative captions (so hallucination prompts work) and
+question answering; the learning rate decays to a tenth by the end, so the checkpoint is annealed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from stic.shapes import world as W
+from stic.tiny import _LLAVA_TEMPLATE
+
+SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>", "<image>"]
+EXTRA_WORDS = """USER ASSISTANT : , . ? image description Image Describe describe carefully object by
+imaginatively an empty scene How many objects are there What color is Where Is yes no nothing""".split()
+
+
+def vocabulary() -> list[str]:
+    words = set(EXTRA_WORDS)
+    for text in [W.describe([W.Obj(n, s, c) for n in W.type_names() for s in W.SIZES for c in range(9)]),
+                 W.DESCRIBE_PROMPT, W.CAREFUL_PROMPT, W.IMAGINE_PROMPT, " ".join(W.NUMBER_WORDS),
+                 " ".join(W.POSITIONS), " ".join(W.COLORS)]:
+        words.update(text.replace(",", " , ").replace(".", " . ").replace("?", " ? ").split())
+    return SPECIALS + sorted(words - set(SPECIALS))
+
+
+def build_processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)  # matched whole, before the whitespace/punctuation split
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", clean_up_tokenization_spaces=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": W.SIZE},
+                                         crop_size={"height": W.SIZE, "width": W.SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=W.CELL,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=_LLAVA_TEMPLATE)
+
+
+def build_model(processor, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=W.SIZE, patch_size=W.CELL,
+                                       projection_dim=96),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=160, intermediate_size=320, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _example(rng: random.Random):
+    """One pretraining example: (image, prompt, answer)."""
+    scene = W.sample_scene(rng, "pre")
+    r = rng.random()
+    if r < 0.55:
+        return W.render(scene), W.DESCRIBE_PROMPT, W.pretraining_caption(scene, rng)
+    if r < 0.65:
+        return W.render(scene), W.CAREFUL_PROMPT, W.pretraining_caption(scene, rng)
+    if r < 0.8:
+        return W.render(scene), W.IMAGINE_PROMPT, W.imaginative_caption(scene, rng)
+    q, a = W.qa_pairs(scene, rng, 1)[0]
+    return W.render(scene), q, a
+
+
+class Collator:
+    """Model inputs with the loss on the answer tokens only (prompt and image tokens masked). Texts come from
+    the processor's chat template, rendered once per distinct prompt (the answers are spliced in)."""
+
+    SLOT = "ANSWERSLOT"
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._cache: dict[str, tuple[str, int]] = {}
+
+    def _template(self, prompt: str, image) -> tuple[str, int]:
+        if prompt not in self._cache:
+            from trl.data_utils import prepare_multimodal_messages
+
+            p = self.processor
+            user = prepare_multimodal_messages([{"role": "user", "content": prompt}], images=[image])
+            full = prepare_multimodal_messages([{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": self.SLOT}], images=[image])
+            user_text = p.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+            n_prompt = int(p(text=[user_text], images=[[image]], add_special_tokens=False,
+                             return_tensors="pt")["attention_mask"].sum())
+            self._cache[prompt] = (p.apply_chat_template(full, tokenize=False), n_prompt)
+        return self._cache[prompt]
+
+    def __call__(self, examples):
+        texts, images, prompt_lens = [], [], []
+        for image, prompt, answer in examples:
+            template, n = self._template(prompt, image)
+            texts.append(template.replace(self.SLOT, answer))
+            images.append([image])
+            prompt_lens.append(n)
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt",
+                               add_special_tokens=False)
+        labels = batch["input_ids"].clone()
+        for i, n in enumerate(prompt_lens):
+            labels[i, :n] = -100
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
+
+
+def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+             log_every: int = 100) -> Path:
+    from tqdm.auto import tqdm
+
+    processor = build_processor()
+    model = build_model(processor, seed)
+    collate = Collator(processor)
+    rng = random.Random(10_000 + seed)  # pretraining scenes never overlap the held-out seeds
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+
+    def lr_at(step):  # warmup, then cosine down to a tenth: the checkpoint ends annealed
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    model.train()
+    started, losses = time.time(), []
+    bar = tqdm(range(steps), desc="pretrain", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = collate([_example(rng) for _ in range(batch_size)])
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0:
+            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / log_every:.3f}")
+    model.eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "pretrain.json").write_text(
+        '{"steps": %d, "batch_size": %d, "lr": %g, "seed": %d, "seconds": %.1f, "final_loss": %.4f}\n'
+        % (steps, batch_size, lr, seed, time.time() - started, sum(losses[-50:]) / max(1, len(losses[-50:]))))
+    return out

@@ -1,0 +1,92 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from stic.shapes import judge as J
+from stic.shapes import world as W
+
+
+def scene(*objs):
+    return W.Scene("s", [W.Obj(n, size, cell) for n, size, cell in objs], (30, 30, 30))
+
+
+def test_judge_parses_and_scores_hand_made_descriptions():
+    s = scene(("red circle", "large", 0), ("blue square", "small", 4))
+    exact = J.score_description("a large red circle at the top left, a small blue square at the center.", s)
+    assert exact == {"claims": 2, "hallucinated": 0, "hallucinated_names": [], "mentioned": 2, "objects": 2,
+                     "size_right": 2, "matched": 2, "position_right": 2}
+    # a hallucinated companion, a wrong size and a wrong position, with the tokenizer's spacing
+    text = "a small red circle at the top , a small blue square at the center , a large green triangle at the right ."
+    got = J.score_description(text, s)
+    assert got["claims"] == 3 and got["hallucinated"] == 1 and got["hallucinated_names"] == ["green triangle"]
+    assert got["size_right"] == 1 and got["position_right"] == 1 and got["mentioned"] == 2
+    # a colour-shape pair that is no object type counts as hallucinated
+    assert J.score_description("a large orange circle at the top left.", s)["hallucinated"] == 1
+    assert J.parse_claims("an empty scene.") == []
+    agg = J.aggregate([exact, got])
+    assert agg["hallucination_rate"] == pytest.approx(1 / 5) and agg["object_precision"] == pytest.approx(4 / 5)
+    assert agg["chair_s"] == 0.5 and agg["recall"] == 1.0
+    assert agg["size_accuracy"] == pytest.approx(3 / 4) and agg["position_precision"] == pytest.approx(3 / 5)
+
+
+def test_qa_scoring_exact_and_pope_style():
+    items = [{"id": "a", "answer": "two", "kind": "other"}, {"id": "b", "answer": "yes", "kind": "presence"},
+             {"id": "c", "answer": "no", "kind": "presence"}, {"id": "d", "answer": "top left", "kind": "other"}]
+    out, per = J.score_qa(items, {"a": "two", "b": "Yes.", "c": "yes", "d": "top  left"})
+    assert per == {"a": True, "b": True, "c": False, "d": True}
+    assert out["accuracy"] == 0.75 and out["presence"]["yes_ratio"] == 1.0 and out["presence"]["precision"] == 0.5
+
+
+def test_world_has_the_biases_it_is_built_for():
+    rng = random.Random(0)
+    scenes = [W.sample_scene(rng, f"s{i}") for i in range(3000)]
+    for s in scenes[:50]:
+        assert 1 <= len(s.objects) <= 3 and len({o.cell for o in s.objects}) == len(s.objects)
+    # companions co-occur far above chance
+    with_red = [s for s in scenes if any(o.name == "red circle" for o in s.objects)]
+    both = [s for s in with_red if any(o.name == "blue square" for o in s.objects)]
+    assert len(both) / len(with_red) > 0.6
+    assert any(o.faint for s in scenes for o in s.objects)
+    # noisy captions name an absent companion about 20% of the time it could
+    rng2 = random.Random(1)
+    lonely = [s for s in scenes if len(s.objects) < 3 and any(o.name in W.PARTNER and W.PARTNER[o.name] not in
+                                                              {x.name for x in s.objects} for o in s.objects)]
+    rate = np.mean([J.score_description(W.pretraining_caption(s, rng2), s)["hallucinated"] > 0 for s in lonely])
+    assert 0.12 < rate < 0.3
+    # imaginative captions always invent, and never drop a real object
+    s = scenes[0]
+    cap = W.imaginative_caption(s, random.Random(2))
+    sc = J.score_description(cap, s)
+    assert sc["hallucinated"] >= 1 and sc["mentioned"] == len(s.objects)
+
+
+def test_render_and_split_files(tmp_path):
+    s = scene(("red circle", "large", 0), ("blue square", "small", 8))
+    img = np.asarray(W.render(s))
+    assert img.shape == (48, 48, 3)
+    assert tuple(img[8, 8]) == W.COLORS["red"] and tuple(img[24, 24]) == (30, 30, 30)
+    out = W.make_split(tmp_path / "d", 5, seed=3, prefix="t")
+    scenes = [json.loads(l) for l in (out / "scenes.jsonl").read_text().splitlines()]
+    assert len(scenes) == 5 and (out / "images" / "t000000.png").exists()
+    llava = json.loads((out / "instructions.json").read_text())
+    assert llava[0]["conversations"][0]["value"].startswith("<image>\n")
+    again = W.make_split(tmp_path / "e", 5, seed=3, prefix="t")
+    assert (again / "scenes.jsonl").read_text() == (out / "scenes.jsonl").read_text()  # seeded
+
+
+def test_toy_vlm_processor_and_collator():
+    from stic.shapes.model import Collator, build_model, build_processor
+
+    p = build_processor()
+    ids = p.tokenizer("a large red circle at the top left.")["input_ids"]
+    assert p.tokenizer.unk_token_id not in ids
+    model = build_model(p)
+    assert 0.5e6 < sum(x.numel() for x in model.parameters()) < 2e6
+    s = scene(("red circle", "large", 0))
+    batch = Collator(p)([(W.render(s), W.DESCRIBE_PROMPT, "a large red circle at the top left."),
+                         (W.render(s), "How many objects are there?", "one")])
+    trained = [p.tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100]) for i in range(2)]
+    assert trained == ["a large red circle at the top left. </s>", "one </s>"]
+    assert float(model(**batch).loss) > 0
