@@ -90,3 +90,26 @@ def test_toy_vlm_processor_and_collator():
     trained = [p.tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100]) for i in range(2)]
     assert trained == ["a large red circle at the top left. </s>", "one </s>"]
     assert float(model(**batch).loss) > 0
+
+
+def test_committed_base_checkpoint_describes_held_out_scenes(tmp_path):
+    """The committed toy VLM sees: on fresh scenes its greedy descriptions are scored by the exact judge."""
+    from pathlib import Path
+
+    from stic.config import ModelConfig
+    from stic.generation import BatchGenerator, Request, SamplingConfig
+    from stic.models import load_model, load_processor
+
+    path = Path(__file__).resolve().parent.parent / "models" / "shapesworld-base"
+    cfg = ModelConfig(name_or_path=str(path), dtype="float32")
+    engine = BatchGenerator(load_model(cfg), load_processor(cfg), batch_size=32)
+    rng = random.Random(424242)
+    scenes = [W.sample_scene(rng, f"t{i}") for i in range(64)]
+    outs = engine.generate([Request(W.render(s), W.DESCRIBE_PROMPT) for s in scenes], SamplingConfig(max_new_tokens=48))
+    agg = J.aggregate([J.score_description(o.text, s) for o, s in zip(outs, scenes)])
+    assert agg["object_precision"] > 0.9 and agg["recall"] > 0.9 and agg["position_precision"] > 0.9
+    # and it follows the imaginative instruction by inventing objects
+    imag = engine.generate([Request(W.render(s), W.IMAGINE_PROMPT) for s in scenes[:32]],
+                           SamplingConfig(max_new_tokens=48))
+    invented = J.aggregate([J.score_description(o.text, s) for o, s in zip(imag, scenes[:32])])
+    assert invented["hallucination_rate"] > 0.2
