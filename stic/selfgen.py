@@ -50,6 +50,12 @@ class SelfGenConfig:
     group_by_length: bool = True
     images_per_part: int = 64  # images per parquet part: the unit of work lost to a kill
     drop_truncated_chosen: bool = False  # also drop pairs whose chosen answer hit max_new_tokens
+    # Self-consistency (label-free): sample this many preferred answers with `consistency_sampling` and keep
+    # the one that agrees most with the others; 1 keeps the single answer from `chosen_sampling`.
+    consistency_samples: int = 1
+    consistency_sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(do_sample=True, temperature=0.7))
+    min_agreement: float | None = None  # drop images whose best agreement is lower (0..1)
     preview_pairs: int = 12  # pairs shown in preview.html
 
     def __post_init__(self):
@@ -57,8 +63,10 @@ class SelfGenConfig:
             raise ValueError(f"hallucination_prob must lie in [0, 1], got {self.hallucination_prob}")
         if self.hallucination_prob < 1.0 and not self.corruptions:
             raise ValueError("corruptions is empty but hallucination_prob < 1 needs at least one")
-        if self.batch_size < 1 or self.images_per_part < 1:
-            raise ValueError("batch_size and images_per_part must be at least 1")
+        if self.batch_size < 1 or self.images_per_part < 1 or self.consistency_samples < 1:
+            raise ValueError("batch_size, images_per_part and consistency_samples must be at least 1")
+        if self.min_agreement is not None and self.consistency_samples < 2:
+            raise ValueError("min_agreement needs consistency_samples of 2 or more")
 
 
 
@@ -136,11 +144,13 @@ def features():
         "seed": datasets.Value("int64"), "model": text, "generation": text,
         # the field names of STIC's released preference records, for tools written against them
         "image_corruption": datasets.Value("bool"), "hallu_prompt": text,
+        "chosen_agreement": datasets.Value("float32"),  # self-consistency score, null when it is off
     })
 
 
 def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_record: dict | None,
-             prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str) -> dict:
+             prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str,
+             agreement: float | None = None) -> dict:
     return {
         ID_COLUMN: plan.image_id,
         "prompt": [{"role": "user", "content": plan.caption_prompt}],
@@ -158,7 +168,32 @@ def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_rec
         "seed": cfg.seed, "model": model_name, "generation": generation,
         "image_corruption": plan.branch == "corruption",
         "hallu_prompt": plan.hallucination_prompt or "",
+        "chosen_agreement": agreement,
     }
+
+
+def _ngrams(text: str) -> set:
+    words = text.lower().replace(",", " , ").replace(".", " . ").split()
+    return set(words) | {tuple(words[i:i + 2]) for i in range(len(words) - 1)}
+
+
+def agreement(a: str, b: str) -> float:
+    """Overlap of words and word pairs (F1), a label-free similarity of two descriptions."""
+    x, y = _ngrams(a), _ngrams(b)
+    if not x or not y:
+        return 0.0
+    common = len(x & y)
+    return 2 * common / (len(x) + len(y))
+
+
+def most_consistent(candidates: list[Output]) -> tuple[Output, float]:
+    """The candidate with the highest mean agreement with the others, and that mean."""
+    if len(candidates) == 1:
+        return candidates[0], 1.0
+    scores = [sum(agreement(c.text, o.text) for j, o in enumerate(candidates) if j != i) / (len(candidates) - 1)
+              for i, c in enumerate(candidates)]
+    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+    return candidates[best], scores[best]
 
 
 def drop_reason(chosen: Output, rejected: Output, cfg: SelfGenConfig) -> str | None:
@@ -196,8 +231,9 @@ class PairGenerator:
         self.gen, self.cfg, self.prompts, self.model_name = generator, cfg, prompts, model_name
         self.corruption_specs = _corruption_specs(cfg.corruptions)
         self._make_corruption = make_corruption
-        self.generation = json.dumps({"chosen": to_dict(cfg.chosen_sampling),
-                                      "rejected": to_dict(cfg.rejected_sampling)}, sort_keys=True)
+        chosen = (to_dict(cfg.chosen_sampling) if cfg.consistency_samples == 1 else
+                  {**to_dict(cfg.consistency_sampling), "self_consistency_samples": cfg.consistency_samples})
+        self.generation = json.dumps({"chosen": chosen, "rejected": to_dict(cfg.rejected_sampling)}, sort_keys=True)
 
     def plan(self, image_id: str) -> Plan:
         return plan_image(image_id, self.cfg, self.prompts, self.corruption_specs)
@@ -215,16 +251,27 @@ class PairGenerator:
         chosen_req = [Request(image, self.prompts.good) for _, image in items]
         rejected = [self.rejected_request(plan, image) for plan, (_, image) in zip(plans, items)]
         seed = stable_seed(self.cfg.seed, items[0][0])
-        chosen_out = self.gen.generate(chosen_req, self.cfg.chosen_sampling, seed, on_batch)
+        k = self.cfg.consistency_samples
+        if k == 1:
+            chosen_out = self.gen.generate(chosen_req, self.cfg.chosen_sampling, seed, on_batch)
+            agreements = [None] * len(items)
+        else:  # k samples per image, the most consistent one kept
+            samples = self.gen.generate([r for r in chosen_req for _ in range(k)], self.cfg.consistency_sampling,
+                                        seed + 2, on_batch)
+            picked = [most_consistent(samples[i * k:(i + 1) * k]) for i in range(len(items))]
+            chosen_out, agreements = [c for c, _ in picked], [a for _, a in picked]
         rejected_out = self.gen.generate([r for r, _ in rejected], self.cfg.rejected_sampling, seed + 1, on_batch)
         rows, drops = [], []
-        for plan, (_, image), c, (_, record), r in zip(plans, items, chosen_out, rejected, rejected_out):
+        for plan, (_, image), c, (_, record), r, agree in zip(plans, items, chosen_out, rejected, rejected_out,
+                                                             agreements):
             reason = drop_reason(c, r, self.cfg)
+            if reason is None and self.cfg.min_agreement is not None and agree < self.cfg.min_agreement:
+                reason = "low_agreement"
             if reason:
                 drops.append({"id": plan.image_id, "status": "dropped", "reason": reason})
             else:
                 rows.append(make_row(plan, image, c, r, record, self.prompts, self.cfg, self.model_name,
-                                     self.generation))
+                                     self.generation, agree))
         return rows, drops
 
 

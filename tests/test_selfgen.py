@@ -253,3 +253,37 @@ def test_two_processes_give_the_same_ids_as_one(tmp_path, photo_dir):
     cols = ["rejected_branch", "caption_prompt", "corruption_params"]
     key = lambda ds: sorted(zip(ds[ID_COLUMN], *(ds[c] for c in cols)))
     assert key(load_rows(tmp_path / "one")) == key(load_rows(tmp_path / "two"))
+
+
+def test_self_consistency_keeps_the_most_agreed_description():
+    from stic.selfgen import agreement, most_consistent
+
+    outs = [Output("a red circle at the top left.", "eos", 7), Output("a red circle at the top.", "eos", 6),
+            Output("two green dogs in a park.", "eos", 6), Output("a red circle at the top left.", "eos", 7)]
+    best, score = most_consistent(outs)
+    assert best.text == "a red circle at the top left." and 0.5 < score < 1.0
+    assert agreement("a b", "a b") == 1.0 and agreement("a", "z") == 0.0
+    assert most_consistent(outs[:1]) == (outs[0], 1.0)
+
+
+def test_self_consistency_in_selfgen_with_an_agreement_floor():
+    class Scripted:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, requests, sampling, seed=0, on_batch=None):
+            self.calls.append((len(requests), sampling.do_sample))
+            if len(self.calls) == 1:  # 3 samples for each of 2 images: image 0 consistent, image 1 not
+                texts = ["red ball", "red ball", "red cube", "cat", "dog on grass", "blue sky"]
+            else:
+                texts = ["something else", "another thing"]
+            return [Output(t, "eos", 2) for t in texts]
+
+    cfg = SelfGenConfig(consistency_samples=3, min_agreement=0.5)
+    engine = Scripted()
+    rows, drops = PairGenerator(engine, cfg, PROMPTS, "m")([("i0", photo(0)), ("i1", photo(1))])
+    assert engine.calls[0] == (6, True)  # k sampled answers per image, in one batch call
+    assert [r["chosen"][0]["content"] for r in rows] == ["red ball"] and rows[0]["chosen_agreement"] > 0.5
+    assert drops == [{"id": "i1", "status": "dropped", "reason": "low_agreement"}]
+    with pytest.raises(ValueError, match="min_agreement"):
+        SelfGenConfig(min_agreement=0.3)
