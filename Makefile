@@ -12,7 +12,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo clean
+.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The STIC experiment in miniature on ShapesWorld (committed base checkpoint), ~15 CPU-minutes.
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo $(DEMO_ARGS)
+
+# The same with every ablation of the paper's Tables 2 and 3 in miniature (longer).
+demo-full: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo --ablations --out outputs/demo-full $(DEMO_ARGS)
 
 selfgen: $(STAMP)
 	$(BIN)/accelerate launch $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)
@@ -49,7 +58,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
-bench-selfgen: $(STAMP)
+bench-# The STIC experiment in miniature on ShapesWorld (committed base checkpoint), ~15 CPU-minutes.
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo $(DEMO_ARGS)
+
+# The same with every ablation of the paper's Tables 2 and 3 in miniature (longer).
+demo-full: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo --ablations --out outputs/demo-full $(DEMO_ARGS)
+
+selfgen: $(STAMP)
 	$(BIN)/python -m stic.bench_selfgen $(ARGS)
 
 bench-dpo: $(STAMP)

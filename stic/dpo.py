@@ -144,7 +144,9 @@ def load_preference_dataset(cfg: DPOStageConfig):
     else:
         raise DatasetError(f"dataset {source} does not exist")
 
-    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    # plain SFT on the preferred answers needs no rejected ones
+    required = REQUIRED_COLUMNS if cfg.mode == "dpo" else ("prompt", "chosen")
+    missing = [c for c in required if c not in ds.column_names]
     if missing:
         raise DatasetError(f"dataset {source} lacks column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                            f"(it has: {', '.join(ds.column_names)})")
@@ -154,7 +156,7 @@ def load_preference_dataset(cfg: DPOStageConfig):
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     if len(ds) == 0:
         raise DatasetError(f"dataset {source} is empty")
-    keep = [c for c in (*REQUIRED_COLUMNS, "images") if c in ds.column_names]
+    keep = [c for c in (*required, "images") if c in ds.column_names]
     ds = ds.select_columns(keep)
     if "images" in keep:
         _check_images(ds, source)
@@ -266,7 +268,8 @@ def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_c
     for key in ("loss_type", "loss_weights", "pad_to_multiple_of", "learning_rate"):
         shared.pop(key, None)
     sft_args = SFTConfig(**shared, learning_rate=cfg.learning_rate)
-    data = dataset.map(lambda r: {"completion": r["chosen"]}, remove_columns=["chosen", "rejected"])
+    data = dataset.map(lambda r: {"completion": r["chosen"]},
+                       remove_columns=[c for c in ("chosen", "rejected") if c in dataset.column_names])
     return SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=processor,
                       peft_config=peft_config)
 

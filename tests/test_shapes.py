@@ -24,7 +24,12 @@ def test_judge_parses_and_scores_hand_made_descriptions():
     assert got["size_right"] == 1 and got["position_right"] == 1 and got["mentioned"] == 2
     # a colour-shape pair that is no object type counts as hallucinated
     assert J.score_description("a large orange circle at the top left.", s)["hallucinated"] == 1
-    assert J.parse_claims("an empty scene.") == []
+    assert J.parse_claims("an empty scene.") == [] and J.parse_claims("a right") == []
+    # size and position may be missing; the object is still claimed (and judged)
+    bare = J.score_description("a red circle, a green triangle at the left.", s)
+    assert bare["claims"] == 2 and bare["hallucinated_names"] == ["green triangle"]
+    assert bare["size_right"] == 0 and bare["position_right"] == 0
+    assert J.parse_claims("a small blue square at the center") == [("blue square", "small", "center")]
     agg = J.aggregate([exact, got])
     assert agg["hallucination_rate"] == pytest.approx(1 / 5) and agg["object_precision"] == pytest.approx(4 / 5)
     assert agg["chair_s"] == 0.5 and agg["recall"] == 1.0
@@ -113,3 +118,21 @@ def test_committed_base_checkpoint_describes_held_out_scenes(tmp_path):
                            SamplingConfig(max_new_tokens=48))
     invented = J.aggregate([J.score_description(o.text, s) for o, s in zip(imag, scenes[:32])])
     assert invented["hallucination_rate"] > 0.2
+
+
+def test_demo_plumbing_end_to_end(tmp_path):
+    """A CI-sized demo: every stage, control and evaluation runs and the report files appear."""
+    from stic.shapes.demo import run_demo
+
+    results = run_demo([0], n_train=24, n_heldout=30, out=tmp_path / "demo")
+    assert {"base", "STIC stage 1", "control: SFT on chosen", "control: continued pretraining",
+            "STIC stage 2", "STIC stage 2 + DaR"} <= set(results)
+    for name in ("base", "STIC stage 1", "control: continued pretraining"):
+        m = results[name][0]["shapes_describe"]
+        assert 0.0 <= m["hallucination_rate"] <= 1.0 and m["descriptions"] == 30
+    assert results["STIC stage 2 + DaR"][0]["shapes_qa"]["count"] == 60
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert "| STIC stage 1 |" in table and "relative to the base" in table
+    assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
+    page = (tmp_path / "demo" / "scenes.html").read_text()
+    assert page.count("<tr>") == 25 and "data:image/png;base64," in page

@@ -7,6 +7,7 @@ Per description, each claim "a <size> <color> <shape> at the <position>" is matc
   recall             present types mentioned / present objects
   size accuracy      claims of a present type with the right size / claims of a present type
   position-aware precision   claims of a present type at its true position / claims
+A claim without a size or position counts as wrong on that attribute.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from __future__ import annotations
 import re
 
 from stic.metrics import pope_scores
-from stic.shapes.world import POSITIONS, Scene
+from stic.shapes.world import COLORS, POSITIONS, TYPES, Scene
 
 _POS = "|".join(sorted(POSITIONS, key=len, reverse=True))
-CLAIM = re.compile(rf"\b(small|large)\s+([a-z]+)\s+([a-z]+)\s+at\s+the\s+({_POS})\b")
+_COLOR = "|".join(COLORS)
+_SHAPE = "|".join(sorted({s for _, s in TYPES}))
+# size and position are optional: "a red circle" is still a claim that a red circle is there
+CLAIM = re.compile(rf"\b(?:(small|large)\s+)?({_COLOR})\s+({_SHAPE})\b(?:\s+at\s+the\s+({_POS})\b)?")
 
 
-def parse_claims(text: str) -> list[tuple[str, str, str]]:
-    """[(name, size, position)] in order of mention."""
+def parse_claims(text: str) -> list[tuple[str, str | None, str | None]]:
+    """[(name, size or None, position or None)] in order of mention."""
     text = " ".join(text.lower().replace(",", " , ").replace(".", " . ").split())
-    return [(f"{c} {s}", size, pos) for size, c, s, pos in CLAIM.findall(text)]
+    return [(f"{c} {s}", size or None, pos or None) for size, c, s, pos in CLAIM.findall(text)]
 
 
 def score_description(text: str, scene: Scene) -> dict:

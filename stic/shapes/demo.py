@@ -1,0 +1,251 @@
+"""`make demo`: the STIC experiment in miniature on ShapesWorld, through the real stages.
+
+For each seed: fresh unlabeled training scenes → selfgen → dpo (STIC stage 1), the controls (SFT on the
+chosen answers only; continued pretraining with the same steps and schedule), then stage 2 (infuse-sft) and
+QA with and without DaR. With --ablations also: hallucination-prompt negatives only, corruption negatives
+only, alpha = 0, self-consistency, and twice the unlabeled images. Every model is judged on the same held-out scenes. The results are written as a
+table (mean ± standard deviation over seeds), a bar chart, and an HTML page of scenes with the base and
+STIC descriptions and the judge's marks.
+
+    python -m stic.shapes.demo [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out outputs/demo] [--ablations]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from stic.config import load_recipe_dict
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld.yaml"
+METRICS = ["hallucination_rate", "chair_s", "recall", "size_accuracy", "position_precision"]
+
+
+def _recipe(overrides: list[str]) -> dict:
+    return load_recipe_dict(RECIPE, overrides)
+
+
+def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int) -> Path:
+    """Pretraining-style data on the training scenes (noisy captions under the normal prompt) as prompt/chosen
+    rows, for the annealing control: the same trainer, number of steps (max_steps = stage 1's) and schedule as
+    stage 1, no preferences."""
+    import datasets
+
+    from stic.shapes import world as W
+
+    rng = random.Random(seed)
+    rows = []
+    for line in (train_dir / "scenes.jsonl").read_text().splitlines():
+        scene = W.Scene.from_json(json.loads(line))
+        rows.append({"prompt": [{"role": "user", "content": W.DESCRIBE_PROMPT}],
+                     "chosen": [{"role": "assistant", "content": W.pretraining_caption(scene, rng)}],
+                     "images": [str(train_dir / "images" / f"{scene.id}.png")]})
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    ds = datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
+    ds.to_parquet(str(out_dir / "data" / "train-0.parquet"))
+    return out_dir
+
+
+def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False) -> dict:
+    from stic import dpo, evaluate, infuse, selfgen
+    from stic.shapes import world as W
+
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    heldout_root = out / "data" / "eval"
+    if not (heldout_root / "shapesworld" / "scenes.jsonl").exists():
+        W.make_split(heldout_root / "shapesworld", n_heldout, seed=1_000_003, prefix="test")
+    ev = [f"eval.data_root={heldout_root}", f"eval.output_dir={out / 'eval'}"]
+
+    def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False) -> dict:
+        """Judge one model on the held-out scenes (a finished evaluation is reused when the demo is rerun)."""
+        target = out / "eval" / name
+        if not (target / "summary.json").exists():
+            summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev)), model, dar, list(benchmarks))
+            shutil.rmtree(target, ignore_errors=True)
+            (out / "eval" / summary["run"]).rename(target)
+        return {b: json.loads((target / b / "scores.json").read_text())["metrics"] for b in benchmarks}
+
+    def train_once(run: Path, overrides: list[str]) -> None:
+        """A finished training run is kept when the demo is rerun, so a killed demo resumes."""
+        if not (run / "run_summary.json").exists():
+            dpo.run_dpo(dpo.parse_recipe(_recipe(overrides)))
+
+    results: dict[str, list[dict]] = {}
+    base_dir = str(Path(_recipe([])["model"]["name_or_path"]).resolve())
+    results["base"] = [evaluate_model(base_dir, "base", ("shapes_describe", "shapes_qa"))]
+    results["base + DaR"] = [evaluate_model(base_dir, "base+dar", ("shapes_qa",), dar=True)]
+    for seed in seeds:
+        s = out / f"seed{seed}"
+        train = s / "data" / "train"
+        if not (train / "scenes.jsonl").exists():
+            W.make_split(train, n_train, seed=seed, prefix=f"s{seed}-")
+        common = [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
+                  "dpo.report_to=[]", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
+
+        def stage1(tag: str, extra: list[str], dataset_from: str | None = None) -> dict:
+            gen_dir = s / f"selfgen-{dataset_from or tag}"
+            if dataset_from is None:
+                selfgen.run_selfgen(selfgen.parse_recipe(_recipe(common + [f"selfgen.output_dir={gen_dir}"] + extra)))
+            run = s / f"dpo-{tag}"
+            train_once(run, common + [f"dpo.dataset={gen_dir}", f"dpo.output_dir={run}"]
+                       + [e for e in extra if e.startswith("dpo.")])
+            return evaluate_model(str(run), f"s{seed}-{tag}")
+
+        results.setdefault("STIC stage 1", []).append(stage1("stic", []))
+        results.setdefault("control: SFT on chosen", []).append(stage1("sftpos", ["dpo.mode=sft_positive"], "stic"))
+        cont = _continued_pretraining_set(train, s / "contpre-data", seed)
+        run = s / "dpo-contpre"
+        steps = json.loads((s / "dpo-stic" / "run_summary.json").read_text())["global_step"]
+        train_once(run, common + [f"dpo.dataset={cont}", f"dpo.output_dir={run}", "dpo.mode=sft_positive",
+                                  f"dpo.max_steps={steps}"])
+        results.setdefault("control: continued pretraining", []).append(evaluate_model(str(run), f"s{seed}-contpre"))
+        if ablations:
+            results.setdefault("ablation: hallucination negatives only", []).append(
+                stage1("hallu", ["selfgen.hallucination_prob=1.0"]))
+            results.setdefault("ablation: corruption negatives only", []).append(
+                stage1("corrupt", ["selfgen.hallucination_prob=0.0"]))
+            results.setdefault("ablation: alpha = 0", []).append(stage1("alpha0", ["dpo.sft_weight=0.0"], "stic"))
+            results.setdefault("ablation: self-consistency k=4", []).append(
+                stage1("consistency", ["selfgen.consistency_samples=4"]))
+            train2 = s / "data" / "train2x"  # a scaling point: twice the unlabeled images
+            if not (train2 / "scenes.jsonl").exists():
+                W.make_split(train2, 2 * n_train, seed=seed + 500, prefix=f"s{seed}x-")
+            results.setdefault("ablation: 2x images", []).append(
+                stage1("2x", [f"selfgen.images.path={train2 / 'images'}"]))
+        # stage 2 on the STIC stage-1 adapter, QA with and without DaR
+        s2 = s / "infuse"
+        if not (s2 / "run_summary.json").exists():
+            infuse.run_infuse_sft(infuse.parse_recipe(_recipe(common + [
+                f"infuse_sft.data.path={train / 'instructions.json'}", f"infuse_sft.data.image_folder={train}",
+                f"infuse_sft.stage1_adapter={s / 'dpo-stic'}", f"infuse_sft.output_dir={s2}",
+                f"infuse_sft.subset.size={min(500, n_train)}", f"infuse_sft.subset.seed={seed}"])))
+        results.setdefault("STIC stage 2", []).append(evaluate_model(str(s2), f"s{seed}-stage2", ("shapes_qa",)))
+        results.setdefault("STIC stage 2 + DaR", []).append(
+            evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))
+
+    table = summarize(results, seeds)
+    (out / "results.json").write_text(json.dumps({"seeds": seeds, "train_scenes": n_train,
+                                                  "heldout_scenes": n_heldout, "results": results,
+                                                  "seconds": round(time.time() - started, 1)}, indent=1) + "\n")
+    (out / "results.md").write_text(table)
+    plot(results, out / "results.png")
+    write_page(out, seeds[0])
+    print(table)
+    print(f"demo: {time.time() - started:.0f}s; results in {out}/results.md, results.png, scenes.html")
+    return results
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.mean(values)
+    return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
+
+
+def summarize(results: dict[str, list[dict]], seeds: list[int]) -> str:
+    head = ("| model | hallucination rate % | CHAIR_s % | recall % | size acc % | position-aware precision % | "
+            "QA acc % | presence F1 % |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    base_rate = statistics.mean(r["shapes_describe"]["hallucination_rate"] for r in results["base"])
+    for name, runs in results.items():
+        desc = [r["shapes_describe"] for r in runs if "shapes_describe" in r]
+        qa = [r["shapes_qa"] for r in runs if "shapes_qa" in r]
+        cells = [_fmt([d[m] for d in desc]) for m in METRICS]
+        cells += [_fmt([q["accuracy"] for q in qa]), _fmt([q["presence"]["f1"] for q in qa if "presence" in q])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rel = [(1 - r["shapes_describe"]["hallucination_rate"] / base_rate) * 100 if base_rate else 0.0
+           for r in results.get("STIC stage 1", [])]
+    foot = (f"\nSeeds {seeds}; mean ± standard deviation over seeds. STIC stage 1 changes the hallucination rate by "
+            f"{-statistics.mean(rel):+.1f}% relative to the base (per seed: {', '.join(f'{-x:+.1f}%' for x in rel)}).\n"
+            if rel else "\n")
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, runs in results.items() if any("shapes_describe" in r for r in runs)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ["hallucination_rate", "recall", "position_precision"]):
+        vals = [[100 * r["shapes_describe"][metric] for r in results[n] if "shapes_describe" in r] for n in names]
+        ax.bar(range(len(names)), [statistics.mean(v) for v in vals],
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(metric.replace("_", " ") + " (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_page(out: Path, seed: int, n: int = 24) -> None:
+    """scenes.html: held-out scenes with the base and STIC descriptions, hallucinated claims marked."""
+    from PIL import Image
+
+    from stic.shapes import judge as J
+    from stic.shapes import world as W
+
+    def preds(run):
+        path = out / "eval" / run / "shapes_describe" / "predictions.jsonl"
+        return {p["question_id"]: p["text"] for p in map(json.loads, path.read_text().splitlines())}
+
+    base, stic = preds("base"), preds(f"s{seed}-stic")
+    scenes = [W.Scene.from_json(json.loads(l)) for l in
+              (out / "data" / "eval" / "shapesworld" / "scenes.jsonl").read_text().splitlines()]
+    # scenes where the two differ first, then the rest
+    scenes.sort(key=lambda sc: base[sc.id] == stic[sc.id])
+
+    def mark(text, scene):
+        truth = {o.name: o for o in scene.objects}
+        parts = []
+        for chunk in text.split(","):
+            claims = J.parse_claims(chunk)
+            bad = claims and claims[0][0] not in truth
+            off = claims and not bad and truth[claims[0][0]].position != claims[0][2]
+            style = "bad" if bad else ("off" if off else "ok")
+            parts.append(f"<span class={style}>{html.escape(chunk.strip())}</span>")
+        return ", ".join(parts)
+
+    cards = []
+    for sc in scenes[:n]:
+        buf = io.BytesIO()
+        Image.open(out / "data" / "eval" / "shapesworld" / "images" / f"{sc.id}.png").resize((144, 144), 0).save(
+            buf, format="PNG")
+        img = base64.b64encode(buf.getvalue()).decode()
+        cards.append(f"<tr><td><img src='data:image/png;base64,{img}'></td><td>{html.escape(W.describe(sc.objects))}"
+                     f"</td><td>{mark(base[sc.id], sc)}</td><td>{mark(stic[sc.id], sc)}</td></tr>")
+    style = ("body{font-family:sans-serif;margin:20px}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
+             ".bad{background:#fbb}.off{background:#fe9}.ok{background:#dfd}img{image-rendering:pixelated}")
+    (out / "scenes.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>ShapesWorld: base vs STIC</title><style>{style}</style>"
+        "<h1>ShapesWorld held-out scenes: base vs STIC stage 1</h1><p>Red: hallucinated object; yellow: right "
+        "object, wrong position; green: correct.</p><table><tr><th>scene</th><th>ground truth</th><th>base</th>"
+        f"<th>STIC (seed {seed})</th></tr>{''.join(cards)}</table>")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--heldout", type=int, default=3000)
+    ap.add_argument("--out", default="outputs/demo")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also the ablations: negatives by kind, alpha = 0, self-consistency, 2x images")
+    args = ap.parse_args(argv)
+    run_demo(args.seeds, args.train, args.heldout, Path(args.out), ablations=args.ablations)
+
+
+if __name__ == "__main__":
+    main()
