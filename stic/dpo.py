@@ -327,7 +327,7 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.lines:  # SFT-only runs have no log-prob curves
             ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

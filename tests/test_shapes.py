@@ -134,5 +134,6 @@ def test_demo_plumbing_end_to_end(tmp_path):
     table = (tmp_path / "demo" / "results.md").read_text()
     assert "| STIC stage 1 |" in table and "relative to the base" in table
     assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "training_curves_stage1.png").exists()
     page = (tmp_path / "demo" / "scenes.html").read_text()
     assert page.count("<tr>") == 25 and "data:image/png;base64," in page

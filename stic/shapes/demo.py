@@ -89,7 +89,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         if not (train / "scenes.jsonl").exists():
             W.make_split(train, n_train, seed=seed, prefix=f"s{seed}-")
         common = [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
-                  "dpo.report_to=[]", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
+                  "dpo.report_to=[]", "dpo.logging_steps=1", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
 
         def stage1(tag: str, extra: list[str], dataset_from: str | None = None) -> dict:
             gen_dir = s / f"selfgen-{dataset_from or tag}"
@@ -139,8 +139,12 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     (out / "results.md").write_text(table)
     plot(results, out / "results.png")
     write_page(out, seeds[0])
+    curves = out / f"seed{seeds[0]}" / "dpo-stic" / "training_curves.png"
+    if curves.exists():  # stage 1's loss, margin, accuracy and log-probs over steps
+        shutil.copy(curves, out / "training_curves_stage1.png")
     print(table)
-    print(f"demo: {time.time() - started:.0f}s; results in {out}/results.md, results.png, scenes.html")
+    print(f"demo: {time.time() - started:.0f}s; results in {out}/results.md, results.png, scenes.html, "
+          "training_curves_stage1.png")
     return results
 
 
