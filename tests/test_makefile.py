@@ -1,0 +1,18 @@
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("demo", "-m stic.shapes.demo"), ("selfgen", "-m stic selfgen --recipe recipes/default.yaml"),
+    ("dpo", "-m stic dpo"), ("infuse-sft", "-m stic infuse-sft"), ("eval", "eval/run.py --recipe"),
+    ("test", "-m pytest"), ("bench-selfgen", "-m stic.bench_selfgen"), ("bench-dpo", "-m stic.bench_dpo"),
+])
+def test_make_targets_run_their_stage(target, expected):
+    out = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "overriding" not in out.stderr and expected in out.stdout.strip().splitlines()[-1]
