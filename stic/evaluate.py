@@ -95,7 +95,7 @@ def prediction_features():
 def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str], name: str, out_dir: Path,
                      dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
     """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
-    from stic.images import decode_image
+    from stic.images import ImageRef, decode_image
     from stic.infuse import describe_and_respond
     from stic.store import ShardedOutput, run_sharded
 
@@ -132,8 +132,6 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
             return rows, []
 
         return worker
-
-    from stic.images import ImageRef
 
     refs = [ImageRef(id=it.id) for it in items]
     run_config = {"stage": "eval", "benchmark": name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -296,8 +297,8 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
             "stage1_adapter": cfg.stage1_adapter,
             "adapter_mode": cfg.adapter_mode,
             "data": {"source": cfg.data.path, "usable_records": len(records), "skipped_records": len(skipped),
-                     "skipped_by_reason": _count("missing image file" if s["reason"].startswith("missing image")
-                                                 else s["reason"] for s in skipped)},
+                     "skipped_by_reason": dict(Counter("missing image file" if s["reason"].startswith("missing image")
+                                                       else s["reason"] for s in skipped))},
             "subset": {**to_dict(cfg.subset), "composition": composition(subset)},
             "descriptions": {"images": len({r["image"] for r in subset if r["image"]}),
                              "records_without_description": undescribed},
@@ -317,13 +318,6 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
         print(f"infuse-sft: {len(train_set)} records, {trainer.state.global_step} steps; saved to {out}")
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 def _plot_loss(history, path: Path) -> Path:
