@@ -43,6 +43,9 @@ class ModelConfig:
     device_map: str | None = None
     load_in_4bit: bool = False
     trust_remote_code: bool = False
+    # dtype of a model run with trained adapters merged (eval, DaR, stage-2 descriptions). auto: `dtype` when
+    # it keeps >= 99% of the adapters' update, else float32 (stage 1's lr-1e-7 update mostly vanishes in bf16)
+    merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------------

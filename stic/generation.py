@@ -45,6 +45,9 @@ class SamplingConfig:
 class Request:
     image: Image.Image | None
     prompt: str
+    # seeds this request's own sampling stream (selfgen: from seed and image id), so what is sampled for it does
+    # not depend on which other requests share its batch; None: from the call's seed and the request's position
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -64,6 +67,34 @@ def conversation(prompt: str, image: Image.Image | None) -> list[dict]:
 def stable_seed(*parts: object) -> int:
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+class RowSampler:
+    """Samples each row of a batch from its own generator (temperature, top-k, top-p as HF applies them).
+
+    Runs as the last logits processor of a greedy `generate`: it draws the token itself and leaves only that
+    token finite, so the argmax takes it. With one generator per request, a request's sample depends on its own
+    seed, not on the batch it happens to be in (a resume with another batch size gives the same pairs)."""
+
+    def __init__(self, seeds: list[int], sampling: SamplingConfig, device):
+        self.sampling = sampling
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        s = self.sampling
+        logits = scores.float() / s.temperature
+        if s.top_k:
+            kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if s.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cum - sorted_logits.softmax(-1) >= s.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        probs = logits.softmax(-1)
+        picked = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, picked[:, None], 0.0)
 
 
 class BatchGenerator:
@@ -111,8 +142,13 @@ class BatchGenerator:
             inputs = self.encode([requests[i] for i in idx]).to(device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            torch.manual_seed(stable_seed(seed, start))  # sampling depends on the seed and batch, not on history
-            out = self.model.generate(**inputs, **sampling.generate_kwargs(), pad_token_id=self.pad_id)
+            kwargs = sampling.generate_kwargs()
+            if sampling.do_sample:  # each request samples from its own stream (see RowSampler)
+                seeds = [requests[i].seed if requests[i].seed is not None else stable_seed(seed, i) for i in idx]
+                kwargs = SamplingConfig(max_new_tokens=sampling.max_new_tokens,
+                                        repetition_penalty=sampling.repetition_penalty).generate_kwargs()
+                kwargs["logits_processor"] = [RowSampler(seeds, sampling, device)]
+            out = self.model.generate(**inputs, **kwargs, pad_token_id=self.pad_id)
             new = out[:, inputs["input_ids"].shape[1]:].tolist()
             n_tokens = 0
             for i, ids in zip(idx, new):

@@ -118,14 +118,11 @@ def stage1_model_config(recipe: Recipe) -> ModelConfig:
 
 def load_stage1_for_inference(recipe: Recipe, device):
     """The model that writes the descriptions: base + stage-1 adapter merged in memory, or a merged folder."""
-    from stic.models import load_model, load_processor
+    from stic.models import load_adapted_model, load_processor
 
     mcfg = stage1_model_config(recipe)
-    model = load_model(mcfg, device)
-    if recipe.infuse_sft.stage1_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, recipe.infuse_sft.stage1_adapter).merge_and_unload().eval()
+    adapters = [recipe.infuse_sft.stage1_adapter] if recipe.infuse_sft.stage1_adapter else []
+    model, _ = load_adapted_model(mcfg, adapters, device)  # merged in fp32: the lr-1e-7 update survives
     return model, load_processor(mcfg)
 
 
@@ -228,12 +225,22 @@ def build_training_set(records, descriptions, template):
 
 
 def load_model_for_training(recipe: Recipe):
-    from stic.models import load_model
+    from peft import PeftModel
+
+    from stic.models import load_adapted_model, load_model
 
     cfg = recipe.infuse_sft
     mcfg = stage1_model_config(recipe)
     if mcfg.load_in_4bit and not torch.cuda.is_available():
         raise RuntimeError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+    if cfg.adapter_mode == "new" and cfg.stage1_adapter:
+        # a new adapter on top of the stage-1 model: fold stage 1 in first, in fp32 unless its update survives
+        # the model's dtype (merged into bf16 weights, an lr-1e-7 update rounds back to the base)
+        if mcfg.load_in_4bit:
+            raise RuntimeError("adapter_mode: new on a 4-bit model: merge stage 1 first (stic merge) and set "
+                               "infuse_sft.stage1_model to the merged folder")
+        model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter], "cpu")
+        return model, (lora_config(cfg, model) if cfg.use_peft else None)
     if mcfg.load_in_4bit:
         from accelerate import PartialState
 
@@ -241,13 +248,7 @@ def load_model_for_training(recipe: Recipe):
     else:
         model = load_model(mcfg, "cpu")  # the Trainer places it
     if cfg.adapter_mode == "continue":
-        from peft import PeftModel
-
         return PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True), None
-    if cfg.stage1_adapter:  # a new adapter on top of the stage-1 model: fold stage 1 in first
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, cfg.stage1_adapter).merge_and_unload()
     return model, (lora_config(cfg, model) if cfg.use_peft else None)
 
 
@@ -346,14 +347,10 @@ def _plot_loss(history, path: Path) -> Path:
 def load_for_dar(model_cfg: ModelConfig, adapters: list[str], device):
     """Base model with adapters merged in order: [stage-2] for a continued adapter, [stage-1, stage-2] for a
     new stage-2 adapter trained on the merged stage-1 model."""
-    from peft import PeftModel
+    from stic.models import load_adapted_model, load_processor
 
-    from stic.models import load_model, load_processor
-
-    model = load_model(model_cfg, device)
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.eval(), load_processor(model_cfg)
+    model, _ = load_adapted_model(model_cfg, adapters, device)
+    return model, load_processor(model_cfg)
 
 
 def default_dar_adapters(recipe: Recipe) -> list[str]:

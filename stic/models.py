@@ -116,3 +116,87 @@ def lora_config(cfg: LoraOptions, model):
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM",
     )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Trained adapters at inference: keep the update that low precision would erase
+#
+# Stage 1 trains at lr 1e-7; the LoRA weight change it leaves (rms ~1e-5) is below half a bf16 ulp of typical
+# 7B weights (~0.02), so merging it into bf16 weights rounds most of it back to the base. Adapters are therefore
+# merged in float32, and the merged model is cast to the run's dtype only when the update survives that cast.
+
+SURVIVAL_FLOOR = 0.99  # share of the update a dtype must keep before a merged model is stored or run in it
+
+
+def update_kept(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """(sum q*delta, sum delta^2) where q is what remains of `delta` once base + delta is stored in `dtype`.
+
+    Their ratio is the share of the update that survives: 1 when the cast keeps it, 0 when every element
+    rounds back to the base, between where it keeps part (the projection of what is left onto the update)."""
+    base32, delta32 = base.detach().float(), delta.detach().float()
+    kept = (base32 + delta32).to(dtype).float() - base32.to(dtype).float()
+    return float((kept * delta32).sum()), float((delta32 * delta32).sum())
+
+
+def adapter_survival(peft_model, dtype: torch.dtype) -> dict:
+    """How much of a PeftModel's (unmerged) update survives merging and storing in `dtype`.
+
+    Covers every LoRA layer (its delta weight) and every fully trained module (modules_to_save, e.g. the
+    projector: trained minus original weights)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    num = den = 0.0
+    layers = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module.get_base_layer(), "weight"):
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                n, d = update_kept(module.get_base_layer().weight, module.get_delta_weight(name), dtype)
+                num, den, layers = num + n, den + d, layers + 1
+        elif isinstance(module, ModulesToSaveWrapper):
+            original = dict(module.original_module.named_parameters())
+            for name in module.active_adapters:
+                if name not in module.modules_to_save:
+                    continue
+                for pname, p in module.modules_to_save[name].named_parameters():
+                    n, d = update_kept(original[pname], p - original[pname].to(p.dtype), dtype)
+                    num, den, layers = num + n, den + d, layers + 1
+    kept = num / den if den > 0 else 1.0
+    return {"dtype": str(dtype).removeprefix("torch."), "kept": round(kept, 4),
+            "update_rms_sq_sum": den, "tensors": layers}
+
+
+def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, list[dict]]:
+    """The model with trained adapters applied in order, for inference (eval, DaR, stage-2 descriptions).
+
+    Each adapter is merged into float32 weights. The result is cast to the run's dtype (`model.dtype`) only if
+    every adapter keeps at least 99% of its update there; otherwise it stays in float32 and a line says why.
+    `model.merged_dtype` forces a dtype. A 4-bit base keeps its adapters unmerged (merging into NF4 weights
+    would erase them). Returns (model, one survival report per adapter)."""
+    from peft import PeftModel
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if not adapters:
+        return load_model(cfg, device), []
+    if cfg.load_in_4bit:
+        if len(adapters) > 1:
+            raise RuntimeError("a 4-bit model takes one adapter at inference; merge stage 1 first (stic merge) "
+                               "and point the recipe's model at the merged folder")
+        print("note: 4-bit model: the adapter runs unmerged on the quantised weights")
+        return PeftModel.from_pretrained(load_model(cfg, device), adapters[0]).eval(), []
+    target = torch_dtype(cfg, device) if cfg.merged_dtype == "auto" else _DTYPES[cfg.merged_dtype]
+    model = load_model(dataclasses.replace(cfg, dtype="float32"), device)
+    reports = []
+    for adapter in adapters:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        reports.append({"adapter": adapter, **adapter_survival(peft_model, target)})
+        model = peft_model.merge_and_unload()
+    worst = min(r["kept"] for r in reports)
+    if cfg.merged_dtype == "auto" and worst < SURVIVAL_FLOOR:
+        print(f"note: {worst:.1%} of the adapter update would survive {reports[0]['dtype']}; "
+              "running the adapted model in float32 (set model.merged_dtype to choose)")
+    else:
+        model = model.to(target)
+    return model.eval(), reports

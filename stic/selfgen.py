@@ -248,19 +248,25 @@ class PairGenerator:
     def __call__(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
         """items: (image_id, clean PIL image). Returns (rows, drops)."""
         plans = [self.plan(image_id) for image_id, _ in items]
-        chosen_req = [Request(image, self.prompts.good) for _, image in items]
+        # every sampled answer draws from its own stream, seeded by (seed, image id, role): the pairs do not
+        # depend on batch size, sharding or where a resumed run restarted
+        seeds = {role: [stable_seed(self.cfg.seed, image_id, role) for image_id, _ in items]
+                 for role in ("chosen", "rejected")}
+        chosen_req = [Request(image, self.prompts.good, s) for (_, image), s in zip(items, seeds["chosen"])]
         rejected = [self.rejected_request(plan, image) for plan, (_, image) in zip(plans, items)]
-        seed = stable_seed(self.cfg.seed, items[0][0])
+        for (req, _), s in zip(rejected, seeds["rejected"]):
+            req.seed = s
         k = self.cfg.consistency_samples
         if k == 1:
-            chosen_out = self.gen.generate(chosen_req, self.cfg.chosen_sampling, seed, on_batch)
+            chosen_out = self.gen.generate(chosen_req, self.cfg.chosen_sampling, on_batch=on_batch)
             agreements = [None] * len(items)
         else:  # k samples per image, the most consistent one kept
-            samples = self.gen.generate([r for r in chosen_req for _ in range(k)], self.cfg.consistency_sampling,
-                                        seed + 2, on_batch)
+            samples = self.gen.generate([Request(r.image, r.prompt, stable_seed(r.seed, j))
+                                         for r in chosen_req for j in range(k)],
+                                        self.cfg.consistency_sampling, on_batch=on_batch)
             picked = [most_consistent(samples[i * k:(i + 1) * k]) for i in range(len(items))]
             chosen_out, agreements = [c for c, _ in picked], [a for _, a in picked]
-        rejected_out = self.gen.generate([r for r, _ in rejected], self.cfg.rejected_sampling, seed + 1, on_batch)
+        rejected_out = self.gen.generate([r for r, _ in rejected], self.cfg.rejected_sampling, on_batch=on_batch)
         rows, drops = [], []
         for plan, (_, image), c, (_, record), r, agree in zip(plans, items, chosen_out, rejected, rejected_out,
                                                              agreements):

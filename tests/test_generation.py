@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stic.config import ModelConfig
-from stic.generation import BatchGenerator, Request, SamplingConfig, stable_seed
+from stic.generation import BatchGenerator, Request, RowSampler, SamplingConfig, stable_seed
 from stic.models import load_model, load_processor
 from stic.tiny import FAMILIES
 from tests.conftest import photo
@@ -58,8 +58,10 @@ def test_finish_reason_eos_is_detected():
     eng = engine("llava", batch_size=2)
     reqs = requests()[:2]
     sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=2.0)
-    torch.manual_seed(stable_seed(0, 0))  # the engine's seed for its first batch
-    first = eng.model.generate(**eng.encode(reqs[:1]), **sampling.generate_kwargs(), pad_token_id=eng.pad_id)
+    # what the engine samples for its first request with seed 0 (greedy over the row sampler's draw)
+    first = eng.model.generate(**eng.encode(reqs[:1]), **SamplingConfig(max_new_tokens=8).generate_kwargs(),
+                               logits_processor=[RowSampler([stable_seed(0, 0)], sampling, "cpu")],
+                               pad_token_id=eng.pad_id)
     new = first[0, -8:].tolist()
     # make the first token that has not appeared before the end-of-sequence token
     k = next(i for i in range(1, 8) if new[i] not in new[:i])
@@ -77,3 +79,24 @@ def test_sampling_is_reproducible_for_a_seed():
     b = [o.text for o in eng.generate(requests(), s, seed=3)]
     c = [o.text for o in eng.generate(requests(), s, seed=4)]
     assert a == b and a != c
+
+
+def test_a_requests_sample_does_not_depend_on_its_batch():
+    """Each request samples from its own seeded stream: batch size, order and neighbours change nothing."""
+    reqs = [Request(r.image, r.prompt, seed=100 + i) for i, r in enumerate(requests())]
+    s = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50)
+    by4 = [o.text for o in engine("llava", batch_size=4).generate(reqs, s)]
+    by1 = [o.text for o in engine("llava", batch_size=1, group_by_length=False).generate(reqs, s)]
+    alone = engine("llava", batch_size=2).generate(reqs[3:1:-1], s)  # other neighbours, reversed
+    assert by4 == by1 and [o.text for o in alone] == [by4[3], by4[2]]
+    assert len(set(by4)) > 1
+
+
+def test_row_sampler_applies_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    draws = lambda **kw: {int(RowSampler([i], SamplingConfig(do_sample=True, **kw), "cpu")(None, logits).argmax())
+                          for i in range(200)}
+    assert draws(top_k=2) == {0, 1}
+    # probabilities at T=1: .64 .24 .09 .03 .01; top_p 0.8 keeps the first two, 0.9 the first three
+    assert draws(top_p=0.8) == {0, 1} and draws(top_p=0.9) == {0, 1, 2}
+    assert draws(temperature=5.0) == {0, 1, 2, 3, 4}

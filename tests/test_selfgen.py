@@ -287,3 +287,18 @@ def test_self_consistency_in_selfgen_with_an_agreement_floor():
     assert drops == [{"id": "i1", "status": "dropped", "reason": "low_agreement"}]
     with pytest.raises(ValueError, match="min_agreement"):
         SelfGenConfig(min_agreement=0.3)
+
+
+def test_resume_with_another_batch_size_gives_the_same_pairs(tmp_path, photo_dir):
+    """Sampled answers come from per-image streams, so how the images were batched changes no pair."""
+    images = {"type": "folder", "path": str(photo_dir)}
+    sampled = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.0}
+    kw = dict(chosen_sampling=sampled, rejected_sampling=sampled)
+    run(selfgen_recipe(tmp_path / "whole", images, batch_size=4, **kw))
+    partial = dict(images, limit=3)
+    run(selfgen_recipe(tmp_path / "resumed", partial, batch_size=2, **kw))
+    run(selfgen_recipe(tmp_path / "resumed", images, batch_size=3, group_by_length=False, **kw))
+    key = lambda ds: sorted(zip(ds[ID_COLUMN], (c[0]["content"] for c in ds["chosen"]),
+                                (r[0]["content"] for r in ds["rejected"])))
+    whole, resumed = key(load_rows(tmp_path / "whole")), key(load_rows(tmp_path / "resumed"))
+    assert whole == resumed and len(whole) >= 5
