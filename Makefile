@@ -7,6 +7,7 @@ RECIPE ?= recipes/default.yaml
 # Extra dotted overrides, e.g. ARGS="selfgen.batch_size=4 model.dtype=float32"
 ARGS ?=
 # accelerate launch options, e.g. LAUNCH="--num_processes 2 --cpu" or --config_file recipes/accelerate/ddp.yaml
+# (--quiet, always passed: a stage that fails prints its own one-line error, not accelerate's traceback too)
 LAUNCH ?= --config_file recipes/accelerate/single.yaml
 export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
@@ -33,19 +34,19 @@ demo-full: $(STAMP)
 	$(BIN)/python -m stic.shapes.demo --ablations --out outputs/demo-full $(DEMO_ARGS)
 
 selfgen: $(STAMP)
-	$(BIN)/accelerate launch $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)
+	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)
 
 dpo: $(STAMP)
-	$(BIN)/accelerate launch $(LAUNCH) -m stic dpo --recipe $(RECIPE) $(ARGS)
+	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic dpo --recipe $(RECIPE) $(ARGS)
 
 infuse-sft: $(STAMP)
-	$(BIN)/accelerate launch $(LAUNCH) -m stic infuse-sft --recipe $(RECIPE) $(ARGS)
+	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic infuse-sft --recipe $(RECIPE) $(ARGS)
 
 # make eval MODEL=stage1 EVAL_ARGS="--dar --benchmarks pope scienceqa"
 MODEL ?= base
 EVAL_ARGS ?=
 eval: $(STAMP)
-	$(BIN)/accelerate launch $(LAUNCH) eval/run.py --recipe $(RECIPE) --model $(MODEL) $(EVAL_ARGS) $(ARGS)
+	$(BIN)/accelerate launch --quiet $(LAUNCH) eval/run.py --recipe $(RECIPE) --model $(MODEL) $(EVAL_ARGS) $(ARGS)
 
 # Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged
 MERGED ?= outputs/merged

@@ -11,10 +11,12 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from stic.errors import SticError
+
 REGISTRY: dict[str, type["Corruption"]] = {}
 
 
-class CorruptionError(ValueError):
+class CorruptionError(SticError, ValueError):
     """Unknown corruption kind or setting."""
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 from stic import metrics as M
+from stic.errors import SticError
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE = "\nAnswer with the option's letter from the given choices directly."
 CHARTQA_SUFFIX = "\nAnswer the question with a single word."  # lmms-eval's ChartQA prompt
 
 
-class BenchmarkFileError(ValueError):
+class BenchmarkFileError(SticError, ValueError):
     """A benchmark file is missing or malformed; the message names the file and record."""
 
 
@@ -76,7 +77,9 @@ def load_scienceqa(root: Path) -> list[Item]:
         where = f"{d / 'llava_test_CQM-A.json'} record {i}"
         _need(rec, ["id", "conversations"], where)
         if "image" not in rec:
-            continue  # ScienceQA-IMG: the image questions only
+            # ScienceQA-IMG: the image questions only. The official scorer counts an answer as IMG when its
+            # prompt holds '<image>', which LLaVA's model_vqa_science.py writes exactly for records with 'image'
+            continue
         pid = str(rec["id"])
         if pid not in problems:
             raise BenchmarkFileError(f"{where}: id {pid} is not in problems.json")
@@ -87,9 +90,17 @@ def load_scienceqa(root: Path) -> list[Item]:
     return items
 
 
+# Benchmarks whose official scorer takes an item with no prediction as FAILED instead of refusing the file
+MISSING_PREDICTION_FAILS = frozenset({"scienceqa"})
+
+
 def score_scienceqa(items, answers) -> tuple[dict, dict]:
-    per = {it.id: M.scienceqa_correct(answers[it.id], it.meta["n_choices"], it.meta["answer"]) for it in items}
-    return {"accuracy": _mean(per.values()), "count": len(per)}, per
+    """IMG accuracy as LLaVA-1.5's eval_science_qa.py reports it. `answers` may lack items: those are FAILED
+    (wrong in `per`), and, since the official script gives them the prompt 'Unknown' (no '<image>'), they are
+    left out of IMG accuracy and its count."""
+    per = {it.id: M.scienceqa_correct(answers.get(it.id), it.meta["n_choices"], it.meta["answer"]) for it in items}
+    img = [per[it.id] for it in items if it.id in answers]
+    return {"accuracy": _mean(img), "count": len(img)}, per
 
 
 # -------------------------------------------------------------------------------------------------------------

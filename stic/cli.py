@@ -16,6 +16,7 @@ import json
 import sys
 
 from stic.config import RecipeError, load_recipe_dict, parse_override
+from stic.errors import SticError, one_line
 
 
 def _selfgen(args) -> int:
@@ -38,8 +39,8 @@ def _merge(args) -> int:
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"))
     adapter = args.adapter or recipe.dpo.output_dir
-    out = merge_adapter(recipe.model, adapter, args.output)
-    print(f"merged {adapter} into {recipe.model.name_or_path}: {out}")
+    out, report = merge_adapter(recipe.model, adapter, args.output, dtype=args.dtype, force=args.force)
+    print(f"merged {adapter} into {recipe.model.name_or_path} ({report['dtype']}): {out}")
     return 0
 
 
@@ -64,9 +65,8 @@ def _dar(args) -> int:
     image = decode_image(args.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
     cfg = recipe.infuse_sft
     [(description, answer)] = describe_and_respond(
-        BatchGenerator(model, processor), [image], [args.question], describe_prompt=cfg.describe.prompt,
-        template=cfg.template, describe_sampling=cfg.describe.sampling,
-        answer_sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
+        BatchGenerator(model, processor, system_prompt=recipe.model.system_prompt), [image], [args.question],
+        keys=[args.image], describe=cfg.describe, template=cfg.template, seed=cfg.seed, answer_sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
     print(json.dumps({"adapters": adapters, "description": description, "answer": answer.text,
                       "finish_reason": answer.finish_reason}, indent=2))
     return 0
@@ -85,6 +85,9 @@ def _score(args) -> int:
     predictions = [p for p in predictions if p["question_id"] in known]
     judge = Judge(JudgeConfig(), Path(args.predictions).parent / "judge_cache.jsonl")
     scores = score_predictions(args.benchmark, items, predictions, judge)
+    if scores.get("missing_predictions"):
+        print(f"warning: {scores['missing_predictions']} of {len(items)} {args.benchmark} items have no prediction "
+              f"in {args.predictions}; scored as FAILED, as the official scorer does", file=sys.stderr)
     print(json.dumps({k: v for k, v in scores.items() if k != "per_item"}, indent=2))
     return 0
 
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe whose model: is the base")
     p.add_argument("--adapter", help="adapter folder (default: the recipe's dpo.output_dir)")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="stored precision (default: model.dtype, or the checkpoint's own)")
+    p.add_argument("--force", action="store_true", help="write it even if the dtype keeps < 99%% of the update")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_merge)
 
@@ -220,20 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from corruptions import CorruptionError
-    from stic.benchmarks import BenchmarkFileError
-    from stic.dpo import DatasetError
-    from stic.instructions import InstructionDataError
-    from stic.images import ImageRejected, ImageSourceError
-    from stic.store import OutputConflict
-
     try:
         code = args.func(args)
     except RecipeError as err:
-        print(f"stic: recipe error: {err}", file=sys.stderr)
+        print(f"stic: recipe error: {one_line(err)}", file=sys.stderr)
         code = 2
-    except (ImageSourceError, OutputConflict, CorruptionError, ImageRejected, FileNotFoundError,
-            DatasetError, InstructionDataError, BenchmarkFileError) as err:
-        print(f"stic: error: {err}", file=sys.stderr)
+    except (SticError, FileNotFoundError) as err:  # the toolkit's errors: one line, no traceback
+        print(f"stic: error: {one_line(err)}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+from stic.errors import SticError
 
-class RecipeError(ValueError):
+
+class RecipeError(SticError, ValueError):
     """A recipe or override that cannot be used; the message names the offending key."""
 
 
@@ -46,6 +48,9 @@ class ModelConfig:
     # dtype of a model run with trained adapters merged (eval, DaR, stage-2 descriptions). auto: `dtype` when
     # it keeps >= 99% of the adapters' update, else float32 (stage 1's lr-1e-7 update mostly vanishes in bf16)
     merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # A system message put before every conversation the toolkit generates from or trains on, for models
+    # evaluated with one (LLaVA-1.5: the Vicuna prompt of LLaVA's conv_vicuna_v1)
+    system_prompt: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ The paper's objective (eq. 4.1) is
 term is the mean negative log-likelihood per chosen token, whereas the paper writes the sequence
 log-likelihood and its public code divides the summed log-probability by 1024. With chosen answers of L
 tokens on average, the paper's alpha therefore corresponds to sft_weight = alpha * L / 1024 here
-(`paper_alpha_to_sft_weight`). The run summary records L for the dataset that was trained on.
+(`paper_alpha_to_sft_weight`). The run summary records L for the dataset that was trained on. With
+`paper_alpha: a` instead of `sft_weight`, the stage measures L on the dataset when it starts and trains with
+sft_weight = a * L / 1024.
 
 Every `DPOConfig` option works in the recipe's `dpo:` section; the stage adds the keys of `DPOStageConfig`.
 
@@ -27,7 +29,9 @@ import torch
 from trl import DPOConfig
 
 from stic.config import ModelConfig, parse_section, to_dict
-from stic.models import LoraOptions, lora_config, projector_module
+from stic.errors import SticError, one_line
+from stic.models import LoraOptions, ModelSetupError, lora_config, projector_module
+from stic.training import check_global_batch, trainer_class
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -35,6 +39,16 @@ REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 def paper_alpha_to_sft_weight(alpha: float, mean_chosen_tokens: float) -> float:
     """The TRL sft weight that matches the paper's summed-log-prob / 1024 regulariser on average."""
     return alpha * mean_chosen_tokens / 1024.0
+
+
+class _Unset:
+    """sft_weight not given: 1.0, or computed at run time when paper_alpha is set."""
+
+    def __repr__(self):
+        return "unset"
+
+
+_SFT_WEIGHT_DEFAULT = _Unset()
 
 
 @dataclasses.dataclass
@@ -51,7 +65,15 @@ class DPOStageConfig(LoraOptions, DPOConfig):
     # dpo: DPO + alpha * SFT (STIC stage 1). sft_positive: plain SFT on the preferred answers only, same data
     # and budget (the paper's Table 3 ablation).
     mode: Literal["dpo", "sft_positive"] = "dpo"
-    sft_weight: float | None = 1.0  # alpha; None leaves loss_type/loss_weights exactly as given
+    # alpha as TRL's per-token-mean sft weight; None leaves loss_type/loss_weights exactly as given. Default 1.0,
+    # or (with paper_alpha) computed at run time
+    sft_weight: float | None = _SFT_WEIGHT_DEFAULT
+    # the paper's alpha (its code: summed chosen log-prob / 1024): sft_weight = paper_alpha * L / 1024 with L the
+    # mean chosen length in tokens, measured on the dataset when the run starts
+    paper_alpha: float | None = None
+    # sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time
+    global_batch_size: int | None = None
+    max_length: int | None = None  # None: no truncation (TRL's default 1024 would cut image tokens)
     ref_model: str | None = None  # full fine-tuning only: the frozen reference (default: the base model)
     resume: bool = False  # continue from the last checkpoint in output_dir
     plot: bool = True
@@ -61,6 +83,18 @@ class DPOStageConfig(LoraOptions, DPOConfig):
     def __post_init__(self):
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
+        if self.paper_alpha is not None:
+            if self.sft_weight is not _SFT_WEIGHT_DEFAULT:
+                raise ValueError(f"set either paper_alpha ({self.paper_alpha}) or sft_weight ({self.sft_weight}), "
+                                 "not both: paper_alpha computes sft_weight from the dataset")
+            if self.paper_alpha < 0:
+                raise ValueError(f"paper_alpha must be at least 0, got {self.paper_alpha}")
+            if "sft" in losses:
+                raise ValueError("set either paper_alpha or an 'sft' entry in loss_type, not both")
+            self.sft_weight = None  # set by apply_paper_alpha once the dataset is loaded
+        elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
+            self.sft_weight = 1.0
+        check_global_batch(self)
         if self.sft_weight is not None:
             if "sft" in losses:
                 raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
@@ -74,6 +108,17 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         if self.mode == "sft_positive" and self.ref_model:
             raise ValueError("ref_model has no use in mode sft_positive")
         super().__post_init__()
+
+    def apply_paper_alpha(self, mean_chosen_tokens: float) -> float:
+        """Set sft_weight, and TRL's loss_type/loss_weights, from paper_alpha and the dataset's mean chosen length
+        in tokens (before the trainer is built: it reads them once)."""
+        weight = paper_alpha_to_sft_weight(self.paper_alpha, mean_chosen_tokens)
+        pairs = [(name, w) for name, w in zip(self.loss_type, self.loss_weights) if name != "sft"]
+        if weight > 0:
+            pairs.append(("sft", weight))
+        self.loss_type, self.loss_weights = [n for n, _ in pairs], [w for _, w in pairs]
+        self.sft_weight = weight
+        return weight
 
 
 
@@ -91,7 +136,7 @@ def parse_recipe(data: dict) -> Recipe:
 # Data
 
 
-class DatasetError(ValueError):
+class DatasetError(SticError, ValueError):
     """The preference dataset cannot be trained on; the message says why and where."""
 
 
@@ -114,14 +159,36 @@ def _stic_records_to_rows(records: list, source: str, image_folder: str | None) 
     return rows
 
 
-def load_preference_dataset(cfg: DPOStageConfig):
-    """Load, check and trim the dataset to the columns DPOTrainer reads. Problems raise DatasetError."""
+def _check_parquet_parts(folder: Path, full: bool = False) -> None:
+    """DatasetError naming the first Parquet part under `folder` that pyarrow cannot read (a copy cut short, a
+    full disk): its footer only, or with `full` all of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for part in sorted(folder.rglob("*.parquet")):
+        if any(p.startswith((".", "_")) for p in part.relative_to(folder).parts):
+            continue  # hidden: the parquet loader skips it too
+        try:
+            pq.read_table(part) if full else pq.read_metadata(part)
+        except (pa.ArrowException, OSError) as err:
+            raise DatasetError(f"dataset part {part} is not a readable Parquet file, truncated or corrupt "
+                               f"({one_line(err)}); remove or replace it") from None
+
+
+def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] = ()):
+    """Load, check and trim the dataset to the columns DPOTrainer reads (and `extra_columns` where the dataset
+    has them). Problems raise DatasetError."""
     import datasets
 
     source = cfg.dataset
     path = Path(source)
     if path.is_dir() and (path / "data").is_dir():
-        ds = datasets.load_dataset("parquet", data_dir=str(path), split=cfg.dataset_split)
+        _check_parquet_parts(path)  # pyarrow's own error names no file
+        try:
+            ds = datasets.load_dataset("parquet", data_dir=str(path), split=cfg.dataset_split)
+        except datasets.exceptions.DatasetGenerationError:
+            _check_parquet_parts(path, full=True)  # a part damaged inside, its footer intact
+            raise
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         ds = ds[cfg.dataset_split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -156,7 +223,7 @@ def load_preference_dataset(cfg: DPOStageConfig):
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     if len(ds) == 0:
         raise DatasetError(f"dataset {source} is empty")
-    keep = [c for c in (*required, "images") if c in ds.column_names]
+    keep = [c for c in (*required, "images", *extra_columns) if c in ds.column_names]
     ds = ds.select_columns(keep)
     if "images" in keep:
         _check_images(ds, source)
@@ -177,10 +244,11 @@ def _check_images(ds, source: str) -> None:
                 raise DatasetError(f"dataset {source}: row {i} refers to a missing image file {p!r}")
 
 
-def mean_chosen_tokens(ds, processor, limit: int = 512) -> float:
-    tok = processor.tokenizer
-    n = min(limit, len(ds))
-    lengths = [len(tok(r["chosen"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in ds.select(range(n))]
+def mean_chosen_tokens(ds, processor, limit: int | None = 512) -> float:
+    """Mean length in tokens of the chosen answers of the first `limit` rows (None: every row)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    texts = [c[-1]["content"] for c in ds.select(range(n))["chosen"]]  # this column only: no image decoded
+    lengths = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     return sum(lengths) / max(1, len(lengths))
 
 
@@ -203,9 +271,9 @@ def load_training_model(model_cfg: ModelConfig, cfg: DPOStageConfig):
 
     state = PartialState()
     if model_cfg.load_in_4bit and not torch.cuda.is_available():
-        raise RuntimeError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+        raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
     if model_cfg.load_in_4bit and not cfg.use_peft:
-        raise RuntimeError("a 4-bit model can only be trained with an adapter (dpo.use_peft: true)")
+        raise ModelSetupError("a 4-bit model can only be trained with an adapter (dpo.use_peft: true)")
     device = state.device if model_cfg.load_in_4bit else "cpu"  # the Trainer places unquantised models
     model = load_model(model_cfg, device)
     if model_cfg.load_in_4bit:
@@ -226,7 +294,9 @@ def run_dpo(recipe: Recipe) -> dict:
 
     cfg, model_cfg = recipe.dpo, recipe.model
     processor = load_processor(model_cfg)
-    dataset = load_preference_dataset(cfg)  # refuse bad data before the model is loaded
+    dataset = load_preference_dataset(cfg, extra_columns=("generation",))  # refuse bad data before the model loads
+    setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check
+    dataset = dataset.remove_columns([c for c in ("generation",) if c in dataset.column_names])
     model = load_training_model(model_cfg, cfg)
 
     resume_from = None
@@ -247,16 +317,53 @@ def run_dpo(recipe: Recipe) -> dict:
             freeze_for_full_finetune(model, cfg.train_projector)
             ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
             ref_model = load_model(ref_cfg, "cpu")
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset,
-                             processing_class=processor, peft_config=peft_config)
+        trainer = trainer_class(DPOTrainer, cfg)(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset,
+                                                 processing_class=processor, peft_config=peft_config)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
     summary = None
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(cfg.output_dir)
-        summary = write_summary(recipe, trainer, result, dataset, processor, time.time() - started, resume_from)
+        summary = write_summary(recipe, trainer, result, dataset, processor, time.time() - started, resume_from,
+                                setup)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
+    """Settings known only once the data and the processes are: the sft weight from `paper_alpha` and the
+    dataset's mean chosen length, gradient_accumulation_steps from `global_batch_size`, and the `max_length`
+    check. Returns what run_summary.json records of them."""
+    from stic.training import apply_global_batch, check_max_length
+
+    setup = {"batch": apply_global_batch(cfg),
+             "projector": ({"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None
+                            else cfg.learning_rate} if cfg.train_projector else {"trained": False})}
+    if cfg.paper_alpha is not None:
+        mean_len = mean_chosen_tokens(dataset, processor, limit=None)
+        cfg.apply_paper_alpha(mean_len)
+        setup["paper_alpha"] = {"paper_alpha": cfg.paper_alpha, "mean_chosen_tokens": round(mean_len, 2),
+                                "sft_weight": cfg.sft_weight}
+    if cfg.max_length is not None:
+        need = preference_sequence_need(dataset, processor)
+        setup["max_length_check"] = check_max_length("dpo", cfg.max_length, need)
+    return setup
+
+
+def preference_sequence_need(dataset, processor) -> dict:
+    """Image, prompt and answer tokens of the longest sequence the trainer will see: the longest rendered prompt of
+    a sample of rows, plus selfgen's max_new_tokens (from the `generation` column) or else the longest answer."""
+    from stic.training import generation_budget, longest_prompt, longest_text_tokens
+
+    need = longest_prompt(processor, dataset, list(dataset["prompt"]))
+    budget = generation_budget(list(dataset["generation"])) if "generation" in dataset.column_names else None
+    if budget is not None:
+        need.update(answer_tokens=budget, answer_source="selfgen max_new_tokens")
+    else:
+        answers = [m[-1]["content"] for col in ("chosen", "rejected") if col in dataset.column_names
+                   for m in dataset[col]]
+        need.update(answer_tokens=longest_text_tokens(processor, answers), answer_source="longest chosen/rejected")
+    return need
 
 
 def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_config):
@@ -270,24 +377,30 @@ def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_c
     sft_args = SFTConfig(**shared, learning_rate=cfg.learning_rate)
     data = dataset.map(lambda r: {"completion": r["chosen"]},
                        remove_columns=[c for c in ("chosen", "rejected") if c in dataset.column_names])
-    return SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=processor,
-                      peft_config=peft_config)
+    return trainer_class(SFTTrainer, cfg)(model=model, args=sft_args, train_dataset=data, processing_class=processor,
+                                          peft_config=peft_config)
 
 
-def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: float, resumed_from) -> dict:
+def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: float, resumed_from,
+                  setup: dict | None = None) -> dict:
     cfg = recipe.dpo
+    setup = setup or {}
     out = Path(cfg.output_dir)
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h and "step" in h]
-    mean_len = mean_chosen_tokens(dataset, processor)
+    # with paper_alpha: the L the sft weight was computed from (every row)
+    mean_len = (setup["paper_alpha"]["mean_chosen_tokens"] if "paper_alpha" in setup
+                else mean_chosen_tokens(dataset, processor))
     summary = {
         "stage": "dpo",
         "mode": cfg.mode,
         "model": to_dict(recipe.model),
         "dataset": {"source": cfg.dataset, "rows": len(dataset), "mean_chosen_tokens": round(mean_len, 1)},
         "loss": {"loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights, "beta": cfg.beta,
+                 "sft_weight": cfg.sft_weight, "paper_alpha": cfg.paper_alpha,
                  "paper_alpha_equivalent": (round(cfg.sft_weight * 1024 / mean_len, 4)
                                             if cfg.sft_weight and mean_len else None)},
+        **setup,
         "adapter": cfg.use_peft,
         "processes": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
@@ -339,18 +452,44 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
 # Merge
 
 
-def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str) -> Path:
-    """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load."""
+class MergeRefused(SticError, RuntimeError):
+    """The output dtype would erase too much of the adapter's update."""
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype: str | None = None,
+                  force: bool = False) -> tuple[Path, dict]:
+    """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
+
+    The merge is done in float32. `dtype` is the stored precision (default: `model.dtype`, or the checkpoint's
+    own dtype when that is `auto`). The share of the update that survives it is reported in
+    `merge_report.json`; below 99% the merge is refused unless `force`, since a bf16 copy of a stage-1 model
+    trained at lr 1e-7 is mostly the base model again."""
     from peft import PeftModel
 
-    from stic.models import load_model, load_processor
+    from stic.models import _DTYPES, SURVIVAL_FLOOR, adapter_survival, load_model, load_processor
 
     if model_cfg.load_in_4bit:
         model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
-    base = load_model(model_cfg, "cpu")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    base = load_model(dataclasses.replace(model_cfg, dtype="float32"), "cpu")
+    if dtype is None:
+        dtype = model_cfg.dtype if model_cfg.dtype != "auto" else str(base.config.dtype or "float32")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise MergeRefused(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    report = {"adapter": adapter_dir, "base": model_cfg.name_or_path,
+              **adapter_survival(peft_model, _DTYPES[dtype]),
+              "float16_kept": adapter_survival(peft_model, torch.float16)["kept"],
+              "bfloat16_kept": adapter_survival(peft_model, torch.bfloat16)["kept"]}
+    print(f"merge: {report['kept']:.2%} of the adapter's update survives {dtype} "
+          f"(bfloat16 {report['bfloat16_kept']:.2%}, float16 {report['float16_kept']:.2%}, float32 100%)")
+    if report["kept"] < SURVIVAL_FLOOR and not force:
+        raise MergeRefused(f"only {report['kept']:.2%} of the adapter's update survives {dtype} (< 99%); merge "
+                           "with --dtype float32 (or float16 if it keeps enough), or pass --force to write it anyway")
+    merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
     out = Path(out_dir)
     merged.save_pretrained(out)
-    processor = load_processor(model_cfg)
-    processor.save_pretrained(out)
-    return out
+    load_processor(model_cfg).save_pretrained(out)
+    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["kept"] < SURVIVAL_FLOOR},
+                                                      indent=2) + "\n")
+    return out, report

@@ -18,7 +18,8 @@ import json
 import logging
 from pathlib import Path
 
-from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError, Item, get_benchmark
+from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, PAPER_BENCHMARKS, BenchmarkFileError, Item,
+                             get_benchmark)
 from stic.config import ModelConfig, parse_section, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
@@ -33,8 +34,6 @@ class EvalConfig:
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_BENCHMARKS))
     batch_size: int = 8
     limit: int | None = None  # first N items of each benchmark (quick checks)
-    # DaR: describe each image first, then answer with the description infused (stage-2 format)
-    describe_max_new_tokens: int = 256
     judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
 
     def __post_init__(self):
@@ -103,7 +102,10 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
     bench = get_benchmark(name)
     by_id = {it.id: it for it in items}
     answer_sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens)
-    describe_sampling = SamplingConfig(max_new_tokens=cfg.describe_max_new_tokens)
+    if dar:  # describe and infuse exactly as stage 2 trained: the recipe's infuse_sft.describe and .template
+        from stic.infuse import parse_recipe as infuse_recipe
+
+        stage2 = infuse_recipe(recipe.raw).infuse_sft
 
     def load(item):
         return decode_image(item.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
@@ -113,14 +115,16 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
             from stic.infuse import load_for_dar
 
             model, processor = load_for_dar(model_cfg, adapters, device)
-            engine_cache["engine"] = BatchGenerator(model, processor, cfg.batch_size)
+            engine_cache["engine"] = BatchGenerator(model, processor, cfg.batch_size,
+                                                   system_prompt=model_cfg.system_prompt)
         engine = engine_cache["engine"]
 
         def worker(batch, on_batch):
             images = [img for _, img in batch]
             prompts = [by_id[i].prompt for i, _ in batch]
             if dar:
-                pairs = describe_and_respond(engine, images, prompts, describe_sampling=describe_sampling,
+                pairs = describe_and_respond(engine, images, prompts, keys=[i for i, _ in batch],
+                                             describe=stage2.describe, template=stage2.template, seed=stage2.seed,
                                              answer_sampling=answer_sampling)
                 descriptions, outs = [d for d, _ in pairs], [a for _, a in pairs]
             else:
@@ -136,6 +140,8 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
     refs = [ImageRef(id=it.id) for it in items]
     run_config = {"stage": "eval", "benchmark": name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar,
                   "max_new_tokens": bench.max_new_tokens}
+    if dar:
+        run_config["dar"] = {"describe": to_dict(stage2.describe), "template": stage2.template, "seed": stage2.seed}
     job = run_sharded(name=name, out_dir=str(out_dir / "generation"), refs=refs, run_config=run_config,
                       load=lambda ref: load(by_id[ref.id]), make_worker=make_worker, features=prediction_features(),
                       id_column="question_id", items_per_part=max(cfg.batch_size * 4, 16))
@@ -161,10 +167,12 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
 
 
 def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None) -> dict:
-    """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`."""
+    """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`.
+    Items without a prediction make the file invalid, except for benchmarks whose official scorer counts them as
+    FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them."""
     answers = {p["question_id"]: p.get("text", "") for p in predictions}
     missing = [it.id for it in items if it.id not in answers]
-    if missing:
+    if missing and name not in MISSING_PREDICTION_FAILS:
         raise BenchmarkFileError(f"{name}: predictions lack {len(missing)} item(s), e.g. {missing[:3]}")
     bench = get_benchmark(name)
     if bench.score is not None:
@@ -173,7 +181,10 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
         return {"skipped": "no judge endpoint configured"}
     else:
         metrics, per = (score_llava_bench if name == "llava_bench" else score_mmvet)(items, answers, judge)
-    return {"benchmark": name, "headline": bench.headline, "metrics": metrics, "per_item": per}
+    result = {"benchmark": name, "headline": bench.headline, "metrics": metrics, "per_item": per}
+    if name in MISSING_PREDICTION_FAILS:
+        result["missing_predictions"] = len(missing)
+    return result
 
 
 def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] | None = None) -> dict | None:

@@ -57,11 +57,17 @@ class Output:
     num_tokens: int
 
 
-def conversation(prompt: str, image: Image.Image | None) -> list[dict]:
-    """One user turn in the structured form TRL's collators build from a {prompt, images} row."""
+def prompt_messages(prompt: str, system_prompt: str | None = None) -> list[dict]:
+    """The prompt column of a training row: [system,] user. Generation renders the same messages."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def conversation(prompt: str, image: Image.Image | None, system_prompt: str | None = None) -> list[dict]:
+    """The prompt in the structured form TRL's collators build from a {prompt, images} row."""
     from trl.data_utils import prepare_multimodal_messages
 
-    return prepare_multimodal_messages([{"role": "user", "content": prompt}], images=[image] if image else [])
+    return prepare_multimodal_messages(prompt_messages(prompt, system_prompt), images=[image] if image else [])
 
 
 def stable_seed(*parts: object) -> int:
@@ -98,11 +104,13 @@ class RowSampler:
 
 
 class BatchGenerator:
-    def __init__(self, model, processor, batch_size: int = 8, group_by_length: bool = True):
+    def __init__(self, model, processor, batch_size: int = 8, group_by_length: bool = True,
+                 system_prompt: str | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model, self.processor = model, processor
         self.batch_size, self.group_by_length = batch_size, group_by_length
+        self.system_prompt = system_prompt
         tok = processor.tokenizer
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tok.eos_token_id
@@ -110,8 +118,8 @@ class BatchGenerator:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
 
     def prompt_text(self, prompt: str, image: Image.Image | None) -> str:
-        return self.processor.apply_chat_template(conversation(prompt, image), add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(conversation(prompt, image, self.system_prompt),
+                                                  add_generation_prompt=True, tokenize=False)
 
     def encode(self, requests: Sequence[Request]) -> dict:
         """Model inputs for a batch, left-padded, exactly as generation sees them."""

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from PIL import Image, ImageOps
 
+from stic.errors import SticError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # Photographs from scikit-image's bundled data (public-domain or CC0), used by the offline default recipe.
@@ -58,11 +60,11 @@ class ImageRef:
     row: int | None = None  # a row of an hf_dataset source
 
 
-class ImageRejected(Exception):
+class ImageRejected(SticError):
     """The image cannot be used; str(err) is the reason."""
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(SticError, ValueError):
     """The source itself is unusable (missing folder, malformed manifest, missing column)."""
 
 

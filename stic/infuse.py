@@ -28,15 +28,15 @@ import torch
 from trl import SFTConfig
 
 from stic.config import ModelConfig, parse_section, to_dict
-from stic.generation import BatchGenerator, Output, Request, SamplingConfig
+from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
 from stic.instructions import (InstructionDataConfig, SubsetConfig, choose_subset, composition,
                                load_instructions)
-from stic.models import LoraOptions, lora_config
+from stic.models import LoraOptions, ModelSetupError, lora_config
+from stic.training import check_global_batch, trainer_class
 from stic.prompts import CAPTION_PROMPTS
 
 DEFAULT_TEMPLATE = "Image description: {description}\n{instruction}"
-DESCRIBE_PROMPT = CAPTION_PROMPTS[2]  # an ordinary captioning prompt: "Give a detailed description of this image."
 
 
 def infuse_instruction(instruction: str, description: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -46,10 +46,26 @@ def infuse_instruction(instruction: str, description: str, template: str = DEFAU
 
 @dataclasses.dataclass
 class DescribeConfig:
-    prompt: str = DESCRIBE_PROMPT
+    """How the stage-1 model describes an image, in stage 2 and in DaR alike."""
+
+    # A fixed captioning prompt; None draws one per image from the caption pool, seeded by (seed, image key),
+    # as the paper's Algorithm 2 does
+    prompt: str | None = None
+    caption_prompts_file: str | None = None  # replaces the caption pool (one prompt per line, or a JSON list)
     sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
     batch_size: int = 8
     images_per_part: int = 64
+
+    def prompt_for(self, key: str, seed: int) -> str:
+        """The describe prompt of one image (stage 2) or one benchmark item (DaR)."""
+        if self.prompt is not None:
+            return self.prompt
+        import random
+
+        from stic.prompts import _read_pool
+
+        pool = _read_pool(self.caption_prompts_file, "caption prompts") if self.caption_prompts_file else CAPTION_PROMPTS
+        return random.Random(f"{seed}\x1fdescribe\x1f{key}").choice(pool)
 
 
 @dataclasses.dataclass
@@ -72,6 +88,9 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
     plot: bool = True
     num_train_epochs: float = 1.0
     assistant_only_loss: bool = True
+    # sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time
+    global_batch_size: int | None = None
+    max_length: int | None = None  # None: no truncation (TRL's default 1024 would cut image tokens)
     report_to: str | list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
     logging_steps: float = 1
 
@@ -82,6 +101,7 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
             raise ValueError("set stage1_adapter or stage1_model, not both")
         if self.adapter_mode == "continue" and not self.stage1_adapter:
             raise ValueError("adapter_mode: continue needs stage1_adapter")
+        check_global_batch(self)
         if not torch.cuda.is_available():
             self.use_cpu = True
             self.bf16 = False if self.bf16 is None else self.bf16
@@ -158,13 +178,14 @@ def describe_images(recipe: Recipe, records: list[dict]) -> dict[str, str]:
 
     def make_worker(device):
         model, processor = load_stage1_for_inference(recipe, device)
-        engine = BatchGenerator(model, processor, cfg.describe.batch_size)
+        engine = BatchGenerator(model, processor, cfg.describe.batch_size, system_prompt=recipe.model.system_prompt)
 
         def worker(items, on_batch):
-            outs = engine.generate([Request(img, cfg.describe.prompt) for _, img in items], cfg.describe.sampling,
-                                   seed=cfg.seed, on_batch=on_batch)
+            prompts = [cfg.describe.prompt_for(key, cfg.seed) for key, _ in items]
+            outs = engine.generate([Request(img, p, stable_seed(cfg.seed, key)) for (key, img), p in zip(items, prompts)],
+                                   cfg.describe.sampling, on_batch=on_batch)
             rows = [{"image_id": key, "description": o.text, "finish_reason": o.finish_reason,
-                     "num_tokens": o.num_tokens, "prompt": cfg.describe.prompt} for (key, _), o in zip(items, outs)]
+                     "num_tokens": o.num_tokens, "prompt": p} for (key, _), o, p in zip(items, outs, prompts)]
             return rows, []
 
         return worker
@@ -188,9 +209,12 @@ def describe_images(recipe: Recipe, records: list[dict]) -> dict[str, str]:
 # Step 3: infusion
 
 
-def infuse_record(record: dict, description: str | None, template: str) -> dict:
-    """Messages with the first user turn infused; answers and later turns untouched."""
+def infuse_record(record: dict, description: str | None, template: str, system_prompt: str | None = None) -> dict:
+    """Messages with the first user turn infused; answers and later turns untouched. `system_prompt` (the
+    recipe's model.system_prompt) goes first when the record has no system message of its own."""
     messages = [dict(m) for m in record["messages"]]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     if description is not None:
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first]["content"] = infuse_instruction(messages[first]["content"], description, template)
@@ -198,7 +222,7 @@ def infuse_record(record: dict, description: str | None, template: str) -> dict:
             "images": [record.get("image_bytes") or record["image_path"]] if record["image"] else []}
 
 
-def build_training_set(records, descriptions, template):
+def build_training_set(records, descriptions, template, system_prompt: str | None = None):
     import datasets
 
     rows, missing = [], []
@@ -206,7 +230,7 @@ def build_training_set(records, descriptions, template):
         if rec["image"] and rec["image"] not in descriptions:
             missing.append(rec["id"])  # its image could not be read when describing
             continue
-        rows.append(infuse_record(rec, descriptions.get(rec["image"]), template))
+        rows.append(infuse_record(rec, descriptions.get(rec["image"]), template, system_prompt))
     ds = datasets.Dataset.from_list(
         [{"id": r["id"], "messages": r["messages"],
           "images": [{"bytes": i, "path": None} if isinstance(i, bytes) else {"bytes": None, "path": i}
@@ -232,12 +256,12 @@ def load_model_for_training(recipe: Recipe):
     cfg = recipe.infuse_sft
     mcfg = stage1_model_config(recipe)
     if mcfg.load_in_4bit and not torch.cuda.is_available():
-        raise RuntimeError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+        raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
     if cfg.adapter_mode == "new" and cfg.stage1_adapter:
         # a new adapter on top of the stage-1 model: fold stage 1 in first, in fp32 unless its update survives
         # the model's dtype (merged into bf16 weights, an lr-1e-7 update rounds back to the base)
         if mcfg.load_in_4bit:
-            raise RuntimeError("adapter_mode: new on a 4-bit model: merge stage 1 first (stic merge) and set "
+            raise ModelSetupError("adapter_mode: new on a 4-bit model: merge stage 1 first (stic merge) and set "
                                "infuse_sft.stage1_model to the merged folder")
         model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter], "cpu")
         return model, (lora_config(cfg, model) if cfg.use_peft else None)
@@ -248,8 +272,43 @@ def load_model_for_training(recipe: Recipe):
     else:
         model = load_model(mcfg, "cpu")  # the Trainer places it
     if cfg.adapter_mode == "continue":
-        return PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True), None
+        model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
+        _projector_as_configured(model, cfg)
+        return model, None
     return model, (lora_config(cfg, model) if cfg.use_peft else None)
+
+
+def _projector_as_configured(model, cfg: InfuseSFTConfig) -> None:
+    """A continued stage-1 adapter trains the projector copy it saved (modules_to_save) only when
+    infuse_sft.train_projector says so; and it can only when stage 1 trained the projector."""
+    from stic.training import TrainingSetupError, projector_parameters
+
+    if cfg.train_projector:
+        if not projector_parameters(model):
+            raise TrainingSetupError(
+                f"infuse_sft.train_projector is true but the stage-1 adapter {cfg.stage1_adapter} holds no trainable "
+                "projector (stage 1 ran with train_projector: false); train stage 1 with dpo.train_projector: true, "
+                "or use adapter_mode: new")
+        return
+    for name, p in model.named_parameters():
+        if p.requires_grad and "modules_to_save" in name:
+            p.requires_grad = False
+
+
+def sft_sequence_need(train_set, processor) -> dict:
+    """Image, prompt and answer tokens of the longest sequence stage 2 trains on: the longest rendered prompt
+    (everything before the last answer) of a sample of rows, plus the longest assistant answer of all rows."""
+    from stic.training import longest_prompt, longest_text_tokens
+
+    messages = list(train_set["messages"])
+    prompts = []
+    for msgs in messages:
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        prompts.append(msgs[:last])
+    need = longest_prompt(processor, train_set, prompts)
+    answers = [m["content"] for msgs in messages for m in msgs if m["role"] == "assistant"]
+    need.update(answer_tokens=longest_text_tokens(processor, answers), answer_source="longest assistant answer")
+    return need
 
 
 def run_infuse_sft(recipe: Recipe) -> dict | None:
@@ -257,17 +316,25 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     from trl import SFTTrainer
 
     from stic.models import load_processor
+    from stic.training import apply_global_batch, check_max_length
 
     cfg = recipe.infuse_sft
     state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
     if not records:
-        raise ValueError(f"no usable record in {cfg.data.path} ({len(skipped)} skipped)")
+        from stic.instructions import InstructionDataError
+
+        reasons = Counter("missing image file" if s["reason"].startswith("missing image") else s["reason"]
+                          for s in skipped)
+        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        raise InstructionDataError(f"no usable record in {cfg.data.path} ({len(skipped)} skipped: {detail})"
+                                   if skipped else f"no usable record in {cfg.data.path}: it holds none")
     subset = choose_subset(records, cfg.subset)
     started = time.time()
     descriptions = describe_images(recipe, subset)
     state.wait_for_everyone()
-    train_set, undescribed = build_training_set(subset, descriptions, cfg.template)
+    train_set, undescribed = build_training_set(subset, descriptions, cfg.template, recipe.model.system_prompt)
     if state.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -279,9 +346,11 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
                 fh.write(json.dumps({"id": row["id"], "messages": row["messages"]}) + "\n")
 
     processor = load_processor(stage1_model_config(recipe))
+    length_check = (check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
+                    if cfg.max_length is not None else None)
     model, peft_config = load_model_for_training(recipe)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_set, processing_class=processor,
-                         peft_config=peft_config)
+    trainer = trainer_class(SFTTrainer, cfg)(model=model, args=cfg, train_dataset=train_set,
+                                             processing_class=processor, peft_config=peft_config)
     resume_from = None
     if cfg.resume and Path(cfg.output_dir).is_dir():
         from transformers.trainer_utils import get_last_checkpoint
@@ -306,6 +375,10 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
             "trained_records": len(train_set),
             "template": cfg.template,
             "processes": trainer.accelerator.num_processes,
+            "batch": batch,
+            "max_length_check": length_check,
+            "projector": ({"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None
+                           else cfg.learning_rate} if cfg.train_projector else {"trained": False}),
             "global_step": trainer.state.global_step,
             "train_metrics": result.metrics,
             "seconds": round(time.time() - started, 1),
@@ -360,16 +433,19 @@ def default_dar_adapters(recipe: Recipe) -> list[str]:
     return [cfg.stage1_adapter, cfg.output_dir]
 
 
-def describe_and_respond(engine: BatchGenerator, images, questions: list[str], *,
-                         describe_prompt: str = DESCRIBE_PROMPT, template: str = DEFAULT_TEMPLATE,
-                         describe_sampling: SamplingConfig | None = None,
+def describe_and_respond(engine: BatchGenerator, images, questions: list[str], *, keys: list[str] | None = None,
+                         describe: DescribeConfig | None = None, template: str = DEFAULT_TEMPLATE, seed: int = 42,
                          answer_sampling: SamplingConfig | None = None) -> list[tuple[str, Output]]:
     """For each (image, question): describe the image (with the image), then answer the question infused with
-    that description (with the image again). Returns [(description, answer output)]."""
-    describe_sampling = describe_sampling or SamplingConfig(max_new_tokens=256)
+    that description (with the image again). `describe`, `template` and `seed` are the recipe's stage-2 settings
+    (`infuse_sft.describe`, `.template`, `.seed`), so DaR prompts exactly as stage 2 trained; `keys` name the
+    images for the per-image describe prompt. Returns [(description, answer output)]."""
+    describe = describe or DescribeConfig()
+    keys = keys if keys is not None else [str(i) for i in range(len(images))]
     answer_sampling = answer_sampling or SamplingConfig(max_new_tokens=128)
-    descriptions = engine.generate([Request(img, describe_prompt) for img in images], describe_sampling)
-    infused = [Request(img, infuse_instruction(q, d.text, template))
-               for img, q, d in zip(images, questions, descriptions)]
+    descriptions = engine.generate([Request(img, describe.prompt_for(k, seed), stable_seed(seed, k))
+                                    for img, k in zip(images, keys)], describe.sampling)
+    infused = [Request(img, infuse_instruction(q, d.text, template), stable_seed(seed, k, "answer"))
+               for img, q, d, k in zip(images, questions, descriptions, keys)]
     answers = engine.generate(infused, answer_sampling)
     return [(d.text, a) for d, a in zip(descriptions, answers)]

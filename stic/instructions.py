@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+from stic.errors import SticError
+
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 
@@ -29,7 +31,7 @@ large small big tiny tall short long wide narrow huge little size round square
 """.split())
 
 
-class InstructionDataError(ValueError):
+class InstructionDataError(SticError, ValueError):
     """The instruction file cannot be read at all; the message names the file and record."""
 
 

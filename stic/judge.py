@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from stic import metrics as M
+from stic.errors import SticError
 
 
 @dataclasses.dataclass
@@ -28,8 +29,8 @@ class JudgeConfig:
     max_retries: int = 3
 
 
-class JudgeUnavailable(RuntimeError):
-    pass
+class JudgeUnavailable(SticError, RuntimeError):
+    """No judge endpoint is configured, or it keeps failing."""
 
 
 class Judge:

@@ -42,27 +42,37 @@ def pope_scores(predictions: list[str], labels: list[str]) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# ScienceQA — matches LLaVA `llava/eval/eval_science_qa.py` (commit 5200b75)
+# ScienceQA — matches LLaVA-1.5's `llava/eval/eval_science_qa.py` (haotian-liu/LLaVA at commit 32cebc38, the
+# eval-file pin of shared/formats.md), item by item. Not the variant stored as commit 5200b75, which rewrites
+# newlines as '. ', strips whitespace and falls back to a second, looser regex; the official script does none of it.
+#   * the answer text is read exactly as written: no strip, no newline rewriting;
+#   * a bare option letter (the whole text), or 'X. ' opening the text (X one of A–E), gives X;
+#   * otherwise the pattern 'The answer is ([A-Z]).' must match exactly once: its '.' is an unescaped
+#     wildcard, so some character other than a newline has to follow the letter ('The answer is B' at the very
+#     end, or before a newline, is FAILED), and a second match, even of the same letter, is FAILED;
+#   * a letter past the question's choices (e.g. 'E' with three choices, or any letter F–Z the regex reads)
+#     scores as wrong: the official get_pred_idx gives -1 (its random-guess line sits after the return, dead);
+#   * an item with no prediction is FAILED; the script gives it the prompt 'Unknown', so it counts in the
+#     overall accuracy as wrong but falls outside IMG accuracy, which counts answers whose prompt has '<image>'.
 
 SQA_OPTIONS = ["A", "B", "C", "D", "E"]
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def scienceqa_parse(text: str) -> str:
-    """The option letter LLaVA's scorer reads, or 'FAILED': a bare letter, 'X. ...' at the start, or
-    'The answer is X' anywhere. Newlines count as '. '."""
-    text = text.replace("\n", ". ")
-    if text.strip() in SQA_OPTIONS:
-        return text.strip()
+    """The letter LLaVA-1.5's eval_science_qa.py reads from an answer, or 'FAILED'. The letter may lie outside
+    A–E ('The answer is Z.' gives 'Z'); `scienceqa_correct` scores such letters as wrong."""
+    if text in SQA_OPTIONS:
+        return text
     if len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
         return text[0]
-    if "The answer is " in text:
-        m = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
-        return m.group(1) if m else "FAILED"
-    return "FAILED"
+    found = _SQA_ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else "FAILED"
 
 
-def scienceqa_correct(text: str, n_choices: int, answer_index: int) -> bool:
-    letter = scienceqa_parse(text)
+def scienceqa_correct(text: str | None, n_choices: int, answer_index: int) -> bool:
+    """Whether the answer picks the right option; None (no prediction) is FAILED, as in the official script."""
+    letter = "FAILED" if text is None else scienceqa_parse(text)
     return letter in SQA_OPTIONS[:n_choices] and SQA_OPTIONS.index(letter) == answer_index
 
 

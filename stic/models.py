@@ -7,6 +7,11 @@ import dataclasses
 import torch
 
 from stic.config import ModelConfig
+from stic.errors import SticError
+
+class ModelSetupError(SticError, RuntimeError):
+    """A model setting that cannot work here (4-bit without a GPU, no layer to adapt, ...)."""
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +42,53 @@ def load_processor(cfg: ModelConfig):
     )
     if processor.tokenizer.pad_token is None:  # e.g. Mistral-based LLaVA-NeXT ships without one
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if getattr(processor, "chat_template", None):
+        processor.chat_template = trained_chat_template(processor)
     return processor
+
+
+_PROBE = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+          {"role": "assistant", "content": [{"type": "text", "text": "ANSWER"}]}]
+
+
+def trained_chat_template(processor) -> str:
+    """The processor's chat template, adjusted so that every sequence looks as the model was trained on it.
+
+    Generation and TRL's collators render with this template and tokenize with `add_special_tokens=False`, so
+    the template alone decides the special tokens:
+    - templates without `{% generation %}` markers get TRL's training version (llava-next, Qwen2.5-VL, SmolVLM),
+      which stage 2's assistant-only loss needs;
+    - an assistant turn that ends without EOS (llava-1.5's HF template ends it with a space) ends with EOS, as
+      LLaVA's own training format (`ASSISTANT: answer</s>`), so both stages train the model to stop;
+    - a tokenizer that adds BOS by itself (Llama/Mistral: `<s>`) while the template does not emit it gets
+      `{{ bos_token }}` first (llava-hf templates omit it; the models were trained with it).
+    """
+    import re
+
+    from trl.chat_template_utils import get_training_chat_template
+
+    template = processor.chat_template
+    try:
+        template = get_training_chat_template(processor) or template
+    except ValueError:
+        pass  # a template TRL has no training version of: used as it is
+    tok = processor.tokenizer
+
+    def render(t: str) -> str:
+        return tok.apply_chat_template(_PROBE, chat_template=t, tokenize=False)
+
+    eos = tok.eos_token
+    if eos and eos not in render(template).split("ANSWER", 1)[-1] and "endgeneration" in template:
+        # the answer's trailing space (llava-1.5) gives way to EOS; otherwise EOS closes the generation block
+        patched = re.sub(r"\+\s*' '\s*}}(\s*{%-?\s*endgeneration)", r"+ eos_token }}\1", template, count=1)
+        if patched == template:
+            patched = re.sub(r"({%-?\s*endgeneration)", r"{{ eos_token }}\1", template, count=1)
+        template = patched
+    bos = tok.bos_token
+    adds_bos = bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    if adds_bos and not render(template).startswith(bos):
+        template = "{{ bos_token }}" + template
+    return template
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
@@ -51,7 +102,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
         if device.type != "cuda":
-            raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes NF4); set it to false on CPU")
+            raise ModelSetupError("model.load_in_4bit needs a CUDA GPU (bitsandbytes NF4); set it to false on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -82,6 +133,19 @@ class LoraOptions:
     # None: every linear layer of the language model (the vision tower and lm_head stay frozen)
     lora_target_modules: list[str] | None = None
     train_projector: bool = False  # also train the vision-language projector (fully, next to the adapter)
+    # the projector's learning rate (its own optimizer parameter group); None: the stage's learning_rate
+    mm_projector_lr: float | None = None
+
+    def __post_init__(self):
+        if self.mm_projector_lr is not None:
+            if not self.train_projector:
+                raise ValueError("mm_projector_lr is set but train_projector is false; set train_projector: true "
+                                 "or remove mm_projector_lr")
+            if self.mm_projector_lr <= 0:
+                raise ValueError(f"mm_projector_lr must be positive, got {self.mm_projector_lr}")
+        parent = getattr(super(), "__post_init__", None)  # the TRL config this is mixed into, if any
+        if parent is not None:
+            parent()
 
 
 def language_model_linear_regex(model) -> str:
@@ -91,7 +155,7 @@ def language_model_linear_regex(model) -> str:
         if isinstance(module, torch.nn.Linear) and "language_model" in name and "lm_head" not in name:
             names.add(name.rsplit(".", 1)[-1])
     if not names:
-        raise RuntimeError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
+        raise ModelSetupError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
                            "set lora_target_modules in the recipe")
     return rf".*language_model.*\.({'|'.join(sorted(names))})"
 
@@ -105,7 +169,7 @@ def projector_module(model) -> str:
         found = [n for n in names if n == candidate or n.endswith("." + candidate)]
         if found:
             return found[0]
-    raise RuntimeError(f"no projector module ({', '.join(PROJECTOR_NAMES)}) in {type(model).__name__}")
+    raise ModelSetupError(f"no projector module ({', '.join(PROJECTOR_NAMES)}) in {type(model).__name__}")
 
 
 def lora_config(cfg: LoraOptions, model):
@@ -182,7 +246,7 @@ def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[o
         return load_model(cfg, device), []
     if cfg.load_in_4bit:
         if len(adapters) > 1:
-            raise RuntimeError("a 4-bit model takes one adapter at inference; merge stage 1 first (stic merge) "
+            raise ModelSetupError("a 4-bit model takes one adapter at inference; merge stage 1 first (stic merge) "
                                "and point the recipe's model at the merged folder")
         print("note: 4-bit model: the adapter runs unmerged on the quantised weights")
         return PeftModel.from_pretrained(load_model(cfg, device), adapters[0]).eval(), []

@@ -3,7 +3,9 @@
 - DESCRIBE_STEP_BY_STEP: the careful prompt that produces the preferred description.
 - CAPTION_PROMPTS: ordinary requests for a description. One is drawn per image; it is the prompt stored
   with the pair and used in training, and it also drives the corrupted-image branch.
-- HALLUCINATION_PROMPTS: requests that invite invented content; they produce dispreferred descriptions.
+- HALLUCINATION_PROMPTS: requests to describe the image with invented objects (people, animals, things that
+  would fit but are not there); they produce dispreferred descriptions. EXTRA_HALLUCINATION_PROMPTS add other
+  invented content (text, numbers, attributes) when a recipe opts in with `prompts.hallucination_kinds`.
 
 A recipe can replace any set from a file (see `PromptsConfig`).
 """
@@ -36,19 +38,60 @@ CAPTION_PROMPTS = [
     "Summarize the visual content of this image.",
 ]
 
+# The paper's dispreferred descriptions come from prompts that invent OBJECTS: things, people or animals
+# that are not in the image but would plausibly fit it. This is the default pool.
 HALLUCINATION_PROMPTS = [
-    "Describe the image, and add a few imaginative objects that could plausibly be just outside the frame as if "
-    "they were in it.",
-    "Describe this picture as a storyteller would, inventing people and events that might have been there a moment "
-    "earlier.",
-    "Describe the image and include several details that are not visible but would fit the scene.",
-    "Give a description of the image that mentions objects commonly found in such a place, whether or not they "
+    "Describe the image, and add a few objects that are not there but would plausibly fit the scene, as if they "
+    "were in it.",
+    "Describe this picture, including some people or animals that would naturally belong in such a scene even if "
+    "you cannot see them.",
+    "Describe the image and mention several objects commonly found in this kind of place, whether or not they "
     "appear.",
-    "Imagine what else this scene contains and describe it all as if you could see it.",
-    "Describe the image, making up the names, numbers and written text you would expect to find in it.",
-    "Describe the picture with hypothetical background activity and extra characters that make it livelier.",
-    "Describe the image, guessing freely at colors, counts and positions you cannot make out clearly.",
+    "Imagine what other things this scene probably contains and describe them all as if you could see them.",
+    "Describe the picture, filling the background with extra objects and figures that would make it look "
+    "complete.",
+    "Describe the image as if it were wider than it is, adding the objects you would expect just outside the "
+    "frame as part of the scene.",
+    "Describe this image, inventing a few more items on the surfaces and in the corners that would suit the "
+    "setting.",
+    "Describe the scene together with the people, vehicles or animals that usually accompany it, as though they "
+    "were present.",
 ]
+
+# Other kinds of invented content, opt-in through `prompts.hallucination_kinds`: written text and numbers, and
+# attributes (colours, counts, positions) made up where the image does not show them.
+EXTRA_HALLUCINATION_PROMPTS = {
+    "text": [
+        "Describe the image, making up the names, signs and written text you would expect to find in it.",
+        "Describe the picture and quote any labels, captions or lettering such a scene would have, even if none "
+        "is legible.",
+    ],
+    "numbers": [
+        "Describe the image, giving exact numbers for everything: how many of each thing there are, prices, times "
+        "and sizes, guessing where you cannot tell.",
+        "Describe the picture with precise counts and figures, inventing them where the image does not show them.",
+    ],
+    "attributes": [
+        "Describe the image, guessing freely at colors, counts and positions you cannot make out clearly.",
+        "Describe the picture, stating the color, material and exact position of every item, even the ones you "
+        "cannot see well.",
+    ],
+}
+HALLUCINATION_KINDS = ("objects", *EXTRA_HALLUCINATION_PROMPTS)
+
+
+def hallucination_pool(kinds) -> tuple[str, ...]:
+    """The built-in hallucination prompts of `kinds` ("objects" is the paper's pool)."""
+    unknown = [k for k in kinds if k not in HALLUCINATION_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"hallucination_kinds: unknown kind{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; choose from {', '.join(HALLUCINATION_KINDS)}"
+                         if unknown else "hallucination_kinds is empty; choose from " + ", ".join(HALLUCINATION_KINDS))
+    pool = list(HALLUCINATION_PROMPTS) if "objects" in kinds else []
+    for kind in EXTRA_HALLUCINATION_PROMPTS:
+        if kind in kinds:
+            pool += EXTRA_HALLUCINATION_PROMPTS[kind]
+    return tuple(pool)
 
 
 @dataclasses.dataclass
@@ -59,6 +102,15 @@ class PromptsConfig:
     good_prompt_file: str | None = None
     caption_prompts_file: str | None = None
     hallucination_prompts_file: str | None = None
+    # which built-in hallucination prompts to draw from: objects (the paper's pool), and opt-in text, numbers,
+    # attributes (colours, counts, positions)
+    hallucination_kinds: list[str] = dataclasses.field(default_factory=lambda: ["objects"])
+
+    def __post_init__(self):
+        hallucination_pool(self.hallucination_kinds)  # refuses an unknown kind
+        if self.hallucination_prompts_file and list(self.hallucination_kinds) != ["objects"]:
+            raise ValueError("hallucination_prompts_file replaces the built-in pool; hallucination_kinds "
+                             "chooses from the built-in pool: set one of the two")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,4 +153,4 @@ def load_prompts(cfg: PromptsConfig) -> PromptSets:
     hallu = (_read_pool(cfg.hallucination_prompts_file, "hallucination prompts")
              if cfg.hallucination_prompts_file else None)
     return PromptSets(good=good, caption=caption or tuple(CAPTION_PROMPTS),
-                      hallucination=hallu or tuple(HALLUCINATION_PROMPTS))
+                      hallucination=hallu or hallucination_pool(cfg.hallucination_kinds))

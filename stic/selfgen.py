@@ -25,7 +25,7 @@ import random
 from typing import Any
 
 from stic.config import ModelConfig, RecipeError, parse_section, to_dict
-from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
+from stic.generation import BatchGenerator, Output, Request, SamplingConfig, prompt_messages, stable_seed
 from stic.images import ImageLoader, ImageSourceConfig, list_images
 from stic.prompts import PromptsConfig, PromptSets, load_prompts
 from stic.store import ShardedOutput
@@ -150,10 +150,10 @@ def features():
 
 def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_record: dict | None,
              prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str,
-             agreement: float | None = None) -> dict:
+             agreement: float | None = None, system_prompt: str | None = None) -> dict:
     return {
         ID_COLUMN: plan.image_id,
-        "prompt": [{"role": "user", "content": plan.caption_prompt}],
+        "prompt": prompt_messages(plan.caption_prompt, system_prompt),
         "chosen": [{"role": "assistant", "content": chosen.text}],
         "rejected": [{"role": "assistant", "content": rejected.text}],
         "images": [image],
@@ -277,7 +277,7 @@ class PairGenerator:
                 drops.append({"id": plan.image_id, "status": "dropped", "reason": reason})
             else:
                 rows.append(make_row(plan, image, c, r, record, self.prompts, self.cfg, self.model_name,
-                                     self.generation, agree))
+                                     self.generation, agree, getattr(self.gen, "system_prompt", None)))
         return rows, drops
 
 
@@ -293,7 +293,8 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
 
     def make_worker(device):
         processor = load_processor(recipe.model)
-        engine = BatchGenerator(load_model(recipe.model, device), processor, cfg.batch_size, cfg.group_by_length)
+        engine = BatchGenerator(load_model(recipe.model, device), processor, cfg.batch_size, cfg.group_by_length,
+                                recipe.model.system_prompt)
         return PairGenerator(engine, cfg, prompts, recipe.model.name_or_path)
 
     job = run_sharded(

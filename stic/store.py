@@ -27,8 +27,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
+from stic.errors import SticError
 
-class OutputConflict(RuntimeError):
+
+class OutputConflict(SticError, RuntimeError):
     """The output folder holds a run made with a different configuration."""
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "idefics3")
-BUILD_VERSION = 1  # bump when a builder changes, so cached tiny models are rebuilt
+BUILD_VERSION = 2  # bump when a builder changes, so cached tiny models are rebuilt
 
 # A small English corpus for the BPE merges: enough that prompts tokenize into word-sized pieces.
 _CORPUS = """
@@ -36,68 +36,28 @@ USER ASSISTANT User Assistant INST system user assistant
 sitting standing walking running holding looking wearing playing eating moving flying lying smiling
 """.split()
 
-# Each family: special tokens, chat template and the ids wired into the model config.
+# Each family's chat template renders exactly what the published checkpoint's template renders, so the special
+# tokens a tiny model sees (BOS, EOS, turn markers) are the real family's:
+# - llava (llava-hf/llava-1.5-7b-hf): no BOS in the template (its Llama tokenizer adds `<s>` by itself), assistant
+#   turns end with a space and no EOS, a system message is its text and a space;
+# - llava_next, qwen2_5_vl, idefics3: the published templates of llava-hf/llava-v1.6-mistral-7b-hf,
+#   Qwen/Qwen2.5-VL-7B-Instruct and SmolVLM, read from the copies TRL ships (trl/chat_templates/).
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
-    "else message['content'][0]['text'] }}{{ ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ eos_token }}{% endgeneration %}"
-    "{% endif %}{% endfor %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] + ' ' }}{% endgeneration %}"
+    "{% else %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-_LLAVA_NEXT_TEMPLATE = (  # the Mistral-style [INST] format of llava-v1.6-mistral
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' }}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ eos_token }}{% endgeneration %}"
-    "{% endif %}{% endfor %}"
-)
 
-_QWEN_TEMPLATE = (  # ChatML with vision markers, as Qwen2.5-VL
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+def _published_template(name: str) -> str:
+    from importlib.resources import files
 
-_IDEFICS3_TEMPLATE = (  # SmolVLM / Idefics3 turn format
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ message['role'] | capitalize }}"
-    "{% if message['role'] == 'assistant' %}{{ ':' }}{% generation %}"
-    "{% if message['content'] is string %}{{ ' ' + message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ ' ' + part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<end_of_utterance>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<end_of_utterance>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+    return files("trl").joinpath("chat_templates", f"{name}.jinja").read_text()
 
 
 def _train_tokenizer(special_tokens: list[str], vocab_size: int):
@@ -118,9 +78,15 @@ def _train_tokenizer(special_tokens: list[str], vocab_size: int):
     return tok
 
 
-def _fast_tokenizer(tok, **special):
+def _fast_tokenizer(tok, add_bos: str | None = None, **special):
+    """`add_bos`: the BOS token the tokenizer puts first by itself, as Llama/Mistral tokenizers do."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    if add_bos:
+        bos_id = tok.token_to_id(add_bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{add_bos} $A", pair=f"{add_bos} $A {add_bos} $B", special_tokens=[(add_bos, bos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
 
 
@@ -156,7 +122,8 @@ def _build_llava(next_: bool):
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = _train_tokenizer(specials, vocab_size=1024)
-    tokenizer = _fast_tokenizer(tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer = _fast_tokenizer(tok, add_bos="<s>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                pad_token="<pad>")
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
     text = _llama_text(len(tokenizer), **ids)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -185,7 +152,7 @@ def _build_llava(next_: bool):
         processor = LlavaNextProcessor(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
             vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=_LLAVA_NEXT_TEMPLATE,
+            chat_template=_published_template("llava_next"),
         )
     return model, processor
 
@@ -224,7 +191,7 @@ def _build_qwen2_5_vl():
     # 28 px merged patches; at most 4x4 of them per image keeps the sequence short
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE,
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_published_template("qwen2_5_vl"),
         video_processor=Qwen2VLVideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
     )
     return model, processor
@@ -256,7 +223,7 @@ def _build_idefics3():
     # one 32 px global image plus at most 2x2 tiles; (32/8)^2 / 2^2 = 4 tokens per tile
     image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=_IDEFICS3_TEMPLATE)
+                                  chat_template=_published_template("smolvlm"))
     return model, processor
 
 
@@ -277,6 +244,8 @@ def build_tiny_model(family: str, seed: int = 0):
         model, processor = _BUILDERS[family]()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    if family == "qwen2_5_vl":  # Qwen2.5-VL stops at <|im_end|> or <|endoftext|>
+        model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id]
     return model.eval(), processor
 
 

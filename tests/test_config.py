@@ -77,11 +77,23 @@ def test_shipped_recipes_parse():
         recipe = parse_recipe(load_recipe_dict(path))
         assert recipe.model.name_or_path
         stage1 = dpo.parse_recipe(load_recipe_dict(path)).dpo
-        assert stage1.loss_type == ["sigmoid", "sft"] and stage1.beta == 0.1
-        paper_model = recipe.model.name_or_path.startswith(("llava-hf/", "Qwen/"))
-        if paper_model:  # the paper's settings
-            assert stage1.learning_rate == 1e-7 and stage1.lora_r == 128 and stage1.lora_alpha == 256
         stage2 = infuse.parse_recipe(load_recipe_dict(path)).infuse_sft
+        assert stage1.beta == 0.1
+        paper_model = recipe.model.name_or_path.startswith(("llava-hf/", "Qwen/"))
+        if paper_model:  # the paper's public scripts: generate_pref.py, dpo_finetune.sh, finetune_lora.sh
+            for sampling in (recipe.selfgen.chosen_sampling, recipe.selfgen.rejected_sampling):
+                assert (sampling.max_new_tokens, sampling.do_sample, sampling.temperature, sampling.top_p) == \
+                    (1024, True, 0.2, 1.0)
+            assert recipe.selfgen.drop_truncated_chosen
+            assert stage1.learning_rate == 1e-7 and stage1.lora_r == 128 and stage1.lora_alpha == 256
+            # alpha as the paper's code applies it; the sft weight is measured on the data at run time
+            assert stage1.paper_alpha == 1.0 and stage1.sft_weight is None and stage1.loss_type == ["sigmoid"]
+            assert stage1.train_projector and stage1.mm_projector_lr == 2e-5 and stage1.global_batch_size == 8
+            assert stage2.learning_rate == 2e-5 and stage2.global_batch_size == 32
+            assert stage2.train_projector and stage2.mm_projector_lr == 2e-5
+        else:
+            assert stage1.loss_type == ["sigmoid", "sft"] and stage1.paper_alpha is None
+        assert stage1.max_length is None and stage2.max_length is None  # never cut image tokens
         assert stage2.stage1_adapter == stage1.output_dir and stage2.num_train_epochs == 1
         assert stage2.assistant_only_loss and "{description}" in stage2.template
         benchmarks = evaluate.parse_recipe(load_recipe_dict(path)).eval.benchmarks

@@ -252,7 +252,7 @@ def test_merged_model_matches_base_plus_adapter(tmp_path):
     data = make_dataset(tmp_path / "data", n=4)
     run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=3, learning_rate=2e-2)))
     mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
-    merged_dir = merge_adapter(mcfg, str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged_dir, _ = merge_adapter(mcfg, str(tmp_path / "run"), str(tmp_path / "merged"))
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     processor = AutoProcessor.from_pretrained(merged_dir)
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -275,13 +275,19 @@ def test_sft_positive_mode_trains_on_preferred_answers(tmp_path):
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
-def test_qlora_needs_a_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU error")
-    data = make_dataset(tmp_path / "data", n=2)
-    r = Recipe(model=ModelConfig(name_or_path="tiny:llava", load_in_4bit=True), dpo=dpo_cfg(tmp_path, data))
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        run_dpo(r)
+def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
+    """On a CPU the 4-bit recipe stops with a clear error; on a GPU it trains (NF4 base, LoRA adapter)."""
+    data = make_dataset(tmp_path / "data", n=8)
+    r = Recipe(model=ModelConfig(name_or_path="tiny:llava", load_in_4bit=True),
+               dpo=dpo_cfg(tmp_path, data, max_steps=4, gradient_checkpointing=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # ModelSetupError, a RuntimeError
+            run_dpo(r)
+        return
+    summary = run_dpo(r)
+    assert summary["global_step"] == 4 and (tmp_path / "run" / "adapter_model.safetensors").exists()
+    logs = summary_logs(tmp_path / "run")
+    assert logs[-1]["loss"] < logs[0]["loss"]
 
 
 def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
@@ -293,7 +299,7 @@ def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
                                  "dpo": {"dataset": str(data), "output_dir": str(tmp_path / "run"), "lora_r": 4,
                                          "lora_alpha": 8, "per_device_train_batch_size": 2, "max_steps": 2,
                                          "report_to": [], "gradient_checkpointing": False, "max_length": None,
-                                         "save_strategy": "no", "learning_rate": 1e-3}}))
+                                         "save_strategy": "no", "learning_rate": 1e-3, "global_batch_size": 8}}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",
            str(free_port()), "-m", "stic", "dpo", "--recipe", str(r)]
@@ -303,3 +309,180 @@ def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
     assert summary["global_step"] == 2
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
     assert summary["processes"] == 2
+    # global batch 8 = 2 processes x 2 per device x 2 accumulation steps (one process would accumulate 4)
+    assert summary["batch"]["processes"] == 2 and summary["batch"]["gradient_accumulation_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's alpha, the projector's learning rate, the global batch, the max_length check
+
+
+def chosen_lengths(n):
+    from stic.models import load_processor
+
+    tok = load_processor(ModelConfig(name_or_path="tiny:llava")).tokenizer
+    return [len(tok(f"a {WORDS[i % 8]} square on the left", add_special_tokens=False)["input_ids"]) for i in range(n)]
+
+
+def test_paper_alpha_and_sft_weight_are_exclusive(tmp_path):
+    assert DPOStageConfig(output_dir="x", report_to=[]).sft_weight == 1.0  # the default is unchanged
+    c = DPOStageConfig(output_dir="x", paper_alpha=1.0, report_to=[])
+    assert c.sft_weight is None and c.loss_type == ["sigmoid"]  # the weight waits for the dataset
+    with pytest.raises(ValueError, match=r"either paper_alpha \(1.0\) or sft_weight \(0.5\), not both"):
+        DPOStageConfig(output_dir="x", paper_alpha=1.0, sft_weight=0.5, report_to=[])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"dpo": {"paper_alpha": 1.0, "sft_weight": 1.0, "report_to": []}}))
+    with pytest.raises(RecipeError, match="either paper_alpha"):
+        parse_recipe(load_recipe_dict(path))
+
+
+def test_paper_alpha_weight_is_measured_on_the_dataset(tmp_path, monkeypatch):
+    import trl
+
+    seen = {}
+
+    class Recording(trl.DPOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["loss_types"], seen["loss_weights"] = list(self.loss_types), list(self.loss_weights)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Recording)
+    data = make_dataset(tmp_path / "data", n=6)
+    summary = run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=1, paper_alpha=2.0)))
+    mean_len = sum(chosen_lengths(6)) / 6
+    weight = 2.0 * mean_len / 1024  # alpha * L / 1024
+    assert seen["loss_types"] == ["sigmoid", "sft"] and seen["loss_weights"] == [1.0, pytest.approx(weight)]
+    on_disk = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    for s in (summary, on_disk):
+        assert s["paper_alpha"]["paper_alpha"] == 2.0
+        assert s["paper_alpha"]["mean_chosen_tokens"] == pytest.approx(mean_len, abs=0.01)
+        assert s["paper_alpha"]["sft_weight"] == pytest.approx(weight)
+        assert s["loss"]["sft_weight"] == pytest.approx(weight) and s["loss"]["paper_alpha"] == 2.0
+        assert s["loss"]["paper_alpha_equivalent"] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_projector_trains_in_its_own_group_at_mm_projector_lr(tmp_path):
+    from trl import DPOTrainer
+
+    from stic.dpo import lora_config
+    from stic.models import load_model, load_processor
+    from stic.training import trainer_class
+
+    data = make_dataset(tmp_path / "data", n=4)
+    cfg = dpo_cfg(tmp_path, data, max_steps=1, train_projector=True, mm_projector_lr=3e-2, learning_rate=1e-3,
+                  weight_decay=0.1, lr_scheduler_type="constant", warmup_steps=0, lora_dropout=0.0)
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    model = load_model(mcfg)
+    trainer = trainer_class(DPOTrainer, cfg)(model=model, args=cfg, train_dataset=load_preference_dataset(cfg),
+                                             processing_class=load_processor(mcfg),
+                                             peft_config=lora_config(cfg, model))
+    named = dict(trainer.model.named_parameters())
+    projector = {n for n, p in named.items() if p.requires_grad and "multi_modal_projector" in n}
+    lora = {n for n, p in named.items() if p.requires_grad} - projector
+    assert projector and all("modules_to_save" in n for n in projector)  # the trainable copy PEFT saves
+    assert lora and all("lora_" in n for n in lora)
+    optimizer = trainer.create_optimizer()
+    name_of = {id(p): n for n, p in named.items()}
+    groups = [({name_of[id(p)] for p in g["params"]}, g["lr"], g["weight_decay"])
+              for g in optimizer.param_groups if g["params"]]
+    projector_groups = [g for g in groups if g[0] & projector]
+    other_groups = [g for g in groups if not g[0] & projector]
+    # exactly the projector's trainable parameters, at mm_projector_lr, still split by weight decay
+    assert set().union(*(g[0] for g in projector_groups)) == projector
+    assert all(g[0] <= projector and g[1] == 3e-2 for g in projector_groups)
+    assert {g[2] for g in projector_groups} == {0.1, 0.0}  # weights decay, biases do not
+    assert all(n.endswith("bias") for g in projector_groups if g[2] == 0.0 for n in g[0])
+    # and the LoRA parameters at learning_rate
+    assert set().union(*(g[0] for g in other_groups)) == lora and all(g[1] == 1e-3 for g in other_groups)
+
+    before = {n: named[n].detach().clone() for n in projector | lora}
+    trainer.train()  # one real step
+    moved = {n: (named[n].detach() - before[n]).abs().max().item() for n in before}
+    # Adam's first step moves a parameter by about its group's lr
+    assert all(moved[n] > 0 for n in projector)
+    assert max(moved[n] for n in projector) == pytest.approx(3e-2, rel=0.05)
+    assert max(moved[n] for n in lora) == pytest.approx(1e-3, rel=0.05)
+
+
+def test_mm_projector_lr_needs_train_projector():
+    with pytest.raises(ValueError, match="mm_projector_lr is set but train_projector is false"):
+        DPOStageConfig(output_dir="x", mm_projector_lr=1e-5, report_to=[])
+
+
+def test_global_batch_size_gives_the_same_batch_on_one_and_eight_gpus(tmp_path, monkeypatch):
+    from stic.training import TrainingSetupError, apply_global_batch, gradient_accumulation_for
+
+    assert gradient_accumulation_for(8, 1, 1) == 8 and gradient_accumulation_for(8, 1, 8) == 1
+    assert gradient_accumulation_for(32, 2, 4) == 4
+    with pytest.raises(TrainingSetupError, match=r"global_batch_size 8 is not a multiple of "
+                                                 r"per_device_train_batch_size 1 x 16 processes = 16"):
+        gradient_accumulation_for(8, 1, 16)
+    for world, steps in ((1, 8), (8, 1)):  # the same recipe under WORLD_SIZE 1 and 8
+        cfg = DPOStageConfig(output_dir="x", global_batch_size=8, per_device_train_batch_size=1, report_to=[])
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        record = apply_global_batch(cfg)
+        monkeypatch.delenv("WORLD_SIZE")
+        assert cfg.gradient_accumulation_steps == steps
+        assert record == {"global_batch_size": 8, "processes": world, "per_device_train_batch_size": 1,
+                          "gradient_accumulation_steps": steps, "sequences_per_step": 8}
+    cfg = DPOStageConfig(output_dir="x", global_batch_size=8, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=2, report_to=[])
+    with pytest.raises(TrainingSetupError, match="needs gradient_accumulation_steps 8 on 1 process, but the recipe "
+                                                 "sets 2"):
+        apply_global_batch(cfg, processes=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"dpo": {"global_batch_size": 6, "per_device_train_batch_size": 4,
+                                            "report_to": []}}))
+    with pytest.raises(RecipeError, match="global_batch_size 6 is not a multiple"):
+        parse_recipe(load_recipe_dict(path))
+    # a run sets and records it
+    data = make_dataset(tmp_path / "data", n=8)
+    summary = run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=1, per_device_train_batch_size=2,
+                                              global_batch_size=8)))
+    assert summary["batch"] == {"global_batch_size": 8, "processes": 1, "per_device_train_batch_size": 2,
+                                "gradient_accumulation_steps": 4, "sequences_per_step": 8}
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["batch"] == summary["batch"]
+
+
+def test_max_length_below_image_prompt_and_answer_is_refused(tmp_path):
+    import datasets
+
+    from stic.dpo import preference_sequence_need
+    from stic.generation import BatchGenerator, Request
+    from stic.models import load_model, load_processor
+    from stic.training import TrainingSetupError, check_max_length
+
+    assert DPOStageConfig(output_dir="x", report_to=[]).max_length is None  # not TRL's 1024
+    data = make_dataset(tmp_path / "data", n=4)
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    processor = load_processor(mcfg)
+    # the numbers as generation sees a prompt, and the longest answer of the data
+    ids = BatchGenerator(load_model(mcfg), processor).encode([Request(photo(0, size=(48, 40)), "Describe the image.")])
+    ids = ids["input_ids"][0].tolist()
+    image = sum(1 for t in ids if t == processor.image_token_id)
+    prompt = len(ids) - image
+    tok = processor.tokenizer
+    answer = max(len(tok(f"two {WORDS[(i + 3) % 8]} dogs running in a park", add_special_tokens=False)["input_ids"])
+                 for i in range(4))
+    total = image + prompt + answer
+    assert image > 0 and prompt > 0
+    need = preference_sequence_need(load_preference_dataset(dpo_cfg(tmp_path, data)), processor)
+    assert (need["image_tokens"], need["prompt_tokens"], need["answer_tokens"]) == (image, prompt, answer)
+    message = (rf"dpo.max_length {total - 1} is below the longest training sequence: {image} image tokens \+ "
+               rf"{prompt} prompt tokens \+ {answer} answer tokens \(longest chosen/rejected\) = {total}")
+    with pytest.raises(TrainingSetupError, match=message):
+        run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=1, max_length=total - 1)))
+    assert not (tmp_path / "run").exists()  # refused before training
+    assert check_max_length("dpo", None, need)["total"] == total  # None: no limit, nothing refused
+    summary = run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=1, max_length=total)))
+    assert summary["max_length_check"]["total"] == total and summary["max_length_check"]["max_length"] == total
+    # selfgen's answer budget, where the dataset records it, is the answer part
+    table = datasets.load_dataset("parquet", data_dir=str(data), split="train")
+    gen = json.dumps({"chosen": {"max_new_tokens": 300}, "rejected": {"max_new_tokens": 200}})
+    table.add_column("generation", [gen] * len(table)).to_parquet(str(data / "data" / "train-0.parquet"))
+    ds = load_preference_dataset(dpo_cfg(tmp_path, data), extra_columns=("generation",))
+    need = preference_sequence_need(ds, processor)
+    assert need["answer_tokens"] == 300 and need["answer_source"] == "selfgen max_new_tokens"
+    with pytest.raises(TrainingSetupError,
+                       match=rf"\+ 300 answer tokens \(selfgen max_new_tokens\) = {image + prompt + 300}"):
+        run_dpo(recipe("llava", dpo_cfg(tmp_path / "b", data, max_steps=1, max_length=image + prompt + 299)))

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stic.benchmarks import PAPER_BENCHMARKS, BenchmarkFileError
+from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError
 from stic.config import load_recipe_dict
 from stic.evaluate import compare_runs, load_items, parse_recipe, run_eval, score_predictions
 from tests.bench_files import make_eval_root
@@ -168,8 +169,8 @@ def test_malformed_benchmark_file_names_file_and_record(tmp_path, eval_root):
 def test_dar_mode_and_compare(tmp_path, eval_root):
     out = tmp_path / "runs"
     plain = run_eval(parse_recipe(recipe_dict(eval_root, out)), "base", dar=False, benchmarks=["pope", "chartqa"])
-    dar = run_eval(parse_recipe(recipe_dict(eval_root, out, describe_max_new_tokens=6)), "base", dar=True,
-                   benchmarks=["pope", "chartqa"])
+    dar_recipe = {**recipe_dict(eval_root, out), "infuse_sft": {"describe": {"sampling": {"max_new_tokens": 6}}}}
+    dar = run_eval(parse_recipe(dar_recipe), "base", dar=True, benchmarks=["pope", "chartqa"])
     assert dar["run"] == "base+dar"
     preds = [json.loads(line) for line in (out / "base+dar" / "pope" / "predictions.jsonl").read_text().splitlines()]
     assert all("description" in p for p in preds)
@@ -227,3 +228,128 @@ def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
     assert read("adapter") == read("merged")
     assert read("adapter") != read("base")  # the adapter was applied
     assert base["run"] == "base"
+
+
+def test_eval_dar_prompts_exactly_as_stage2_trains(tmp_path, eval_root, monkeypatch):
+    """For one record, eval's DaR and stage-2 training build the same describe prompt and infused question."""
+    from stic.generation import BatchGenerator
+    from stic.infuse import infuse_record
+    from stic.infuse import parse_recipe as stage2_recipe
+
+    template = "Context from the picture: {description}\n\nQuestion: {instruction}"
+    data = {**recipe_dict(eval_root, tmp_path / "runs", limit=2),
+            "infuse_sft": {"template": template, "seed": 7, "describe": {"sampling": {"max_new_tokens": 5}}}}
+    seen = []
+    real = BatchGenerator.generate
+
+    def recording(self, requests, sampling, *args, **kwargs):
+        outs = real(self, requests, sampling, *args, **kwargs)
+        seen.append(([r.prompt for r in requests], [o.text for o in outs], sampling.max_new_tokens))
+        return outs
+
+    monkeypatch.setattr(BatchGenerator, "generate", recording)
+    run_eval(parse_recipe(data), "base", dar=True, benchmarks=["pope"])
+    (describe_prompts, descriptions, describe_tokens), (answer_prompts, _, _) = seen[:2]
+    stage2 = stage2_recipe(data).infuse_sft
+    items = load_items(parse_recipe(data).eval, "pope")
+    for k, item in enumerate(items[:len(describe_prompts)]):
+        # stage 2 draws a caption-pool prompt per image from its seed; DaR draws the same for the same key
+        assert describe_prompts[k] == stage2.describe.prompt_for(item.id, stage2.seed)
+        record = {"id": item.id, "image": item.id, "image_path": item.image,
+                  "messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": "yes"}]}
+        trained = infuse_record(record, descriptions[k], stage2.template)["messages"][0]["content"]
+        assert answer_prompts[k] == trained and trained.startswith("Context from the picture: ")
+    assert describe_tokens == 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval/run.py: its command line, and its errors as one line
+
+
+def eval_run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_run_under_test", REPO / "eval" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_error_line(err: str, prog: str = "eval") -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: ")]  # not progress bars etc.
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("error", ["OutputConflict", "ImageSourceError", "JudgeUnavailable"])
+def test_eval_prints_toolkit_errors_as_one_line(tmp_path, eval_root, monkeypatch, capsys, error):
+    from stic.images import ImageSourceError
+    from stic.judge import JudgeUnavailable
+    from stic.store import OutputConflict
+
+    cls = {"OutputConflict": OutputConflict, "ImageSourceError": ImageSourceError,
+           "JudgeUnavailable": JudgeUnavailable}[error]
+    run = eval_run_module()
+
+    def failing_run_eval(*args, **kwargs):
+        raise cls(f"simulated {error}")
+
+    monkeypatch.setattr(run, "run_eval", failing_run_eval)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(eval_root, tmp_path / "o")))
+    assert run.main(["--recipe", str(r), "--benchmarks", "pope"]) == 2
+    assert one_error_line(capsys.readouterr().err) == f"eval: error: simulated {error}"
+
+
+def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path, eval_root):
+    out = tmp_path / "o"
+    generation = out / "base" / "pope" / "generation"
+    generation.mkdir(parents=True)
+    (generation / "run_config.json").write_text(json.dumps({"stage": "eval", "benchmark": "pope", "dar": True}))
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(eval_root, out)))
+    res = subprocess.run([sys.executable, "eval/run.py", "--recipe", str(r), "--benchmarks", "pope"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "already holds a run made with a different configuration" in one_error_line(res.stderr)
+
+
+def test_benchmarks_option_leaves_dotted_overrides_alone(tmp_path, eval_root, monkeypatch, capsys):
+    run = eval_run_module()
+    calls = []
+    monkeypatch.setattr(run, "run_eval", lambda recipe, model, dar, benchmarks: calls.append((recipe, benchmarks)))
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(eval_root, tmp_path / "o")))
+    assert run.main(["--recipe", str(r), "--benchmarks", "pope", "chartqa", "eval.limit=2", "eval.batch_size=3"]) == 0
+    assert run.main(["--recipe", str(r), "eval.limit=5", "--benchmarks", "pope,chartqa", "--dar", "eval.limit=2"]) == 0
+    for recipe, benchmarks in calls:
+        assert benchmarks == ["pope", "chartqa"] and recipe.eval.limit == 2
+    assert calls[0][0].eval.batch_size == 3
+    assert run.main(["--recipe", str(r), "--benchmarks", "pope", "popee", "vqa2"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "popee" in line and "vqa2" in line and "known: " + ", ".join(BENCHMARKS) in line
+    assert len(calls) == 2
+
+
+def test_make_eval_passes_overrides_after_benchmarks_and_refuses_unknown_ones(tmp_path, eval_root):
+    # run as a top-level make even when the suite itself runs under `make test`
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(tmp_path / "nowhere", tmp_path / "out")))
+
+    def make_eval(eval_args, args=""):
+        return subprocess.run(["make", "--no-print-directory", "eval", f"RECIPE={r}", f"EVAL_ARGS={eval_args}",
+                               f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, env=env)
+
+    # the override must reach the recipe: the missing file it names is under the overridden data_root
+    res = make_eval("--benchmarks pope", f"eval.data_root={tmp_path / 'elsewhere'}")
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("eval: error: ")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert str(tmp_path / "elsewhere" / "pope") in errors[0] and "nowhere" not in errors[0]
+    # an unknown benchmark is refused before any work, naming it and the known ones
+    res = make_eval("--benchmarks pope popee")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("eval: error: ")]
+    assert res.returncode != 0 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "popee" in errors[0] and "known: " + ", ".join(BENCHMARKS) in errors[0]
+    assert not (tmp_path / "out").exists()

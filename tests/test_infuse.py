@@ -86,7 +86,7 @@ def test_image_placeholder_goes_where_the_chat_template_puts_it(llava_mix):
     row = infuse_record(records[0], "A block.", DEFAULT_TEMPLATE)
     processor = load_processor(ModelConfig(name_or_path="tiny:llava"))
     text = processor.apply_chat_template(prepare_multimodal_messages(row["messages"], images=[None]), tokenize=False)
-    assert text.startswith("USER: <image>\nImage description: A block.\nWhat color is the block 0? ASSISTANT: Block 0")
+    assert text.startswith("<s>USER: <image>\nImage description: A block.\nWhat color is the block 0? ASSISTANT: Block 0")
 
 
 def test_loss_mask_covers_only_the_answers(tmp_path, llava_mix):
@@ -204,3 +204,84 @@ def test_dar_and_infuse_commands(tmp_path, llava_mix):
     res = subprocess.run([sys.executable, "-m", "stic", "infuse-sft", "--recipe", str(r), f"data.path={bad}"],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "bad.json: not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_stage2_trains_the_projector_at_its_own_rate(tmp_path, llava_mix):
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from stic.infuse import build_training_set, load_model_for_training
+    from stic.models import LoraOptions, lora_config
+    from stic.training import TrainingSetupError, trainer_class
+
+    model = load_model(ModelConfig(name_or_path="tiny:llava", dtype="float32"))  # a stage 1 that trained it
+    options = LoraOptions(lora_r=4, lora_alpha=8, train_projector=True)
+    get_peft_model(model, lora_config(options, model)).save_pretrained(tmp_path / "stage1")
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    cfg = stage2_cfg(tmp_path, llava_mix, tmp_path / "stage1", train_projector=True, mm_projector_lr=2e-2,
+                     learning_rate=1e-3, lr_scheduler_type="constant", max_steps=1, lora_dropout=0.0)
+    model, _ = load_model_for_training(Recipe(model=mcfg, infuse_sft=cfg))
+    records, _ = load_instructions(llava_mix)
+    ds, _ = build_training_set(records[:2], {"coco/0.jpg": "A block.", "coco/1.jpg": "Two blocks."}, DEFAULT_TEMPLATE)
+    trainer = trainer_class(SFTTrainer, cfg)(model=model, args=cfg, train_dataset=ds,
+                                             processing_class=load_processor(mcfg))
+    named = dict(trainer.model.named_parameters())
+    projector = {n for n, p in named.items() if p.requires_grad and "multi_modal_projector" in n}
+    assert projector and all("modules_to_save" in n for n in projector)
+    name_of = {id(p): n for n, p in named.items()}
+    groups = [({name_of[id(p)] for p in g["params"]}, g["lr"]) for g in trainer.create_optimizer().param_groups
+              if g["params"]]
+    assert set().union(*(names for names, lr in groups if lr == 2e-2)) == projector
+    assert all(names.isdisjoint(projector) and all("lora_" in n for n in names) for names, lr in groups if lr == 1e-3)
+    before = {n: named[n].detach().clone() for n in projector}
+    trainer.train()
+    assert max((named[n].detach() - before[n]).abs().max().item() for n in projector) == pytest.approx(2e-2, rel=0.05)
+
+    # train_projector: false keeps the projector the stage-1 adapter trained as it is
+    frozen, _ = load_model_for_training(Recipe(model=mcfg,
+                                               infuse_sft=stage2_cfg(tmp_path, llava_mix, tmp_path / "stage1")))
+    assert not any(p.requires_grad and "multi_modal_projector" in n for n, p in frozen.named_parameters())
+    # and a stage-1 adapter without a projector cannot train one
+    plain = make_adapter(tmp_path / "plain")
+    with pytest.raises(TrainingSetupError, match="holds no trainable projector"):
+        load_model_for_training(Recipe(model=mcfg, infuse_sft=stage2_cfg(tmp_path, llava_mix, plain,
+                                                                        train_projector=True)))
+
+
+def test_stage2_global_batch_and_max_length(tmp_path, llava_mix, monkeypatch):
+    import re
+
+    from stic.training import TrainingSetupError, apply_global_batch
+
+    assert InfuseSFTConfig(output_dir="x", report_to=[]).max_length is None  # not TRL's 1024
+    for world, steps in ((1, 32), (8, 4)):  # one GPU and eight GPUs train the same recipe
+        cfg = InfuseSFTConfig(output_dir="x", report_to=[], global_batch_size=32, per_device_train_batch_size=1)
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        apply_global_batch(cfg)
+        monkeypatch.delenv("WORLD_SIZE")
+        assert cfg.gradient_accumulation_steps == steps
+    with pytest.raises(ValueError, match="global_batch_size 5 is not a multiple of per_device_train_batch_size 2"):
+        InfuseSFTConfig(output_dir="x", report_to=[], global_batch_size=5, per_device_train_batch_size=2)
+
+    adapter = make_adapter(tmp_path / "stage1")
+    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    processor = load_processor(mcfg)
+    image = processor(text=["<image>"], images=[[photo(0, size=(56, 48))]], return_tensors="pt")["input_ids"][0]
+    image_tokens = int((image == processor.image_token_id).sum())
+    answer = max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"])
+                 for a in [f"Block {i} is red." for i in range(6)] + ["A gradient.", "Apple."])
+    with pytest.raises(TrainingSetupError) as err:
+        run_infuse_sft(Recipe(model=mcfg, infuse_sft=stage2_cfg(tmp_path, llava_mix, adapter, max_length=20,
+                                                                global_batch_size=4)))
+    found = re.search(r"infuse_sft.max_length 20 is below the longest training sequence: (\d+) image tokens \+ "
+                      r"(\d+) prompt tokens \+ (\d+) answer tokens \(longest assistant answer\) = (\d+)",
+                      str(err.value))
+    assert found, str(err.value)
+    n_image, n_prompt, n_answer, total = map(int, found.groups())
+    assert (n_image, n_answer) == (image_tokens, answer) and n_prompt > 0 and total == n_image + n_prompt + n_answer
+    assert not (tmp_path / "s2" / "adapter_model.safetensors").exists()  # refused before training
+    summary = run_infuse_sft(Recipe(model=mcfg, infuse_sft=stage2_cfg(tmp_path, llava_mix, adapter, max_length=total,
+                                                                      global_batch_size=4)))
+    assert summary["max_length_check"]["total"] == total
+    assert summary["batch"]["gradient_accumulation_steps"] == 2 and summary["batch"]["sequences_per_step"] == 4
+    assert summary["global_step"] == 2  # 7 records, 4 per step

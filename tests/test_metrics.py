@@ -26,12 +26,30 @@ def test_pope_scores_hand_worked():
         M.pope_scores(["yes"], ["yes", "no"])
 
 
+# ScienceQA: LLaVA-1.5's eval_science_qa.py, item by item (see stic/metrics.py for the rules and the commit)
+
 @pytest.mark.parametrize("text, letter", [
-    ("A", "A"), (" B ", "B"), ("C. Pacific", "C"), ("The answer is D.", "D"), ("I think the answer is B", "FAILED"),
-    ("Because of X. The answer is B", "B"), ("The answer is (A).", "FAILED"), ("B\nbecause", "B"),
-    ("The correct option is A", "FAILED"), ("E", "E"), ("AB", "FAILED"),
+    ("A", "A"), ("C. Pacific", "C"), ("The answer is D.", "D"), ("I think the answer is B", "FAILED"),
+    ("The answer is (A).", "FAILED"), ("The correct option is A", "FAILED"), ("E", "E"), ("AB", "FAILED"),
+    ("A.", "FAILED"), ("A. The answer is B.", "A"), ("The answer is B,", "B"), ("So The answer is Cx", "C"),
 ])
 def test_scienceqa_parse_matches_llava(text, letter):
+    assert M.scienceqa_parse(text) == letter
+
+
+@pytest.mark.parametrize("text, letter", [
+    # the text is read as written: no strip, no newline rewriting (the old parser gave B or C to all five)
+    (" B ", "FAILED"), (" B", "FAILED"), ("\tB", "FAILED"), ("B\n", "FAILED"), ("B\nbecause", "FAILED"),
+    ("C\nPacific", "FAILED"),
+    # 'The answer is ([A-Z]).': some character other than a newline must follow the letter
+    ("The answer is B", "FAILED"), ("Because of X. The answer is B", "FAILED"),
+    ("The answer is B\nbecause it is blue.", "FAILED"),
+    # exactly one match: two are FAILED, even when they agree
+    ("The answer is A. The answer is A.", "FAILED"), ("The answer is C. No: The answer is B.", "FAILED"),
+    # the regex reads any capital letter, outside A-E too
+    ("The answer is Z.", "Z"), ("The answer is F. The answer is B.", "FAILED"),
+])
+def test_scienceqa_parse_reads_the_answer_as_written(text, letter):
     assert M.scienceqa_parse(text) == letter
 
 
@@ -39,6 +57,69 @@ def test_scienceqa_correct_respects_number_of_choices():
     assert M.scienceqa_correct("B", 2, 1)
     assert not M.scienceqa_correct("C", 2, 2)  # C is not an option of a 2-choice question
     assert not M.scienceqa_correct("FAILED", 4, 0)
+    assert not M.scienceqa_correct(None, 4, 0)  # no prediction: FAILED
+
+
+@pytest.mark.parametrize("text", ["The answer is F. The answer is B.", " B", "B\n", "The answer is B",
+                                  "The answer is B. The answer is B."])
+def test_scienceqa_answers_the_official_script_fails(text):
+    # each would pick B (index 1) under a normalising parser; the official script marks all FAILED
+    assert not M.scienceqa_correct(text, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    from tests.bench_files import make_eval_root
+
+    return make_eval_root(tmp_path_factory.mktemp("eval_data"))
+
+
+def _sqa_items(root):
+    from stic.evaluate import EvalConfig, load_items
+
+    return load_items(EvalConfig(data_root=str(root), benchmarks=["scienceqa"]), "scienceqa")
+
+
+def test_scienceqa_missing_prediction_is_failed_and_outside_img(eval_root):
+    from stic.evaluate import score_predictions
+
+    items = _sqa_items(eval_root)
+    # sample file: IMG questions 77 (answer A of 2), 78 (B of 3), 80 (B of 3); 79 is text-only, so not IMG
+    assert [it.id for it in items] == ["77", "78", "80"]
+    preds = [{"question_id": "77", "prompt": "<image>\n...", "text": "A"},
+             {"question_id": "78", "prompt": "<image>\n...", "text": "B\n"}]  # 80: no prediction
+    s = score_predictions("scienceqa", items, preds, None)
+    assert s["missing_predictions"] == 1
+    assert s["per_item"] == {"77": True, "78": False, "80": False}
+    # the official script gives a missing answer the prompt 'Unknown', so it is outside IMG accuracy
+    assert s["metrics"] == {"accuracy": 0.5, "count": 2}
+    s = score_predictions("scienceqa", items, preds + [{"question_id": "80", "text": "B"}], None)
+    assert s["missing_predictions"] == 0 and s["metrics"] == {"accuracy": 2 / 3, "count": 3}
+
+
+def test_other_benchmarks_still_refuse_missing_predictions(eval_root):
+    from stic.benchmarks import BenchmarkFileError
+    from stic.evaluate import EvalConfig, load_items, score_predictions
+
+    items = load_items(EvalConfig(data_root=str(eval_root), benchmarks=["pope"]), "pope")
+    with pytest.raises(BenchmarkFileError, match="lack 1 item"):
+        score_predictions("pope", items, [{"question_id": it.id, "text": "yes"} for it in items[1:]], None)
+
+
+def test_stic_score_warns_about_missing_scienceqa_predictions(eval_root, tmp_path, capsys):
+    import json
+
+    from stic.cli import main
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"question_id": "77", "prompt": "<image>\n...", "text": "A"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["score", "--benchmark", "scienceqa", "--predictions", str(path), "--data-root", str(eval_root)])
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    assert "warning: 2 of 3 scienceqa items have no prediction" in err and "FAILED" in err
+    result = json.loads(out)
+    assert result["missing_predictions"] == 2 and result["metrics"] == {"accuracy": 1.0, "count": 1}
 
 
 @pytest.mark.parametrize("raw, norm", [

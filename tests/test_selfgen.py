@@ -302,3 +302,29 @@ def test_resume_with_another_batch_size_gives_the_same_pairs(tmp_path, photo_dir
                                 (r[0]["content"] for r in ds["rejected"])))
     whole, resumed = key(load_rows(tmp_path / "whole")), key(load_rows(tmp_path / "resumed"))
     assert whole == resumed and len(whole) >= 5
+
+
+def test_default_hallucination_pool_invents_objects_only():
+    import re
+
+    from stic.config import RecipeError
+    from stic.prompts import PromptsConfig, load_prompts
+
+    default = load_prompts(PromptsConfig()).hallucination
+    assert default == tuple(HALLUCINATION_PROMPTS) and len(default) >= 8
+    for prompt in default:  # objects, people, animals that are not there; no invented text, numbers or colours
+        assert re.search(r"object|people|animal|item|figure|vehicle|things", prompt, re.I), prompt
+        assert not re.search(r"\b(text|written|names?|numbers?|counts?|colou?rs?|positions?)\b", prompt, re.I), prompt
+
+    from stic.prompts import EXTRA_HALLUCINATION_PROMPTS
+
+    extra = [p for kind in ("text", "numbers", "attributes") for p in EXTRA_HALLUCINATION_PROMPTS[kind]]
+    everything = load_prompts(PromptsConfig(hallucination_kinds=["objects", "text", "numbers", "attributes"]))
+    assert everything.hallucination == default + tuple(extra)  # opting in adds the other kinds
+    assert load_prompts(PromptsConfig(hallucination_kinds=["text"])).hallucination == \
+        tuple(EXTRA_HALLUCINATION_PROMPTS["text"])
+    recipe = parse_recipe({"selfgen": {"prompts": {"hallucination_kinds": ["objects", "numbers"]}}})
+    assert recipe.selfgen.prompts.hallucination_kinds == ["objects", "numbers"]
+    with pytest.raises(RecipeError, match=r"selfgen.prompts: hallucination_kinds: unknown kind 'colours'; "
+                                          r"choose from objects, text, numbers, attributes"):
+        parse_recipe({"selfgen": {"prompts": {"hallucination_kinds": ["objects", "colours"]}}})

@@ -18,7 +18,24 @@ from pathlib import Path
 import torch
 
 from stic.shapes import world as W
-from stic.tiny import _LLAVA_TEMPLATE
+
+# The toy VLM's chat template: LLaVA's USER/ASSISTANT turns, each answer closed by EOS (`ASSISTANT: answer</s>`,
+# as LLaVA trains), string or structured content. The committed base checkpoint carries it.
+_SHAPES_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}{{ ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}{% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>", "<image>"]
 EXTRA_WORDS = """USER ASSISTANT : , . ? image description Image Describe describe carefully object by
@@ -48,7 +65,7 @@ def build_processor():
                                          crop_size={"height": W.SIZE, "width": W.SIZE})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=W.CELL,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=_LLAVA_TEMPLATE)
+                          chat_template=_SHAPES_TEMPLATE)
 
 
 def build_model(processor, seed: int = 0):

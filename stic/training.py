@@ -1,0 +1,245 @@
+"""What the two training stages share besides LoRA: the global batch, the projector's own learning rate, and
+the check that `max_length` leaves room for a whole training sequence.
+
+- `global_batch_size` fixes the batch the optimizer sees, whatever the number of processes:
+  gradient_accumulation_steps = global_batch_size / (per_device_train_batch_size x processes), so one GPU and
+  eight GPUs train the same recipe.
+- `with_projector_group(TrainerClass, lr)` gives the trainable projector parameters their own optimizer
+  parameter groups at `lr`, next to the LoRA (or language-model) parameters at `learning_rate`.
+- `check_max_length` refuses a `max_length` below image tokens + prompt tokens + answer tokens of the data,
+  before any training: a cut sequence loses its answer, or its image tokens no longer match the image.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from stic.errors import SticError
+
+
+class TrainingSetupError(SticError, ValueError):
+    """A stage setting that cannot work with this data or this number of processes; the message has the numbers."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Global batch
+
+
+def world_size() -> int:
+    """The number of training processes: WORLD_SIZE (set by torchrun / accelerate launch), else accelerate's."""
+    env = os.environ.get("WORLD_SIZE")
+    if env:
+        return int(env)
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def gradient_accumulation_for(global_batch_size: int, per_device_train_batch_size: int, processes: int) -> int:
+    """gradient_accumulation_steps that give `global_batch_size` sequences per optimizer step."""
+    per_step = per_device_train_batch_size * processes
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise TrainingSetupError(
+            f"global_batch_size {global_batch_size} is not a multiple of per_device_train_batch_size "
+            f"{per_device_train_batch_size} x {processes} process{'es' if processes != 1 else ''} = {per_step}; "
+            "change global_batch_size, per_device_train_batch_size or the number of processes")
+    return global_batch_size // per_step
+
+
+def check_global_batch(cfg) -> None:
+    """Parse-time part of the check (independent of the number of processes)."""
+    if cfg.global_batch_size is None:
+        return
+    if cfg.global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be at least 1, got {cfg.global_batch_size}")
+    gradient_accumulation_for(cfg.global_batch_size, cfg.per_device_train_batch_size, 1)
+
+
+def apply_global_batch(cfg, processes: int | None = None) -> dict:
+    """Set cfg.gradient_accumulation_steps from cfg.global_batch_size (when set); returns the batch record
+    for run_summary.json."""
+    processes = world_size() if processes is None else processes
+    if cfg.global_batch_size is not None:
+        steps = gradient_accumulation_for(cfg.global_batch_size, cfg.per_device_train_batch_size, processes)
+        if cfg.gradient_accumulation_steps not in (1, steps):
+            raise TrainingSetupError(
+                f"global_batch_size {cfg.global_batch_size} needs gradient_accumulation_steps {steps} on "
+                f"{processes} process{'es' if processes != 1 else ''}, but the recipe sets "
+                f"{cfg.gradient_accumulation_steps}; set one of the two")
+        changed = steps != cfg.gradient_accumulation_steps
+        cfg.gradient_accumulation_steps = steps
+        if changed and getattr(cfg, "deepspeed", None):
+            _refill_deepspeed_config(cfg)
+    return {"global_batch_size": cfg.global_batch_size, "processes": processes,
+            "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "sequences_per_step": cfg.per_device_train_batch_size * processes * cfg.gradient_accumulation_steps}
+
+
+def _refill_deepspeed_config(cfg) -> None:
+    """A `deepspeed:` config file had its "auto" values filled when the config was built; fill them again from the
+    new gradient_accumulation_steps, as transformers' Trainer does after changing training arguments."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    cfg.hf_deepspeed_config = HfTrainerDeepSpeedConfig(cfg.deepspeed)
+    cfg.hf_deepspeed_config.trainer_config_process(cfg)
+    cfg.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=cfg.hf_deepspeed_config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Projector learning rate
+
+
+def projector_parameters(model) -> list[tuple[str, object]]:
+    """The trainable parameters of the vision-language projector: with PEFT its `modules_to_save` copy,
+    in full fine-tuning the projector itself."""
+    from stic.models import projector_module
+
+    prefix = projector_module(model) + "."
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+
+
+class ProjectorGroupMixin:
+    """Trainer mixin: the optimizer the Trainer builds (its weight-decay grouping untouched), with the
+    projector's parameters moved out of each group into a group of their own at `projector_lr`."""
+
+    projector_lr: float
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        moved = {id(p) for _, p in projector_parameters(self.model if model is None else model)}
+        if not moved:
+            return optimizer
+        extra = []
+        for group in optimizer.param_groups:
+            mine = [p for p in group["params"] if id(p) in moved]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in moved]
+                extra.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                              "lr": self.projector_lr})
+        for group in extra:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+def with_projector_group(trainer_cls: type, projector_lr: float) -> type:
+    """`trainer_cls` whose optimizer trains the projector at `projector_lr` (built at call time, so the
+    class is whatever `trl` holds then)."""
+    return type(trainer_cls.__name__, (ProjectorGroupMixin, trainer_cls), {"projector_lr": float(projector_lr)})
+
+
+def trainer_class(trainer_cls: type, cfg) -> type:
+    """The trainer class a stage uses: with the projector group when the stage trains the projector."""
+    if not cfg.train_projector:
+        return trainer_cls
+    lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate
+    return with_projector_group(trainer_cls, lr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# max_length
+
+
+def image_token_id(processor) -> int | None:
+    tid = getattr(processor, "image_token_id", None)
+    if tid is None and getattr(processor, "image_token", None):
+        tid = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return tid
+
+
+def prompt_token_counts(processor, messages: list[dict], images: list) -> tuple[int, int]:
+    """(image tokens, other prompt tokens) of a prompt, rendered as generation renders it (BatchGenerator.encode:
+    TRL's multimodal messages, the processor's chat template with the generation prompt, no extra special
+    tokens, the processor expanding the image placeholders)."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    conv = prepare_multimodal_messages(copy.deepcopy(list(messages)), images=list(images))
+    text = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    kwargs = {"images": [list(images)]} if images else {}
+    ids = processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)["input_ids"][0].tolist()
+    tid = image_token_id(processor)
+    n_image = sum(1 for t in ids if t == tid) if tid is not None else 0
+    return n_image, len(ids) - n_image
+
+
+def _image_pixels(ds) -> list[int]:
+    """Width x height of each row's images (summed), from the file headers, without decoding the pixels."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    if "images" not in ds.column_names:
+        return [0] * len(ds)
+    raw = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))["images"]
+    out = []
+    for images in raw:
+        total = 0
+        for img in images or []:
+            src = io.BytesIO(img["bytes"]) if img.get("bytes") else img.get("path")
+            if src is not None:
+                with Image.open(src) as im:
+                    total += im.width * im.height
+        out.append(total)
+    return out
+
+
+def sample_rows(ds, prompt_chars: list[int], k: int = 2) -> list[int]:
+    """Rows whose prompt is longest (text) or whose images are largest (image tokens grow with the size on
+    dynamic-resolution models), plus the first row."""
+    pixels = _image_pixels(ds)
+    by_text = sorted(range(len(ds)), key=lambda i: -prompt_chars[i])[:k]
+    by_pixels = sorted(range(len(ds)), key=lambda i: -pixels[i])[:k]
+    return sorted({0, *by_text, *by_pixels})
+
+
+def longest_prompt(processor, ds, prompts: list[list[dict]]) -> dict:
+    """Image and prompt tokens of the sampled row with the most of both together."""
+    chars = [sum(len(m["content"]) if isinstance(m.get("content"), str) else 0 for m in p) for p in prompts]
+    best = None
+    for i in sample_rows(ds, chars):
+        images = ds[i]["images"] if "images" in ds.column_names else []
+        n_image, n_prompt = prompt_token_counts(processor, prompts[i], images or [])
+        if best is None or n_image + n_prompt > best["image_tokens"] + best["prompt_tokens"]:
+            best = {"row": i, "image_tokens": n_image, "prompt_tokens": n_prompt}
+    return best
+
+
+def longest_text_tokens(processor, texts: list[str]) -> int:
+    if not texts:
+        return 0
+    ids = processor.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return max(len(x) for x in ids)
+
+
+def generation_budget(values: list[str]) -> int | None:
+    """The largest max_new_tokens of selfgen's `generation` records (JSON: {chosen: {...}, rejected: {...}})."""
+    budget = None
+    for text in set(v for v in values if v):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        for side in record.values():
+            if isinstance(side, dict) and isinstance(side.get("max_new_tokens"), int):
+                budget = max(budget or 0, side["max_new_tokens"])
+    return budget
+
+
+def check_max_length(section: str, max_length: int | None, need: dict) -> dict:
+    """Refuse `max_length` below image + prompt + answer tokens. `need` holds image_tokens, prompt_tokens,
+    answer_tokens and answer_source; returns it with the total and max_length, for run_summary.json."""
+    total = need["image_tokens"] + need["prompt_tokens"] + need["answer_tokens"]
+    record = {**need, "total": total, "max_length": max_length}
+    if max_length is not None and max_length < total:
+        raise TrainingSetupError(
+            f"{section}.max_length {max_length} is below the longest training sequence: {need['image_tokens']} image "
+            f"tokens + {need['prompt_tokens']} prompt tokens + {need['answer_tokens']} answer tokens "
+            f"({need['answer_source']}) = {total}; set {section}.max_length to at least {total}, or to null "
+            "(no truncation)")
+    return record
