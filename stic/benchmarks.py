@@ -290,11 +290,17 @@ def load_mmvet(root: Path) -> list[Item]:
 # ShapesWorld (written by `stic shapes make-data`): descriptions scored by the exact judge, and QA
 
 
-def load_shapes_describe(root: Path) -> list[Item]:
-    from stic.shapes.world import DESCRIBE_PROMPT
+def _shapes_world(d: Path):
+    """The world the scenes were made in (world.yaml beside them; older splits: the default world)."""
+    from stic.shapes.world import DEFAULT, load_world
 
+    return load_world(d / "world.yaml") if (d / "world.yaml").exists() else DEFAULT
+
+
+def load_shapes_describe(root: Path) -> list[Item]:
     d = root / "shapesworld"
-    return [Item(s["id"], str(d / "images" / f"{s['id']}.png"), DESCRIBE_PROMPT, {"scene": s})
+    world = _shapes_world(d)
+    return [Item(s["id"], str(d / "images" / f"{s['id']}.png"), world.prompts.describe, {"scene": s, "world": world})
             for s in _read_jsonl(d / "scenes.jsonl")]
 
 
@@ -302,7 +308,8 @@ def score_shapes_describe(items, answers):
     from stic.shapes.judge import aggregate, score_description
     from stic.shapes.world import Scene
 
-    per = {it.id: score_description(answers[it.id], Scene.from_json(it.meta["scene"])) for it in items}
+    per = {it.id: score_description(answers[it.id], Scene.from_json(it.meta["scene"]), it.meta.get("world"))
+           for it in items}
     return aggregate(list(per.values())), per
 
 

@@ -102,16 +102,23 @@ def _compare(args) -> int:
 
 
 def _shapes(args) -> int:
-    from stic.shapes import model, world
+    from stic.shapes import calibrate, model, world
 
-    if args.shapes_command == "make-data":
-        world.make_split(f"{args.output}/train", args.train, seed=args.seed, prefix="train")
-        world.make_split(f"{args.output}/eval/shapesworld", args.heldout, seed=args.seed + 1_000_003, prefix="test")
-        print(f"ShapesWorld: {args.train} training scenes in {args.output}/train, {args.heldout} held-out scenes in "
-              f"{args.output}/eval/shapesworld")
+    if args.shapes_command == "calibrate":
+        calibrate.main(args.world, args.base, args.scenes, args.output)
+        return 0
+    w = world.load_world(args.world)
+    if args.shapes_command == "world-hash":
+        print(w.digest())
+    elif args.shapes_command == "make-data":
+        world.make_split(f"{args.output}/train", args.train, seed=args.seed, prefix="train", world=w)
+        world.make_split(f"{args.output}/eval/shapesworld", args.heldout, seed=args.seed + 1_000_003, prefix="test",
+                         world=w)
+        print(f"ShapesWorld ({w.name}, {w.digest()}): {args.train} training scenes in {args.output}/train, "
+              f"{args.heldout} held-out scenes in {args.output}/eval/shapesworld")
     else:
-        out = model.pretrain(args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-        print(f"ShapesWorld base model written to {out}")
+        out = model.pretrain(args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed, world=w)
+        print(f"ShapesWorld base model ({w.name}, {w.digest()}) written to {out}")
     return 0
 
 
@@ -193,17 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shapes", help="ShapesWorld: scenes with ground truth, and its toy VLM")
     shapes = p.add_subparsers(dest="shapes_command", required=True)
+    world_help = "world file (default: recipes/shapesworld/world.yaml)"
     q = shapes.add_parser("make-data", help="training scenes (unlabeled use) and held-out scenes with ground truth")
+    q.add_argument("--world", help=world_help)
     q.add_argument("-o", "--output", default="data/shapesworld")
     q.add_argument("--train", type=int, default=1000)
     q.add_argument("--heldout", type=int, default=3000)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_shapes)
     q = shapes.add_parser("pretrain", help="pretrain the toy VLM from scratch on a CPU")
+    q.add_argument("--world", help=world_help)
     q.add_argument("-o", "--output", default="models/shapesworld-base")
-    q.add_argument("--steps", type=int, default=800)
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--steps", type=int, help="default: the world file's pretrain.steps")
+    q.add_argument("--batch-size", type=int, help="default: the world file's pretrain.batch_size")
+    q.add_argument("--seed", type=int, help="default: the world file's pretrain.seed")
+    q.set_defaults(func=_shapes)
+    q = shapes.add_parser("calibrate", help="base-model statistics of a world (no STIC run)")
+    q.add_argument("--world", help=world_help)
+    q.add_argument("--base", help="the base model (default: the world's, pretrained and cached on first use)")
+    q.add_argument("--scenes", type=int, default=1000)
+    q.add_argument("-o", "--output", help="write the statistics as JSON")
+    q.set_defaults(func=_shapes)
+    q = shapes.add_parser("world-hash", help="the digest that names a world (and keys its cached base)")
+    q.add_argument("--world", help=world_help)
     q.set_defaults(func=_shapes)
 
     p = sub.add_parser("tiny-model", help="build a tiny random model offline")

@@ -323,7 +323,7 @@ def run_dpo(recipe: Recipe) -> dict:
     trainer.save_model(cfg.output_dir)
     summary = None
     if trainer.accelerator.is_main_process:
-        processor.save_pretrained(cfg.output_dir)
+        load_processor(model_cfg, raw=True).save_pretrained(cfg.output_dir)  # the template as published
         summary = write_summary(recipe, trainer, result, dataset, processor, time.time() - started, resume_from,
                                 setup)
     trainer.accelerator.wait_for_everyone()
@@ -470,9 +470,18 @@ def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype:
 
     if model_cfg.load_in_4bit:
         model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
+    if dtype is None and model_cfg.dtype == "auto":  # the checkpoint's own precision, read before loading
+        from transformers import AutoConfig
+
+        from stic.models import resolve_model_path
+
+        stored = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        stored = getattr(stored, "dtype", None) or getattr(stored.get_text_config(), "dtype", None)
+        dtype = str(stored or "float32")
+    elif dtype is None:
+        dtype = model_cfg.dtype
     base = load_model(dataclasses.replace(model_cfg, dtype="float32"), "cpu")
-    if dtype is None:
-        dtype = model_cfg.dtype if model_cfg.dtype != "auto" else str(base.config.dtype or "float32")
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise MergeRefused(f"--dtype {dtype}: choose float32, bfloat16 or float16")
@@ -489,7 +498,7 @@ def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype:
     merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
     out = Path(out_dir)
     merged.save_pretrained(out)
-    load_processor(model_cfg).save_pretrained(out)
+    load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
     (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["kept"] < SURVIVAL_FLOOR},
                                                       indent=2) + "\n")
     return out, report

@@ -70,8 +70,10 @@ def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelConfig, list[str], st
     path = Path(spec)
     if (path / "adapter_config.json").exists():
         return recipe.model, [str(path)], path.name
-    if (path / "config.json").exists():  # a merged or full model folder
-        return dataclasses.replace(recipe.model, name_or_path=str(path)), [], path.name
+    if (path / "config.json").exists():  # a merged or full model folder (a `stic merge` folder in its own dtype)
+        from stic.models import merged_folder_config
+
+        return merged_folder_config(recipe.model, str(path)), [], path.name
     raise FileNotFoundError(f"--model {spec}: not base/stage1/stage2, an adapter folder or a model folder")
 
 

@@ -82,11 +82,13 @@ class RowSampler:
     token finite, so the argmax takes it. With one generator per request, a request's sample depends on its own
     seed, not on the batch it happens to be in (a resume with another batch size gives the same pairs)."""
 
-    def __init__(self, seeds: list[int], sampling: SamplingConfig, device):
-        self.sampling = sampling
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    def __init__(self, seeds: list[int], sampling: SamplingConfig, device=None):
+        self.sampling, self.seeds = sampling, seeds
+        self.generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids, scores):
+        if self.generators is None:  # on the logits' device (with a device_map it need not be the model's first)
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         s = self.sampling
         logits = scores.float() / s.temperature
         if s.top_k:
@@ -96,6 +98,7 @@ class RowSampler:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop_sorted = cum - sorted_logits.softmax(-1) >= s.top_p
+            drop_sorted[..., 0] = False  # the most likely token always stays (top_p 0 means greedy)
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         probs = logits.softmax(-1)
         picked = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])

@@ -132,7 +132,9 @@ def parse_recipe(data: dict) -> Recipe:
 def stage1_model_config(recipe: Recipe) -> ModelConfig:
     cfg = recipe.infuse_sft
     if cfg.stage1_model:
-        return dataclasses.replace(recipe.model, name_or_path=cfg.stage1_model, load_in_4bit=False)
+        from stic.models import merged_folder_config
+
+        return dataclasses.replace(merged_folder_config(recipe.model, cfg.stage1_model), load_in_4bit=False)
     return recipe.model
 
 
@@ -360,7 +362,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     trainer.save_model(cfg.output_dir)
     summary = None
     if trainer.accelerator.is_main_process:
-        processor.save_pretrained(cfg.output_dir)
+        load_processor(stage1_model_config(recipe), raw=True).save_pretrained(cfg.output_dir)  # as published
         summary = {
             "stage": "infuse_sft",
             "model": to_dict(stage1_model_config(recipe)),

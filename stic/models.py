@@ -34,7 +34,9 @@ def torch_dtype(cfg: ModelConfig, device: torch.device):
     return torch.float32
 
 
-def load_processor(cfg: ModelConfig):
+def load_processor(cfg: ModelConfig, raw: bool = False):
+    """The model's processor, its chat template adjusted for special tokens (`trained_chat_template`). `raw`: as
+    published, for saving beside weights that others load with the published conventions."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(
@@ -42,7 +44,7 @@ def load_processor(cfg: ModelConfig):
     )
     if processor.tokenizer.pad_token is None:  # e.g. Mistral-based LLaVA-NeXT ships without one
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    if getattr(processor, "chat_template", None):
+    if getattr(processor, "chat_template", None) and not raw:
         processor.chat_template = trained_chat_template(processor)
     return processor
 
@@ -78,12 +80,17 @@ def trained_chat_template(processor) -> str:
         return tok.apply_chat_template(_PROBE, chat_template=t, tokenize=False)
 
     eos = tok.eos_token
-    if eos and eos not in render(template).split("ANSWER", 1)[-1] and "endgeneration" in template:
-        # the answer's trailing space (llava-1.5) gives way to EOS; otherwise EOS closes the generation block
-        patched = re.sub(r"\+\s*' '\s*}}(\s*{%-?\s*endgeneration)", r"+ eos_token }}\1", template, count=1)
-        if patched == template:
-            patched = re.sub(r"({%-?\s*endgeneration)", r"{{ eos_token }}\1", template, count=1)
-        template = patched
+    if eos and eos not in render(template).split("ANSWER", 1)[-1]:
+        if "endgeneration" not in template:
+            import warnings
+
+            warnings.warn("the chat template ends assistant turns without EOS and has no {% generation %} block to "
+                          "add it to: trained answers will not teach the model to stop", stacklevel=2)
+        else:  # the answer's trailing space (llava-1.5) gives way to EOS; otherwise EOS closes the generation block
+            patched = re.sub(r"\+\s*' '\s*}}(\s*{%-?\s*endgeneration)", r"+ eos_token }}\1", template, count=1)
+            if patched == template:
+                patched = re.sub(r"({%-?\s*endgeneration)", r"{{ eos_token }}\1", template, count=1)
+            template = patched
     bos = tok.bos_token
     adds_bos = bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
     if adds_bos and not render(template).startswith(bos):
@@ -108,10 +115,14 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
+            # the projector stays in full precision, so it can be trained (train_projector), as LLaVA keeps it
+            llm_int8_skip_modules=["lm_head", *PROJECTOR_NAMES],
         )
         kwargs["device_map"] = cfg.device_map or {"": device.index or 0}
     elif cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+    elif device.type == "cuda":  # straight onto the GPU, without a full copy in host memory first
+        kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
@@ -228,8 +239,22 @@ def adapter_survival(peft_model, dtype: torch.dtype) -> dict:
                     n, d = update_kept(original[pname], p - original[pname].to(p.dtype), dtype)
                     num, den, layers = num + n, den + d, layers + 1
     kept = num / den if den > 0 else 1.0
-    return {"dtype": str(dtype).removeprefix("torch."), "kept": round(kept, 4),
-            "update_rms_sq_sum": den, "tensors": layers}
+    return {"dtype": str(dtype).removeprefix("torch."), "kept": round(kept, 6), "update_rms_sq_sum": den,
+            "tensors": layers}
+
+
+def merged_folder_config(cfg: ModelConfig, path: str) -> ModelConfig:
+    """The model config for a model folder in place of `cfg`'s model. A folder written by `stic merge` is loaded in
+    the precision it was stored in (a float32 merge cast back to bf16 on loading would lose the update again) and
+    never quantised."""
+    import json
+    from pathlib import Path
+
+    cfg = dataclasses.replace(cfg, name_or_path=str(path))
+    report = Path(path) / "merge_report.json"
+    if report.exists():
+        cfg = dataclasses.replace(cfg, dtype=json.loads(report.read_text())["dtype"], load_in_4bit=False)
+    return cfg
 
 
 def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, list[dict]]:
@@ -246,12 +271,18 @@ def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[o
         return load_model(cfg, device), []
     if cfg.load_in_4bit:
         if len(adapters) > 1:
-            raise ModelSetupError("a 4-bit model takes one adapter at inference; merge stage 1 first (stic merge) "
-                               "and point the recipe's model at the merged folder")
-        print("note: 4-bit model: the adapter runs unmerged on the quantised weights")
-        return PeftModel.from_pretrained(load_model(cfg, device), adapters[0]).eval(), []
+            raise ModelSetupError("a 4-bit model takes one adapter at inference; merge stage 1 in float32 first "
+                                  "(stic merge --dtype float32) and load the merged folder without load_in_4bit")
+        # unmerged on the quantised weights, computing in float32: a bf16 activation would round the
+        # adapter's small output away
+        print("note: 4-bit model: the adapter runs unmerged, with float32 compute")
+        base = load_model(dataclasses.replace(cfg, dtype="float32"), device)
+        return PeftModel.from_pretrained(base, adapters[0]).eval(), []
     target = torch_dtype(cfg, device) if cfg.merged_dtype == "auto" else _DTYPES[cfg.merged_dtype]
-    model = load_model(dataclasses.replace(cfg, dtype="float32"), device)
+    fp32 = dataclasses.replace(cfg, dtype="float32")
+    if cfg.attn_implementation == "flash_attention_2":  # FlashAttention-2 has no float32 kernels
+        fp32 = dataclasses.replace(fp32, attn_implementation="sdpa")
+    model = load_model(fp32, device)
     reports = []
     for adapter in adapters:
         peft_model = PeftModel.from_pretrained(model, adapter)

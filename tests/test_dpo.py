@@ -279,7 +279,8 @@ def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
     """On a CPU the 4-bit recipe stops with a clear error; on a GPU it trains (NF4 base, LoRA adapter)."""
     data = make_dataset(tmp_path / "data", n=8)
     r = Recipe(model=ModelConfig(name_or_path="tiny:llava", load_in_4bit=True),
-               dpo=dpo_cfg(tmp_path, data, max_steps=4, gradient_checkpointing=True))
+               dpo=dpo_cfg(tmp_path, data, max_steps=4, gradient_checkpointing=True, train_projector=True,
+                           mm_projector_lr=1e-3))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # ModelSetupError, a RuntimeError
             run_dpo(r)

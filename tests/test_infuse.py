@@ -136,6 +136,15 @@ def test_description_step_resumes_without_loss_or_duplication(tmp_path, llava_mi
     ids = out.row_ids("image_id")
     assert len(ids) == len(set(ids)) == len(images)
     assert all(out.root.joinpath("data", n).stat().st_mtime_ns == t for n, t in first.items())  # not redone
+    # each image was described with a caption prompt drawn for it (the paper's Algorithm 2), not one fixed prompt
+    import pyarrow.parquet as pq
+
+    from stic.prompts import CAPTION_PROMPTS
+
+    rows = [r for part in out.part_files() for r in pq.read_table(part).to_pylist()]
+    assert all(r["prompt"] == cfg.describe.prompt_for(r["image_id"], cfg.seed) for r in rows)
+    drawn = {cfg.describe.prompt_for(f"img{i}", cfg.seed) for i in range(40)}
+    assert drawn <= set(CAPTION_PROMPTS) and len(drawn) >= 5
 
 
 def test_stage2_end_to_end_continues_the_stage1_adapter(tmp_path, llava_mix):

@@ -116,7 +116,7 @@ def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, referenc
     model, _ = load_stage1_for_inference(recipe, "cpu")
     assert update_error(logits(model, processor), base32, ref_delta) < 1e-3
 
-    # an update that bf16 keeps lets the model run in bf16, as the recipe asks
+    # model.merged_dtype forces the precision (here one that erases most of the update)
     forced, _ = load_for_dar(ModelConfig(name_or_path=str(base_dir), dtype="bfloat16", merged_dtype="bfloat16"),
                              [str(adapter)], "cpu")
     assert forced.dtype == torch.bfloat16
@@ -147,6 +147,20 @@ def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path,
     assert report["kept"] == 1.0 and 0.2 < report["bfloat16_kept"] < 0.4
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp32", dtype=torch.float32).eval()
     assert update_error(logits(merged, processor), base32, ref_delta) < 1e-3
+    # the merged folder is loaded in its own precision by eval and stage 2, although the recipe says bf16
+    from stic.evaluate import parse_recipe as eval_recipe
+    from stic.evaluate import resolve_model
+    from stic.infuse import parse_recipe, stage1_model_config
+
+    data = {"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"},
+            "infuse_sft": {"stage1_model": str(tmp_path / "fp32"), "stage1_adapter": None, "adapter_mode": "new"}}
+    assert resolve_model(eval_recipe(data), str(tmp_path / "fp32"))[0].dtype == "float32"
+    assert stage1_model_config(parse_recipe(data)).dtype == "float32"
+    # with model.dtype auto the output precision is the checkpoint's own (bf16 here): refused as well
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(base_dir), "dtype": "auto"}}))
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(tmp_path / "auto")])
+    assert exit_.value.code == 2 and "survives bfloat16" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_:
         main([*args, "-o", str(tmp_path / "forced"), "--force"])

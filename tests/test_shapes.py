@@ -1,11 +1,14 @@
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stic.shapes import judge as J
 from stic.shapes import world as W
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def scene(*objs):
@@ -15,13 +18,17 @@ def scene(*objs):
 def test_judge_parses_and_scores_hand_made_descriptions():
     s = scene(("red circle", "large", 0), ("blue square", "small", 4))
     exact = J.score_description("a large red circle at the top left, a small blue square at the center.", s)
-    assert exact == {"claims": 2, "hallucinated": 0, "hallucinated_names": [], "mentioned": 2, "objects": 2,
-                     "size_right": 2, "matched": 2, "position_right": 2}
+    assert exact == {"claims": 2, "hallucinated": 0, "hallucinated_names": [], "hallucinated_companions": 0,
+                     "mentioned": 2, "objects": 2, "size_right": 2, "matched": 2, "position_right": 2}
     # a hallucinated companion, a wrong size and a wrong position, with the tokenizer's spacing
     text = "a small red circle at the top , a small blue square at the center , a large green triangle at the right ."
     got = J.score_description(text, s)
     assert got["claims"] == 3 and got["hallucinated"] == 1 and got["hallucinated_names"] == ["green triangle"]
     assert got["size_right"] == 1 and got["position_right"] == 1 and got["mentioned"] == 2
+    assert got["hallucinated_companions"] == 0  # green triangle's partner (yellow diamond) is not in the scene
+    companion = J.score_description("a large red circle at the top left, a large yellow diamond at the right.",
+                                    scene(("red circle", "large", 0), ("green triangle", "small", 4)))
+    assert companion["hallucinated_companions"] == 1
     # a colour-shape pair that is no object type counts as hallucinated
     assert J.score_description("a large orange circle at the top left.", s)["hallucinated"] == 1
     assert J.parse_claims("an empty scene.") == [] and J.parse_claims("a right") == []
@@ -137,3 +144,59 @@ def test_demo_plumbing_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "training_curves_stage1.png").exists()
     page = (tmp_path / "demo" / "scenes.html").read_text()
     assert page.count("<tr>") == 25 and "data:image/png;base64," in page
+
+
+def test_world_file_round_trips_and_is_checked(tmp_path):
+    import yaml
+
+    world = W.load_world()
+    again = W.load_world(W.save_world(world, tmp_path / "w.yaml"))
+    assert again == world and again.digest() == world.digest() == W.DEFAULT.digest()
+    data = yaml.safe_load((tmp_path / "w.yaml").read_text())
+    data["scenes"]["faint_contrast"] = 0.2
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(data))
+    assert W.load_world(tmp_path / "other.yaml").digest() != world.digest()
+    data["scenes"]["faint_contrst"] = 0.2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(W.WorldFileError, match="world.scenes.faint_contrst"):
+        W.load_world(tmp_path / "bad.yaml")
+    data = yaml.safe_load((tmp_path / "w.yaml").read_text())
+    data["sources"]["qa"]["share"] = 0.5
+    (tmp_path / "sum.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(W.WorldFileError, match="shares sum to"):
+        W.load_world(tmp_path / "sum.yaml")
+
+
+def test_judge_scores_another_worlds_scenes_exactly(tmp_path):
+    world = W.load_world(REPO / "recipes" / "shapesworld" / "candidates" / "v2a.yaml")
+    out = W.make_split(tmp_path / "split", 60, seed=4, prefix="v", world=world)
+    assert W.load_world(out / "world.yaml").digest() == world.digest()
+    scenes = [W.Scene.from_json(json.loads(line)) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    assert max(len(s.objects) for s in scenes) > 3  # this world's scenes hold up to 5 objects
+    rng = random.Random(0)
+    for s in scenes:
+        exact = J.score_description(W.careful_description(s, rng, world), s, world)  # exact in this world
+        assert exact["hallucinated"] == 0 and exact["mentioned"] == len(s.objects)
+        assert exact["size_right"] == exact["position_right"] == exact["matched"] == len(s.objects)
+        missing = [world.partner[o.name] for o in s.objects
+                   if o.name in world.partner and world.partner[o.name] not in {x.name for x in s.objects}]
+        if missing:
+            free = next(c for c in range(9) if c not in {o.cell for o in s.objects})
+            text = W.describe(s.objects + [W.Obj(missing[0], "small", free)])
+            got = J.score_description(text, s, world)
+            assert got["hallucinated"] == got["hallucinated_companions"] == 1
+    qa = [json.loads(line) for line in (out / "qa.jsonl").read_text().splitlines()]
+    kinds = {q["presence_kind"] for q in qa if q["kind"] == "presence"}
+    assert kinds == {"present", "absent_companion", "absent_random"}
+    metrics, per = J.score_qa(qa, {q["id"]: q["answer"] for q in qa})
+    assert metrics["accuracy"] == 1.0 and metrics["presence"]["absent_companion_accuracy"] == 1.0
+
+
+def test_calibration_measures_the_base(tmp_path):
+    from stic.shapes.calibrate import measure
+
+    stats = measure(REPO / "models" / "shapesworld-base", W.DEFAULT, n_scenes=24, batch_size=24)
+    for prompt in ("normal", "careful", "imaginative"):
+        assert {"hallucination_rate", "chair_s", "recall", "companion_share", "fragments"} <= set(stats[prompt])
+    assert stats["imaginative"]["hallucination_rate"] > stats["normal"]["hallucination_rate"]
+    assert {"f1", "yes_ratio"} <= set(stats["presence"]) and len(stats["checks"]) == 9

@@ -7,7 +7,10 @@ only, alpha = 0, self-consistency, and twice the unlabeled images. Every model i
 table (mean ± standard deviation over seeds), a bar chart, and an HTML page of scenes with the base and
 STIC descriptions and the judge's marks.
 
-    python -m stic.shapes.demo [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out outputs/demo] [--ablations]
+    python -m stic.shapes.demo [--world FILE] [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out DIR] [--ablations]
+
+`--world` (`make demo WORLD=FILE`) runs the experiment in another world: its base is the committed checkpoint
+when that was pretrained in the same world, else pretrained once and cached by the world's digest.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _recipe(overrides: list[str]) -> dict:
     return load_recipe_dict(RECIPE, overrides)
 
 
-def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int) -> Path:
+def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int, world) -> Path:
     """Pretraining-style data on the training scenes (noisy captions under the normal prompt) as prompt/chosen
     rows, for the annealing control: the same trainer, number of steps (max_steps = stage 1's) and schedule as
     stage 1, no preferences."""
@@ -45,8 +48,8 @@ def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int) -> Pat
     rows = []
     for line in (train_dir / "scenes.jsonl").read_text().splitlines():
         scene = W.Scene.from_json(json.loads(line))
-        rows.append({"prompt": [{"role": "user", "content": W.DESCRIBE_PROMPT}],
-                     "chosen": [{"role": "assistant", "content": W.pretraining_caption(scene, rng)}],
+        rows.append({"prompt": [{"role": "user", "content": world.prompts.describe}],
+                     "chosen": [{"role": "assistant", "content": W.pretraining_caption(scene, rng, world=world)}],
                      "images": [str(train_dir / "images" / f"{scene.id}.png")]})
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     ds = datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
@@ -54,16 +57,34 @@ def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int) -> Pat
     return out_dir
 
 
-def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False) -> dict:
+def _world_settings(world, out: Path, base_dir: Path) -> list[str]:
+    """Recipe overrides that put the stages in `world`: its base model and its three prompts."""
+    prompts = out / "prompts"
+    prompts.mkdir(parents=True, exist_ok=True)
+    files = {"careful_prompt.txt": world.prompts.careful, "caption_prompts.txt": world.prompts.describe,
+             "hallucination_prompts.txt": world.prompts.imagine}
+    for name, text in files.items():
+        (prompts / name).write_text(text + "\n")
+    return [f"model.name_or_path={base_dir}", f"selfgen.prompts.good_prompt_file={prompts / 'careful_prompt.txt'}",
+            f"selfgen.prompts.caption_prompts_file={prompts / 'caption_prompts.txt'}",
+            f"selfgen.prompts.hallucination_prompts_file={prompts / 'hallucination_prompts.txt'}",
+            f"infuse_sft.describe.prompt={json.dumps(world.prompts.describe)}"]
+
+
+def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False,
+             world_file: str | None = None) -> dict:
     from stic import dpo, evaluate, infuse, selfgen
     from stic.shapes import world as W
+    from stic.shapes.calibrate import base_for_world
 
     started = time.time()
+    world = W.load_world(world_file)
     out.mkdir(parents=True, exist_ok=True)
+    base_dir = base_for_world(world).resolve()
     heldout_root = out / "data" / "eval"
     if not (heldout_root / "shapesworld" / "scenes.jsonl").exists():
-        W.make_split(heldout_root / "shapesworld", n_heldout, seed=1_000_003, prefix="test")
-    ev = [f"eval.data_root={heldout_root}", f"eval.output_dir={out / 'eval'}"]
+        W.make_split(heldout_root / "shapesworld", n_heldout, seed=1_000_003, prefix="test", world=world)
+    ev = [f"eval.data_root={heldout_root}", f"eval.output_dir={out / 'eval'}"] + _world_settings(world, out, base_dir)
 
     def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False) -> dict:
         """Judge one model on the held-out scenes (a finished evaluation is reused when the demo is rerun)."""
@@ -80,15 +101,15 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             dpo.run_dpo(dpo.parse_recipe(_recipe(overrides)))
 
     results: dict[str, list[dict]] = {}
-    base_dir = str(Path(_recipe([])["model"]["name_or_path"]).resolve())
+    base_dir = str(base_dir)
     results["base"] = [evaluate_model(base_dir, "base", ("shapes_describe", "shapes_qa"))]
     results["base + DaR"] = [evaluate_model(base_dir, "base+dar", ("shapes_qa",), dar=True)]
     for seed in seeds:
         s = out / f"seed{seed}"
         train = s / "data" / "train"
         if not (train / "scenes.jsonl").exists():
-            W.make_split(train, n_train, seed=seed, prefix=f"s{seed}-")
-        common = [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
+            W.make_split(train, n_train, seed=seed, prefix=f"s{seed}-", world=world)
+        common = ev[2:] + [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
                   "dpo.report_to=[]", "dpo.logging_steps=1", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
 
         def stage1(tag: str, extra: list[str], dataset_from: str | None = None) -> dict:
@@ -102,7 +123,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
 
         results.setdefault("STIC stage 1", []).append(stage1("stic", []))
         results.setdefault("control: SFT on chosen", []).append(stage1("sftpos", ["dpo.mode=sft_positive"], "stic"))
-        cont = _continued_pretraining_set(train, s / "contpre-data", seed)
+        cont = _continued_pretraining_set(train, s / "contpre-data", seed, world)
         run = s / "dpo-contpre"
         steps = json.loads((s / "dpo-stic" / "run_summary.json").read_text())["global_step"]
         train_once(run, common + [f"dpo.dataset={cont}", f"dpo.output_dir={run}", "dpo.mode=sft_positive",
@@ -118,7 +139,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
                 stage1("consistency", ["selfgen.consistency_samples=4"]))
             train2 = s / "data" / "train2x"  # a scaling point: twice the unlabeled images
             if not (train2 / "scenes.jsonl").exists():
-                W.make_split(train2, 2 * n_train, seed=seed + 500, prefix=f"s{seed}x-")
+                W.make_split(train2, 2 * n_train, seed=seed + 500, prefix=f"s{seed}x-", world=world)
             results.setdefault("ablation: 2x images", []).append(
                 stage1("2x", [f"selfgen.images.path={train2 / 'images'}"]))
         # stage 2 on the STIC stage-1 adapter, QA with and without DaR
@@ -133,7 +154,8 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))
 
     table = summarize(results, seeds)
-    (out / "results.json").write_text(json.dumps({"seeds": seeds, "train_scenes": n_train,
+    (out / "results.json").write_text(json.dumps({"world": world.name, "world_digest": world.digest(),
+                                                  "base": str(base_dir), "seeds": seeds, "train_scenes": n_train,
                                                   "heldout_scenes": n_heldout, "results": results,
                                                   "seconds": round(time.time() - started, 1)}, indent=1) + "\n")
     (out / "results.md").write_text(table)
@@ -206,8 +228,9 @@ def write_page(out: Path, seed: int, n: int = 24) -> None:
         return {p["question_id"]: p["text"] for p in map(json.loads, path.read_text().splitlines())}
 
     base, stic = preds("base"), preds(f"s{seed}-stic")
-    scenes = [W.Scene.from_json(json.loads(l)) for l in
-              (out / "data" / "eval" / "shapesworld" / "scenes.jsonl").read_text().splitlines()]
+    split = out / "data" / "eval" / "shapesworld"
+    world = W.load_world(split / "world.yaml") if (split / "world.yaml").exists() else W.DEFAULT
+    scenes = [W.Scene.from_json(json.loads(l)) for l in (split / "scenes.jsonl").read_text().splitlines()]
     # scenes where the two differ first, then the rest
     scenes.sort(key=lambda sc: base[sc.id] == stic[sc.id])
 
@@ -215,7 +238,7 @@ def write_page(out: Path, seed: int, n: int = 24) -> None:
         truth = {o.name: o for o in scene.objects}
         parts = []
         for chunk in text.split(","):
-            claims = J.parse_claims(chunk)
+            claims = J.parse_claims(chunk, world)
             bad = claims and claims[0][0] not in truth
             off = claims and not bad and truth[claims[0][0]].position != claims[0][2]
             style = "bad" if bad else ("off" if off else "ok")
@@ -244,11 +267,18 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--heldout", type=int, default=3000)
-    ap.add_argument("--out", default="outputs/demo")
+    ap.add_argument("--world", help="world file (default: recipes/shapesworld/world.yaml)")
+    ap.add_argument("--out", help="default: outputs/demo, or outputs/demo-<world name> for another world")
     ap.add_argument("--ablations", action="store_true",
                     help="also the ablations: negatives by kind, alpha = 0, self-consistency, 2x images")
     args = ap.parse_args(argv)
-    run_demo(args.seeds, args.train, args.heldout, Path(args.out), ablations=args.ablations)
+    out = args.out
+    if out is None:
+        from stic.shapes import world as W
+
+        w = W.load_world(args.world)
+        out = "outputs/demo" if w.digest() == W.DEFAULT.digest() else f"outputs/demo-{w.name}-{w.digest()}"
+    run_demo(args.seeds, args.train, args.heldout, Path(out), ablations=args.ablations, world_file=args.world)
 
 
 if __name__ == "__main__":

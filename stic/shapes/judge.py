@@ -12,33 +12,48 @@ A claim without a size or position counts as wrong on that attribute.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from stic.metrics import pope_scores
-from stic.shapes.world import COLORS, POSITIONS, TYPES, Scene
+from stic.shapes.world import DEFAULT, POSITIONS, Scene, World
 
 _POS = "|".join(sorted(POSITIONS, key=len, reverse=True))
-_COLOR = "|".join(COLORS)
-_SHAPE = "|".join(sorted({s for _, s in TYPES}))
-# size and position are optional: "a red circle" is still a claim that a red circle is there
-CLAIM = re.compile(rf"\b(?:(small|large)\s+)?({_COLOR})\s+({_SHAPE})\b(?:\s+at\s+the\s+({_POS})\b)?")
 
 
-def parse_claims(text: str) -> list[tuple[str, str | None, str | None]]:
+@functools.lru_cache(maxsize=8)
+def _claim_pattern(colors: tuple[str, ...], shapes: tuple[str, ...]) -> re.Pattern:
+    # size and position are optional: "a red circle" is still a claim that a red circle is there
+    return re.compile(rf"\b(?:(small|large)\s+)?({'|'.join(colors)})\s+({'|'.join(shapes)})\b"
+                      rf"(?:\s+at\s+the\s+({_POS})\b)?")
+
+
+def claim_pattern(world: World | None = None) -> re.Pattern:
+    w = world or DEFAULT
+    return _claim_pattern(tuple(w.colors), tuple(sorted(set(w.types.values()))))
+
+
+CLAIM = claim_pattern()
+
+
+def parse_claims(text: str, world: World | None = None) -> list[tuple[str, str | None, str | None]]:
     """[(name, size or None, position or None)] in order of mention."""
     text = " ".join(text.lower().replace(",", " , ").replace(".", " . ").split())
-    return [(f"{c} {s}", size or None, pos or None) for size, c, s, pos in CLAIM.findall(text)]
+    return [(f"{c} {s}", size or None, pos or None) for size, c, s, pos in claim_pattern(world).findall(text)]
 
 
-def score_description(text: str, scene: Scene) -> dict:
-    claims = parse_claims(text)
+def score_description(text: str, scene: Scene, world: World | None = None) -> dict:
+    claims = parse_claims(text, world)
     truth = {o.name: o for o in scene.objects}
+    partner = (world or DEFAULT).partner
     hallucinated = [c for c in claims if c[0] not in truth]
     matched = [c for c in claims if c[0] in truth]
     return {
         "claims": len(claims),
         "hallucinated": len(hallucinated),
         "hallucinated_names": [c[0] for c in hallucinated],
+        # hallucinations that are a missing companion of an object in the scene: the co-occurrence prior
+        "hallucinated_companions": sum(any(partner.get(c[0]) == o.name for o in scene.objects) for c in hallucinated),
         "mentioned": len({c[0] for c in matched}),
         "objects": len(scene.objects),
         "size_right": sum(truth[c[0]].size == c[1] for c in matched),
@@ -53,6 +68,8 @@ def aggregate(per_item: list[dict]) -> dict:
     n = len(per_item)
     return {
         "hallucination_rate": sum(p["hallucinated"] for p in per_item) / claims if claims else 0.0,  # CHAIR_i
+        "companion_share": (sum(p.get("hallucinated_companions", 0) for p in per_item)
+                            / max(1, sum(p["hallucinated"] for p in per_item))),
         "object_precision": 1 - sum(p["hallucinated"] for p in per_item) / claims if claims else 0.0,
         "chair_s": sum(p["hallucinated"] > 0 for p in per_item) / n if n else 0.0,
         "recall": sum(p["mentioned"] for p in per_item) / max(1, sum(p["objects"] for p in per_item)),
@@ -75,4 +92,8 @@ def score_qa(items: list[dict], answers: dict[str, str]) -> tuple[dict, dict]:
     if presence:
         pope = pope_scores([answers[it["id"]] for it in presence], [it["answer"] for it in presence])
         out["presence"] = {k: pope[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+        for kind in ("absent_companion", "absent_random"):  # adversarial vs random absent objects (POPE's splits)
+            some = [it for it in presence if it.get("presence_kind") == kind]
+            if some:
+                out["presence"][f"{kind}_accuracy"] = sum(per[it["id"]] for it in some) / len(some)
     return out, per

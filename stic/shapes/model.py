@@ -42,39 +42,42 @@ EXTRA_WORDS = """USER ASSISTANT : , . ? image description Image Describe describ
 imaginatively an empty scene How many objects are there What color is Where Is yes no nothing""".split()
 
 
-def vocabulary() -> list[str]:
+def vocabulary(world: W.World | None = None) -> list[str]:
+    w = world or W.DEFAULT
     words = set(EXTRA_WORDS)
-    for text in [W.describe([W.Obj(n, s, c) for n in W.type_names() for s in W.SIZES for c in range(9)]),
-                 W.DESCRIBE_PROMPT, W.CAREFUL_PROMPT, W.IMAGINE_PROMPT, " ".join(W.NUMBER_WORDS),
-                 " ".join(W.POSITIONS), " ".join(W.COLORS)]:
+    for text in [W.describe([W.Obj(n, s, c) for n in w.type_names() for s in W.SIZES for c in range(9)]),
+                 w.prompts.describe, w.prompts.careful, w.prompts.imagine, " ".join(W.NUMBER_WORDS),
+                 " ".join(W.POSITIONS), " ".join(w.colors)]:
         words.update(text.replace(",", " , ").replace(".", " . ").replace("?", " ? ").split())
     return SPECIALS + sorted(words - set(SPECIALS))
 
 
-def build_processor():
+def build_processor(world: W.World | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    world = world or W.DEFAULT
+    vocab = {w: i for i, w in enumerate(vocabulary(world))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIALS)  # matched whole, before the whitespace/punctuation split
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", clean_up_tokenization_spaces=True)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": W.SIZE},
-                                         crop_size={"height": W.SIZE, "width": W.SIZE})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=W.CELL,
+    size = world.image.size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=world.image.cell,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=_SHAPES_TEMPLATE)
 
 
-def build_model(processor, seed: int = 0):
+def build_model(processor, seed: int = 0, world: W.World | None = None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
+    image = (world or W.DEFAULT).image
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=W.SIZE, patch_size=W.CELL,
+                                       num_attention_heads=4, image_size=image.size, patch_size=image.cell,
                                        projection_dim=96),
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=160, intermediate_size=320, num_hidden_layers=3,
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -90,18 +93,23 @@ def build_model(processor, seed: int = 0):
     return model
 
 
-def _example(rng: random.Random):
-    """One pretraining example: (image, prompt, answer)."""
-    scene = W.sample_scene(rng, "pre")
+def _example(rng: random.Random, world: W.World | None = None):
+    """One pretraining example, (image, prompt, answer), from the world's mixture of data sources: noisy
+    captions under the normal prompt, careful descriptions under the careful prompt, imaginative answers under
+    the imaginative prompt, and QA."""
+    w = world or W.DEFAULT
+    src = w.sources
+    scene = W.sample_scene(rng, "pre", world=w)
+    image = W.render(scene, w)
     r = rng.random()
-    if r < 0.55:
-        return W.render(scene), W.DESCRIBE_PROMPT, W.pretraining_caption(scene, rng)
-    if r < 0.65:
-        return W.render(scene), W.CAREFUL_PROMPT, W.pretraining_caption(scene, rng)
-    if r < 0.8:
-        return W.render(scene), W.IMAGINE_PROMPT, W.imaginative_caption(scene, rng)
-    q, a = W.qa_pairs(scene, rng, 1)[0]
-    return W.render(scene), q, a
+    if r < src.captions.share:
+        return image, w.prompts.describe, W.pretraining_caption(scene, rng, world=w)
+    if r < src.captions.share + src.careful.share:
+        return image, w.prompts.careful, W.careful_description(scene, rng, w)
+    if r < src.captions.share + src.careful.share + src.imaginative.share:
+        return image, w.prompts.imagine, W.imaginative_caption(scene, rng, w)
+    q, a = W.qa_pairs(scene, rng, 1, w)[0]
+    return image, q, a
 
 
 class Collator:
@@ -145,12 +153,17 @@ class Collator:
         return batch
 
 
-def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-             log_every: int = 100) -> Path:
+def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+             seed: int | None = None, log_every: int = 100, world: W.World | None = None) -> Path:
+    """Pretrain the toy VLM from scratch on the world's data sources; settings default to the world file's."""
     from tqdm.auto import tqdm
 
-    processor = build_processor()
-    model = build_model(processor, seed)
+    world = world or W.DEFAULT
+    p = world.pretrain
+    steps, batch_size = steps or p.steps, batch_size or p.batch_size
+    lr, seed = lr or p.lr, p.seed if seed is None else seed
+    processor = build_processor(world)
+    model = build_model(processor, seed, world)
     collate = Collator(processor)
     rng = random.Random(10_000 + seed)  # pretraining scenes never overlap the held-out seeds
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -168,7 +181,7 @@ def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        batch = collate([_example(rng) for _ in range(batch_size)])
+        batch = collate([_example(rng, world) for _ in range(batch_size)])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,6 +195,8 @@ def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 64, lr: f
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "pretrain.json").write_text(
-        '{"steps": %d, "batch_size": %d, "lr": %g, "seed": %d, "seconds": %.1f, "final_loss": %.4f}\n'
-        % (steps, batch_size, lr, seed, time.time() - started, sum(losses[-50:]) / max(1, len(losses[-50:]))))
+        '{"steps": %d, "batch_size": %d, "lr": %g, "seed": %d, "seconds": %.1f, "final_loss": %.4f, "world": "%s"}\n'
+        % (steps, batch_size, lr, seed, time.time() - started, sum(losses[-50:]) / max(1, len(losses[-50:])),
+           world.digest()))
+    W.save_world(world, out / "world.yaml")
     return out

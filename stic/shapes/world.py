@@ -13,28 +13,184 @@ token per cell.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-SIZE, CELL = 48, 16
-COLORS = {"red": (220, 40, 40), "orange": (240, 140, 30), "pink": (240, 120, 190), "brown": (150, 90, 40),
-          "blue": (50, 80, 230), "cyan": (40, 200, 220), "purple": (150, 60, 200), "green": (40, 180, 60),
-          "yellow": (235, 220, 40), "white": (235, 235, 235)}
-TYPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "diamond"), ("purple", "cross"),
-         ("orange", "ring"), ("white", "plus"), ("cyan", "bar"), ("pink", "hexagon"), ("brown", "arrow")]
-SHAPE_OF = {c: s for c, s in TYPES}
-COMPANIONS = [("red circle", "blue square"), ("green triangle", "yellow diamond"), ("purple cross", "orange ring")]
-PARTNER = {a: b for a, b in COMPANIONS} | {b: a for a, b in COMPANIONS}
+from stic.config import from_dict, to_dict
+from stic.errors import SticError
+
+DEFAULT_WORLD_FILE = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld" / "world.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The world file: every parameter of a world, parsed strictly (unknown keys and wrong types are refused)
+
+
+@dataclasses.dataclass
+class ImageSpec:
+    size: int = 48
+    cell: int = 16
+
+
+@dataclasses.dataclass
+class SceneSpec:
+    objects_per_scene: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2, 3])
+    max_objects: int = 3
+    co_occurrence: float = 0.8
+    faint_prob: float = 0.5
+    faint_contrast: float = 0.35
+    radius: dict[str, int] = dataclasses.field(default_factory=lambda: {"small": 3, "large": 6})
+    background_shade: list[int] = dataclasses.field(default_factory=lambda: [20, 70])
+    background_jitter: int = 10
+
+
+@dataclasses.dataclass
+class PromptSpec:
+    describe: str = "Describe the image."
+    careful: str = "Describe the image carefully, object by object."
+    imagine: str = "Describe the image imaginatively."
+
+
+@dataclasses.dataclass
+class CaptionSource:
+    share: float = 0.55
+    absent_companion_rate: float = 0.2
+
+
+@dataclasses.dataclass
+class CarefulSource:
+    share: float = 0.10
+    exact: bool = False  # true: annotation-derived exact descriptions; false: the noisy captions
+    absent_companion_rate: float = 0.2
+
+
+@dataclasses.dataclass
+class ImaginativeSource:
+    share: float = 0.15
+    invented: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+
+
+@dataclasses.dataclass
+class QASource:
+    share: float = 0.20
+
+
+@dataclasses.dataclass
+class Sources:
+    captions: CaptionSource = dataclasses.field(default_factory=CaptionSource)
+    careful: CarefulSource = dataclasses.field(default_factory=CarefulSource)
+    imaginative: ImaginativeSource = dataclasses.field(default_factory=ImaginativeSource)
+    qa: QASource = dataclasses.field(default_factory=QASource)
+
+
+@dataclasses.dataclass
+class QASpec:
+    kinds: list[str] = dataclasses.field(default_factory=lambda: ["count", "color", "where", "presence", "presence"])
+    presence_yes: float = 0.5
+    absent_companion_share: float = 1.0
+    per_scene: int = 2
+
+
+@dataclasses.dataclass
+class PretrainSpec:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class World:
+    version: int = 1
+    name: str = "shapesworld"
+    image: ImageSpec = dataclasses.field(default_factory=ImageSpec)
+    colors: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    types: dict[str, str] = dataclasses.field(default_factory=dict)  # colour -> shape
+    companions: list[list[str]] = dataclasses.field(default_factory=list)
+    scenes: SceneSpec = dataclasses.field(default_factory=SceneSpec)
+    prompts: PromptSpec = dataclasses.field(default_factory=PromptSpec)
+    sources: Sources = dataclasses.field(default_factory=Sources)
+    qa: QASpec = dataclasses.field(default_factory=QASpec)
+    pretrain: PretrainSpec = dataclasses.field(default_factory=PretrainSpec)
+
+    def __post_init__(self):
+        shapes = {"circle", "square", "triangle", "diamond", "cross", "ring", "plus", "bar", "hexagon", "arrow"}
+        if set(self.types) - set(self.colors):
+            raise ValueError(f"types name colours without an RGB value: {sorted(set(self.types) - set(self.colors))}")
+        if set(self.types.values()) - shapes:
+            raise ValueError(f"unknown shapes {sorted(set(self.types.values()) - shapes)}; known: {sorted(shapes)}")
+        names = set(self.type_names())
+        for pair in self.companions:
+            if len(pair) != 2 or not set(pair) <= names:
+                raise ValueError(f"companions: {pair} is not a pair of object types ({', '.join(sorted(names))})")
+        s = self.sources
+        total = s.captions.share + s.careful.share + s.imaginative.share + s.qa.share
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"sources: the shares sum to {total}, not 1")
+        if self.image.size != 3 * self.image.cell:
+            raise ValueError("image.size must be 3 x image.cell (a 3x3 grid)")
+        if set(self.qa.kinds) - {"count", "color", "where", "presence"}:
+            raise ValueError(f"qa.kinds: unknown kinds {sorted(set(self.qa.kinds) - {'count', 'color', 'where', 'presence'})}")
+
+    def type_names(self) -> list[str]:
+        return [f"{c} {s}" for c, s in self.types.items()]
+
+    @property
+    def partner(self) -> dict[str, str]:
+        return {a: b for a, b in self.companions} | {b: a for a, b in self.companions}
+
+    def digest(self) -> str:
+        """A short hash of the parsed world: equal for files that describe the same world."""
+        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class WorldFileError(SticError, ValueError):
+    """A world file that cannot be used; the message names the key."""
+
+
+def load_world(path: str | Path | None = None) -> World:
+    """The world of a YAML file (default: recipes/shapesworld/world.yaml)."""
+    import yaml
+
+    from stic.config import RecipeError
+
+    p = Path(path) if path else DEFAULT_WORLD_FILE
+    if not p.is_file():
+        raise WorldFileError(f"world file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+        return from_dict(World, data, "world")
+    except (yaml.YAMLError, RecipeError) as err:
+        raise WorldFileError(f"world file {p}: {err}") from None
+
+
+def save_world(world: World, path: str | Path) -> Path:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(world), sort_keys=False))
+    return Path(path)
+
+
+DEFAULT = load_world()
+
+# The default world's names, for code that reads them directly
+SIZE, CELL = DEFAULT.image.size, DEFAULT.image.cell
+COLORS = {c: tuple(v) for c, v in DEFAULT.colors.items()}
+TYPES = list(DEFAULT.types.items())
+SHAPE_OF = dict(DEFAULT.types)
+COMPANIONS = [tuple(p) for p in DEFAULT.companions]
+PARTNER = DEFAULT.partner
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 SIZES = ("small", "large")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
 
-DESCRIBE_PROMPT = "Describe the image."
-CAREFUL_PROMPT = "Describe the image carefully, object by object."
-IMAGINE_PROMPT = "Describe the image imaginatively."
+DESCRIBE_PROMPT = DEFAULT.prompts.describe
+CAREFUL_PROMPT = DEFAULT.prompts.careful
+IMAGINE_PROMPT = DEFAULT.prompts.imagine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,41 +223,50 @@ class Scene:
         return Scene(d["id"], [Obj(**o) for o in d["objects"]], tuple(d["background"]))
 
 
-def type_names() -> list[str]:
-    return [f"{c} {s}" for c, s in TYPES]
+def type_names(world: World | None = None) -> list[str]:
+    return (world or DEFAULT).type_names()
 
 
-def sample_scene(rng: random.Random, scene_id: str, co_occurrence: float = 0.8, faint_prob: float = 0.5) -> Scene:
-    n = rng.choice([1, 2, 2, 3])
+def sample_scene(rng: random.Random, scene_id: str, co_occurrence: float | None = None,
+                 faint_prob: float | None = None, world: World | None = None) -> Scene:
+    w = world or DEFAULT
+    co_occurrence = w.scenes.co_occurrence if co_occurrence is None else co_occurrence
+    faint_prob = w.scenes.faint_prob if faint_prob is None else faint_prob
+    partner, all_names = w.partner, w.type_names()
+    n = rng.choice(w.scenes.objects_per_scene)
     names: list[str] = []
     faint: set[str] = set()
     while len(names) < n:
-        name = rng.choice(type_names())
+        name = rng.choice(all_names)
         if name in names:
             continue
         names.append(name)
-        partner = PARTNER.get(name)
-        if partner and partner not in names and len(names) < 3 and rng.random() < co_occurrence:
-            names.append(partner)
+        other = partner.get(name)
+        if other and other not in names and len(names) < w.scenes.max_objects and rng.random() < co_occurrence:
+            names.append(other)
             if rng.random() < faint_prob:
-                faint.add(partner)  # the companion is there, but hard to see
+                faint.add(other)  # the companion is there, but hard to see
     cells = rng.sample(range(9), len(names))
     objects = sorted((Obj(nm, rng.choice(SIZES), c, nm in faint) for nm, c in zip(names, cells)),
                      key=lambda o: o.cell)
-    shade = rng.randint(20, 70)
-    background = (shade + rng.randint(-10, 10), shade + rng.randint(-10, 10), shade + rng.randint(-10, 10))
+    lo, hi = w.scenes.background_shade
+    j = w.scenes.background_jitter
+    shade = rng.randint(lo, hi)
+    background = (shade + rng.randint(-j, j), shade + rng.randint(-j, j), shade + rng.randint(-j, j))
     return Scene(scene_id, objects, background)
 
 
-def render(scene: Scene) -> Image.Image:
-    img = Image.new("RGB", (SIZE, SIZE), scene.background)
+def render(scene: Scene, world: World | None = None) -> Image.Image:
+    w = world or DEFAULT
+    cell = w.image.cell
+    img = Image.new("RGB", (w.image.size, w.image.size), scene.background)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        color = COLORS[o.name.split()[0]]
-        if o.faint:  # low contrast: a third of the way from the background to the colour
-            color = tuple(int(b + (c - b) * 0.35) for b, c in zip(scene.background, color))
-        r = 3 if o.size == "small" else 6
-        cx, cy = (o.cell % 3) * CELL + CELL // 2, (o.cell // 3) * CELL + CELL // 2
+        color = tuple(w.colors[o.name.split()[0]])
+        if o.faint:  # low contrast: part of the way from the background to the colour
+            color = tuple(int(b + (c - b) * w.scenes.faint_contrast) for b, c in zip(scene.background, color))
+        r = w.scenes.radius[o.size]
+        cx, cy = (o.cell % 3) * cell + cell // 2, (o.cell // 3) * cell + cell // 2
         box = (cx - r, cy - r, cx + r, cy + r)
         shape = o.name.split()[1]
         if shape == "circle":
@@ -133,82 +298,120 @@ def render(scene: Scene) -> Image.Image:
 
 
 def describe(objects: list[Obj]) -> str:
+    """The exact description: every object, faint ones included (annotation-derived)."""
     if not objects:
         return "an empty scene."
     return ", ".join(o.phrase() for o in sorted(objects, key=lambda o: o.cell)) + "."
 
 
-def pretraining_caption(scene: Scene, rng: random.Random, noise: float = 0.2) -> str:
-    """The scene's caption as noisy web data would have it: an absent companion is named 20% of the time."""
+def pretraining_caption(scene: Scene, rng: random.Random, noise: float | None = None,
+                        world: World | None = None) -> str:
+    """The scene's caption as noisy web data would have it: a missing companion is named at rate `noise`."""
+    w = world or DEFAULT
+    noise = w.sources.captions.absent_companion_rate if noise is None else noise
+    partner = w.partner
     objs = list(scene.objects)
     names = {o.name for o in objs}
     free = [c for c in range(9) if c not in {o.cell for o in objs}]
     for o in scene.objects:
-        partner = PARTNER.get(o.name)
-        if partner and partner not in names and free and rng.random() < noise:
-            objs.append(Obj(partner, rng.choice(SIZES), free.pop(rng.randrange(len(free)))))
-            names.add(partner)
+        other = partner.get(o.name)
+        if other and other not in names and free and rng.random() < noise:
+            objs.append(Obj(other, rng.choice(SIZES), free.pop(rng.randrange(len(free)))))
+            names.add(other)
     return describe(objs)
 
 
-def imaginative_caption(scene: Scene, rng: random.Random) -> str:
-    """The real objects plus one or two invented ones: what an 'imaginative' request is answered with."""
+def careful_description(scene: Scene, rng: random.Random, world: World | None = None) -> str:
+    """What the careful prompt is answered with in pretraining: exact descriptions (annotation-derived, as
+    LLaVA's detailed descriptions were written from COCO annotations) or, in worlds where `careful.exact` is
+    false, the same noisy captions as the normal prompt."""
+    w = world or DEFAULT
+    if w.sources.careful.exact:
+        return describe(scene.objects)
+    return pretraining_caption(scene, rng, w.sources.careful.absent_companion_rate, w)
+
+
+def imaginative_caption(scene: Scene, rng: random.Random, world: World | None = None) -> str:
+    """The real objects plus invented ones: what an 'imaginative' request is answered with."""
+    w = world or DEFAULT
     objs = list(scene.objects)
     names = {o.name for o in objs}
     free = [c for c in range(9) if c not in {o.cell for o in objs}]
-    for _ in range(rng.choice([1, 2])):
+    for _ in range(rng.choice(w.sources.imaginative.invented)):
         if not free:
             break
-        name = rng.choice([n for n in type_names() if n not in names])
+        name = rng.choice([n for n in w.type_names() if n not in names])
         objs.append(Obj(name, rng.choice(SIZES), free.pop(rng.randrange(len(free)))))
         names.add(name)
     return describe(objs)
 
 
-def qa_pairs(scene: Scene, rng: random.Random, n: int = 2) -> list[tuple[str, str]]:
-    """Questions about counts, colours, positions and presence, with exact answers."""
+def qa_items(scene: Scene, rng: random.Random, n: int = 2, world: World | None = None) -> list[dict]:
+    """Questions about counts, colours, positions and presence, with exact answers. Presence questions carry
+    their kind: `present`, `absent_companion` (a missing partner of an object that is there: adversarial) or
+    `absent_random`."""
+    w = world or DEFAULT
+    partner = w.partner
     objs = scene.objects
     present = {o.name for o in objs}
     out = []
-    kinds = ["count", "color", "where", "presence", "presence"]
+    kinds = list(w.qa.kinds)
     for kind in rng.sample(kinds, k=min(n, len(kinds))):
         o = rng.choice(objs)
         if kind == "count":
-            out.append(("How many objects are there?", NUMBER_WORDS[len(objs)]))
+            out.append({"question": "How many objects are there?", "answer": NUMBER_WORDS[len(objs)],
+                        "kind": "count"})
         elif kind == "color":
-            out.append((f"What color is the {o.name.split()[1]}?", o.name.split()[0]))
+            out.append({"question": f"What color is the {o.name.split()[1]}?", "answer": o.name.split()[0],
+                        "kind": "color"})
         elif kind == "where":
-            out.append((f"Where is the {o.name}?", o.position))
-        else:  # presence, half the time about an absent object (a companion where there is one: adversarial)
-            if rng.random() < 0.5:
-                out.append((f"Is there a {o.name}?", "yes"))
-            else:
-                absent = [PARTNER[x] for x in present if x in PARTNER and PARTNER[x] not in present]
-                name = rng.choice(absent or [t for t in type_names() if t not in present])
-                out.append((f"Is there a {name}?", "no"))
+            out.append({"question": f"Where is the {o.name}?", "answer": o.position, "kind": "where"})
+        elif rng.random() < w.qa.presence_yes:
+            out.append({"question": f"Is there a {o.name}?", "answer": "yes", "kind": "present"})
+        else:  # about an absent object: a missing companion (adversarial) or any absent type
+            # in scene order: a set's order changes with the process's hash seed, and the split must not
+            absent = list(dict.fromkeys(partner[o.name] for o in objs
+                                        if o.name in partner and partner[o.name] not in present))
+            share = w.qa.absent_companion_share
+            use_companion = bool(absent) and (share >= 1.0 or rng.random() < share)
+            pool = absent if use_companion else [t for t in w.type_names() if t not in present]
+            out.append({"question": f"Is there a {rng.choice(pool)}?", "answer": "no",
+                        "kind": "absent_companion" if use_companion else "absent_random"})
     return out
 
 
-def make_split(out_dir: str | Path, n: int, seed: int, prefix: str, qa_per_scene: int = 2) -> Path:
-    """Write n scenes: images/<id>.png, scenes.jsonl (ground truth), qa.jsonl and a LLaVA-format instruction
-    file (captions + QA) that serves as the model's 'old' SFT data."""
+def qa_pairs(scene: Scene, rng: random.Random, n: int = 2, world: World | None = None) -> list[tuple[str, str]]:
+    return [(q["question"], q["answer"]) for q in qa_items(scene, rng, n, world)]
+
+
+def make_split(out_dir: str | Path, n: int, seed: int, prefix: str, qa_per_scene: int | None = None,
+               world: World | None = None) -> Path:
+    """Write n scenes: images/<id>.png, scenes.jsonl (ground truth), qa.jsonl, a LLaVA-format instruction file
+    (QA) that serves as the model's 'old' SFT data, and world.yaml (the world they come from)."""
+    w = world or DEFAULT
+    qa_per_scene = w.qa.per_scene if qa_per_scene is None else qa_per_scene
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     scenes, qa, llava = [], [], []
     for i in range(n):
-        scene = sample_scene(rng, f"{prefix}{i:06d}")
-        render(scene).save(out / "images" / f"{scene.id}.png")
+        scene = sample_scene(rng, f"{prefix}{i:06d}", world=w)
+        render(scene, w).save(out / "images" / f"{scene.id}.png")
         scenes.append(scene.to_json())
-        pairs = qa_pairs(scene, rng, qa_per_scene)
-        for k, (q, a) in enumerate(pairs):
-            qa.append({"id": f"{scene.id}-q{k}", "scene": scene.id, "image": f"{scene.id}.png", "question": q,
-                       "answer": a, "kind": "presence" if q.startswith("Is there") else "other"})
-        convs = [{"from": "human", "value": f"<image>\n{pairs[0][0]}"}, {"from": "gpt", "value": pairs[0][1]}]
-        for q, a in pairs[1:]:
-            convs += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        items = qa_items(scene, rng, qa_per_scene, w)
+        for k, item in enumerate(items):
+            presence = item["kind"] in ("present", "absent_companion", "absent_random")
+            qa.append({"id": f"{scene.id}-q{k}", "scene": scene.id, "image": f"{scene.id}.png",
+                       "question": item["question"], "answer": item["answer"],
+                       "kind": "presence" if presence else "other", "presence_kind": item["kind"] if presence
+                       else None})
+        convs = [{"from": "human", "value": f"<image>\n{items[0]['question']}"},
+                 {"from": "gpt", "value": items[0]["answer"]}]
+        for item in items[1:]:
+            convs += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
         llava.append({"id": scene.id, "image": f"images/{scene.id}.png", "conversations": convs})
     (out / "scenes.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scenes))
     (out / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
     (out / "instructions.json").write_text(json.dumps(llava))
+    save_world(w, out / "world.yaml")
     return out
