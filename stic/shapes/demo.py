@@ -71,11 +71,23 @@ def _world_settings(world, out: Path, base_dir: Path) -> list[str]:
             f"infuse_sft.describe.prompt={json.dumps(world.prompts.describe)}"]
 
 
+def step0_logp_gap(run: Path) -> dict | None:
+    """Chosen and rejected log-probabilities at stage 1's first logged step (the base's, before any update)."""
+    path = run / "log_history.json"
+    logs = [h for h in json.loads(path.read_text()) if "logps/chosen" in h] if path.exists() else []
+    if not logs:
+        return None
+    first = logs[0]
+    return {"chosen": first["logps/chosen"], "rejected": first["logps/rejected"],
+            "gap": first["logps/chosen"] - first["logps/rejected"]}
+
+
 def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False,
-             world_file: str | None = None) -> dict:
+             world_file: str | None = None, calibration_scenes: int = 1000) -> dict:
     from stic import dpo, evaluate, infuse, selfgen
     from stic.shapes import world as W
-    from stic.shapes.calibrate import base_for_world
+    from stic.shapes.calibrate import base_for_world, measure
+    from stic.shapes.stats import HYPOTHESES, ci_table, confidence_intervals, judge_hypotheses
 
     started = time.time()
     world = W.load_world(world_file)
@@ -86,11 +98,12 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         W.make_split(heldout_root / "shapesworld", n_heldout, seed=1_000_003, prefix="test", world=world)
     ev = [f"eval.data_root={heldout_root}", f"eval.output_dir={out / 'eval'}"] + _world_settings(world, out, base_dir)
 
-    def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False) -> dict:
+    def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False, extra=()) -> dict:
         """Judge one model on the held-out scenes (a finished evaluation is reused when the demo is rerun)."""
         target = out / "eval" / name
+        arm_runs.setdefault(arm_of.get(name, name), []).append(name)
         if not (target / "summary.json").exists():
-            summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev)), model, dar, list(benchmarks))
+            summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev + list(extra))), model, dar, list(benchmarks))
             shutil.rmtree(target, ignore_errors=True)
             (out / "eval" / summary["run"]).rename(target)
         return {b: json.loads((target / b / "scores.json").read_text())["metrics"] for b in benchmarks}
@@ -101,7 +114,14 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             dpo.run_dpo(dpo.parse_recipe(_recipe(overrides)))
 
     results: dict[str, list[dict]] = {}
+    diagnostics: dict = {}
+    arm_runs: dict[str, list[str]] = {}  # arm -> its evaluation runs, one per seed (for the paired bootstrap)
+    arm_of: dict[str, str] = {}
+    calibration = measure(Path(base_dir), world, n_scenes=calibration_scenes)  # the base only, as calibration.md
+    (out / "hypotheses.md").write_text("Written before the run.\n\n" + "".join(
+        f"- **{k}**: {v}\n" for k, v in HYPOTHESES.items()))
     base_dir = str(base_dir)
+    arm_of.update({"base": "base", "base+dar": "base + DaR"})
     results["base"] = [evaluate_model(base_dir, "base", ("shapes_describe", "shapes_qa"))]
     results["base + DaR"] = [evaluate_model(base_dir, "base+dar", ("shapes_qa",), dar=True)]
     for seed in seeds:
@@ -112,14 +132,22 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         common = ev[2:] + [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
                   "dpo.report_to=[]", "dpo.logging_steps=1", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
 
+        arm_of.update({f"s{seed}-stic": "STIC stage 1", f"s{seed}-sftpos": "control: SFT on chosen",
+                       f"s{seed}-contpre": "control: continued pretraining", f"s{seed}-round2": "STIC round 2",
+                       f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2+dar": "STIC stage 2 + DaR"})
+
         def stage1(tag: str, extra: list[str], dataset_from: str | None = None) -> dict:
             gen_dir = s / f"selfgen-{dataset_from or tag}"
             if dataset_from is None:
                 selfgen.run_selfgen(selfgen.parse_recipe(_recipe(common + [f"selfgen.output_dir={gen_dir}"] + extra)))
             run = s / f"dpo-{tag}"
+            model = [e for e in extra if e.startswith("model.")]  # round 2: the merged stage-1 model is the base
             train_once(run, common + [f"dpo.dataset={gen_dir}", f"dpo.output_dir={run}"]
-                       + [e for e in extra if e.startswith("dpo.")])
-            return evaluate_model(str(run), f"s{seed}-{tag}")
+                       + [e for e in extra if e.startswith(("dpo.", "model."))])
+            gap = step0_logp_gap(run)
+            if gap is not None:  # how separable the pairs are before training (without looking at the image)
+                diagnostics.setdefault("step0_logp_gap", {})[f"seed{seed}/{tag}"] = gap
+            return evaluate_model(str(run), f"s{seed}-{tag}", extra=model)
 
         results.setdefault("STIC stage 1", []).append(stage1("stic", []))
         results.setdefault("control: SFT on chosen", []).append(stage1("sftpos", ["dpo.mode=sft_positive"], "stic"))
@@ -129,6 +157,14 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         train_once(run, common + [f"dpo.dataset={cont}", f"dpo.output_dir={run}", "dpo.mode=sft_positive",
                                   f"dpo.max_steps={steps}"])
         results.setdefault("control: continued pretraining", []).append(evaluate_model(str(run), f"s{seed}-contpre"))
+        # STIC round 2: the stage-1 model (merged) makes new pairs from the same unlabeled scenes, then stage 1 again
+        merged = s / "stage1-merged"
+        if not (merged / "config.json").exists():
+            from stic.config import ModelConfig
+
+            dpo.merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
+                              dtype="float32")
+        results.setdefault("STIC round 2", []).append(stage1("round2", [f"model.name_or_path={merged}"]))
         if ablations:
             results.setdefault("ablation: hallucination negatives only", []).append(
                 stage1("hallu", ["selfgen.hallucination_prob=1.0"]))
@@ -153,10 +189,16 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         results.setdefault("STIC stage 2 + DaR", []).append(
             evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))
 
-    table = summarize(results, seeds)
+    ci = confidence_intervals(out / "eval", arm_runs)
+    hypotheses = judge_hypotheses(ci)
+    table = summarize(results, seeds) + "\n" + ci_table(ci) + "\n" + "".join(
+        f"- **{k}** ({'held' if h['held'] else 'not held' if h['held'] is False else 'not run'}): "
+        f"{h['statement']}\n" for k, h in hypotheses.items())
     (out / "results.json").write_text(json.dumps({"world": world.name, "world_digest": world.digest(),
                                                   "base": str(base_dir), "seeds": seeds, "train_scenes": n_train,
-                                                  "heldout_scenes": n_heldout, "results": results,
+                                                  "heldout_scenes": n_heldout, "calibration": calibration,
+                                                  "results": results, "ci": ci, "hypotheses": hypotheses,
+                                                  "diagnostics": diagnostics,
                                                   "seconds": round(time.time() - started, 1)}, indent=1) + "\n")
     (out / "results.md").write_text(table)
     plot(results, out / "results.png")
@@ -179,13 +221,15 @@ def _fmt(values: list[float]) -> str:
 
 def summarize(results: dict[str, list[dict]], seeds: list[int]) -> str:
     head = ("| model | hallucination rate % | CHAIR_s % | recall % | size acc % | position-aware precision % | "
-            "QA acc % | presence F1 % |\n|---|---|---|---|---|---|---|---|\n")
+            "fragments | QA acc % | presence F1 % |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     base_rate = statistics.mean(r["shapes_describe"]["hallucination_rate"] for r in results["base"])
     for name, runs in results.items():
         desc = [r["shapes_describe"] for r in runs if "shapes_describe" in r]
         qa = [r["shapes_qa"] for r in runs if "shapes_qa" in r]
         cells = [_fmt([d[m] for d in desc]) for m in METRICS]
+        frags = [d["fragments"] for d in desc if "fragments" in d]  # count per seed, mean over seeds
+        cells.append(f"{statistics.mean(frags):.1f}" if frags else "–")
         cells += [_fmt([q["accuracy"] for q in qa]), _fmt([q["presence"]["f1"] for q in qa if "presence" in q])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rel = [(1 - r["shapes_describe"]["hallucination_rate"] / base_rate) * 100 if base_rate else 0.0

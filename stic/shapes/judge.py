@@ -76,6 +76,8 @@ def aggregate(per_item: list[dict]) -> dict:
         "size_accuracy": sum(p["size_right"] for p in per_item) / matched if matched else 0.0,
         "position_precision": sum(p["position_right"] for p in per_item) / claims if claims else 0.0,
         "claims_per_description": claims / n if n else 0.0,
+        # collapsed descriptions: fewer than 2 objects named in a scene that has at least 2
+        "fragments": sum(p["claims"] < 2 <= p["objects"] for p in per_item),
         "descriptions": n,
     }
 

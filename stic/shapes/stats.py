@@ -1,0 +1,145 @@
+"""The ShapesWorld experiment's statistics: paired bootstrap confidence intervals and pre-registered hypotheses.
+
+Every model is judged on the same held-out scenes, so differences are paired by scene; trained arms also share
+their seed's training scenes, so they are paired by seed too. One bootstrap replicate draws scenes and seeds with
+replacement and recomputes each difference on that draw (a ratio metric such as the hallucination rate is
+recomputed from its sums, not averaged per scene). The base model is deterministic (greedy), so its one run
+stands for every seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# The hypotheses, fixed before the experiment runs (also written into results.json and the README).
+HYPOTHESES = {
+    "H1": "STIC stage 1 lowers the hallucination rate by at least 30% relative to the base (point estimate), "
+          "with recall no more than 2 points lower (point estimate)",
+    "H2": "STIC stage 1's hallucination rate is below both controls' (SFT on chosen, continued pretraining) by "
+          "more than 2 bootstrap standard errors of the paired difference",
+    "H3": "QA accuracy with DaR after STIC (stage 2 + DaR) is at least that of DaR on the base (point estimate "
+          "of the paired difference >= 0), the direction of the paper's Table 2",
+    "H4": "STIC round 2 lowers the hallucination rate below round 1 (the 95% CI of the paired difference lies "
+          "below 0)",
+}
+
+
+def load_describe(eval_dir: Path, run: str) -> dict[str, np.ndarray]:
+    """Per held-out scene (in file order): hallucinated claims, claims, mentioned objects, objects."""
+    per = json.loads((eval_dir / run / "shapes_describe" / "scores.json").read_text())["per_item"]
+    keys = sorted(per)
+    cols = ("hallucinated", "claims", "mentioned", "objects")
+    out = {c: np.array([per[k][c] for k in keys], dtype=float) for c in cols}
+    out["ids"] = keys
+    return out
+
+
+def load_qa(eval_dir: Path, run: str) -> dict[str, np.ndarray]:
+    per = json.loads((eval_dir / run / "shapes_qa" / "scores.json").read_text())["per_item"]
+    keys = sorted(per)
+    return {"correct": np.array([float(per[k]) for k in keys]), "ids": keys}
+
+
+def _metric(data: dict, metric: str, idx: np.ndarray) -> float:
+    if metric == "hallucination_rate":
+        claims = data["claims"][idx].sum()
+        return float(data["hallucinated"][idx].sum() / claims) if claims else 0.0
+    if metric == "chair_s":
+        return float((data["hallucinated"][idx] > 0).mean())
+    if metric == "recall":
+        return float(data["mentioned"][idx].sum() / max(1.0, data["objects"][idx].sum()))
+    if metric == "qa_accuracy":
+        return float(data["correct"][idx].mean())
+    raise ValueError(f"unknown metric {metric}")
+
+
+def paired_difference(a_runs: list[dict], b_runs: list[dict], metric: str, replicates: int = 1000,
+                      seed: int = 0) -> dict:
+    """a - b of `metric` (mean over seeds), with a 95% percentile CI and the bootstrap SE. A list of one run
+    (the base) is used for every seed of the other side."""
+    k = max(len(a_runs), len(b_runs))
+    a_runs = a_runs * k if len(a_runs) == 1 else a_runs
+    b_runs = b_runs * k if len(b_runs) == 1 else b_runs
+    if len(a_runs) != len(b_runs):
+        raise ValueError("the two arms have different numbers of seeds")
+    n = len(a_runs[0]["ids"])
+    if any(r["ids"] != a_runs[0]["ids"] for r in a_runs + b_runs):
+        raise ValueError("the runs were not judged on the same held-out items")
+    everything = np.arange(n)
+
+    def diff(idx, seeds):
+        return (np.mean([_metric(a_runs[s], metric, idx) for s in seeds])
+                - np.mean([_metric(b_runs[s], metric, idx) for s in seeds]))
+
+    point = diff(everything, range(k))
+    b_point = np.mean([_metric(r, metric, everything) for r in b_runs])
+    rng = np.random.default_rng(seed)
+    draws = np.array([diff(rng.integers(0, n, n), rng.integers(0, k, k)) for _ in range(replicates)])
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"metric": metric, "difference": float(point), "ci95": [float(lo), float(hi)], "se": float(draws.std()),
+            "relative": float(point / b_point) if b_point else None, "reference_value": float(b_point)}
+
+
+# (name, arm a, arm b, metric): the differences the table reports; the hypotheses read some of them
+COMPARISONS = [
+    ("STIC stage 1 - base", "STIC stage 1", "base", "hallucination_rate"),
+    ("STIC stage 1 - base (recall)", "STIC stage 1", "base", "recall"),
+    ("STIC stage 1 - base (CHAIR_s)", "STIC stage 1", "base", "chair_s"),
+    ("STIC stage 1 - control: SFT on chosen", "STIC stage 1", "control: SFT on chosen", "hallucination_rate"),
+    ("STIC stage 1 - control: continued pretraining", "STIC stage 1", "control: continued pretraining",
+     "hallucination_rate"),
+    ("STIC round 2 - STIC stage 1", "STIC round 2", "STIC stage 1", "hallucination_rate"),
+    ("STIC round 2 - base", "STIC round 2", "base", "hallucination_rate"),
+    ("STIC stage 2 + DaR - base + DaR (QA)", "STIC stage 2 + DaR", "base + DaR", "qa_accuracy"),
+    ("STIC stage 2 - base (QA)", "STIC stage 2", "base", "qa_accuracy"),
+    ("base + DaR - base (QA)", "base + DaR", "base", "qa_accuracy"),
+]
+
+
+def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000) -> dict:
+    """Each comparison whose two arms were run: {name: paired_difference}."""
+    out = {}
+    for name, a, b, metric in COMPARISONS:
+        if a not in arm_runs or b not in arm_runs:
+            continue
+        load = load_qa if metric == "qa_accuracy" else load_describe
+        out[name] = paired_difference([load(eval_dir, r) for r in arm_runs[a]],
+                                      [load(eval_dir, r) for r in arm_runs[b]], metric, replicates)
+    return out
+
+
+def judge_hypotheses(ci: dict) -> dict:
+    """Each hypothesis: held or not, with the figures it was read from (None: its arms were not run)."""
+    def get(name):
+        return ci.get(name)
+
+    out = {}
+    h, r = get("STIC stage 1 - base"), get("STIC stage 1 - base (recall)")
+    out["H1"] = None if not (h and r) else {
+        "held": bool(h["relative"] is not None and -h["relative"] >= 0.30 and r["difference"] >= -0.02),
+        "relative_reduction": -h["relative"] if h["relative"] is not None else None,
+        "recall_difference": r["difference"]}
+    c1, c2 = get("STIC stage 1 - control: SFT on chosen"), get("STIC stage 1 - control: continued pretraining")
+    out["H2"] = None if not (c1 and c2) else {
+        "held": bool(all(c["difference"] < -2 * c["se"] for c in (c1, c2))),
+        "margins_in_se": [c["difference"] / c["se"] if c["se"] else None for c in (c1, c2)]}
+    d = get("STIC stage 2 + DaR - base + DaR (QA)")
+    out["H3"] = None if not d else {"held": bool(d["difference"] >= 0), "difference": d["difference"],
+                                    "ci95": d["ci95"]}
+    r2 = get("STIC round 2 - STIC stage 1")
+    out["H4"] = None if not r2 else {"held": bool(r2["ci95"][1] < 0), "difference": r2["difference"],
+                                     "ci95": r2["ci95"]}
+    return {k: ({"statement": HYPOTHESES[k], **v} if v else {"statement": HYPOTHESES[k], "held": None})
+            for k, v in out.items()}
+
+
+def ci_table(ci: dict) -> str:
+    lines = ["| difference | metric | value (points) | 95% CI | relative to the reference |", "|---|---|---|---|---|"]
+    for name, d in ci.items():
+        rel = f"{100 * d['relative']:+.1f}%" if d["relative"] is not None else "–"
+        lines.append(f"| {name} | {d['metric']} | {100 * d['difference']:+.2f} | "
+                     f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {rel} |")
+    return "\n".join(lines) + "\n"
