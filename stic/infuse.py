@@ -62,9 +62,9 @@ class DescribeConfig:
             return self.prompt
         import random
 
-        from stic.prompts import _read_pool
+        from stic.prompts import read_pool
 
-        pool = _read_pool(self.caption_prompts_file, "caption prompts") if self.caption_prompts_file else CAPTION_PROMPTS
+        pool = read_pool(self.caption_prompts_file, "caption prompts") if self.caption_prompts_file else CAPTION_PROMPTS
         return random.Random(f"{seed}\x1fdescribe\x1f{key}").choice(pool)
 
 

@@ -13,6 +13,7 @@ A recipe can replace any set from a file (see `PromptsConfig`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -120,7 +121,8 @@ class PromptSets:
     hallucination: tuple[str, ...]
 
 
-def _read_pool(path: str, what: str) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=16)  # stage 2 and DaR draw a prompt per image from the same file
+def read_pool(path: str, what: str) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {p} does not exist")
@@ -149,8 +151,8 @@ def load_prompts(cfg: PromptsConfig) -> PromptSets:
         good = p.read_text().strip()
         if not good:
             raise ValueError(f"good prompt file {p} is empty")
-    caption = _read_pool(cfg.caption_prompts_file, "caption prompts") if cfg.caption_prompts_file else None
-    hallu = (_read_pool(cfg.hallucination_prompts_file, "hallucination prompts")
+    caption = read_pool(cfg.caption_prompts_file, "caption prompts") if cfg.caption_prompts_file else None
+    hallu = (read_pool(cfg.hallucination_prompts_file, "hallucination prompts")
              if cfg.hallucination_prompts_file else None)
     return PromptSets(good=good, caption=caption or tuple(CAPTION_PROMPTS),
                       hallucination=hallu or hallucination_pool(cfg.hallucination_kinds))
