@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The STIC experiment in miniature on ShapesWorld (committed base checkpoint), about 9 minutes on 2 cores.
+# The STIC experiment in miniature on ShapesWorld (committed base checkpoint), about 10 minutes on 2 cores.
 # WORLD=path/to/world.yaml runs it in another world (its base is pretrained once and cached by the file's digest).
 DEMO_ARGS ?=
 WORLD ?=

@@ -111,6 +111,22 @@ def base_for_world(world, cache: Path | None = None, committed: Path | None = No
     return target
 
 
+def base_calibration(base_dir: Path, world, n_scenes: int = 1000) -> dict:
+    """The base's statistics, as recorded beside it (`calibration.json`, written by the first measurement) when
+    they were measured in this world on at least `n_scenes` scenes; else measured now."""
+    recorded = base_dir / "calibration.json"
+    if recorded.exists():
+        stats = json.loads(recorded.read_text())
+        if stats.get("world_digest") == world.digest() and stats.get("scenes", 0) >= n_scenes:
+            return stats
+    stats = measure(base_dir, world, n_scenes)
+    try:
+        recorded.write_text(json.dumps(stats, indent=1) + "\n")
+    except OSError:  # a read-only base: measured again next time
+        pass
+    return stats
+
+
 def main(world_file: str | None, base: str | None, n_scenes: int, out: str | None) -> dict:
     from stic.shapes import world as W
 

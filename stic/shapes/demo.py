@@ -86,7 +86,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
              world_file: str | None = None, calibration_scenes: int = 1000) -> dict:
     from stic import dpo, evaluate, infuse, selfgen
     from stic.shapes import world as W
-    from stic.shapes.calibrate import base_for_world, measure
+    from stic.shapes.calibrate import base_calibration, base_for_world
     from stic.shapes.stats import HYPOTHESES, ci_table, confidence_intervals, judge_hypotheses
 
     started = time.time()
@@ -117,7 +117,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     diagnostics: dict = {}
     arm_runs: dict[str, list[str]] = {}  # arm -> its evaluation runs, one per seed (for the paired bootstrap)
     arm_of: dict[str, str] = {}
-    calibration = measure(Path(base_dir), world, n_scenes=calibration_scenes)  # the base only, as calibration.md
+    calibration = base_calibration(Path(base_dir), world, calibration_scenes)  # the base only, as calibration.md
     (out / "hypotheses.md").write_text("Written before the run.\n\n" + "".join(
         f"- **{k}**: {v}\n" for k, v in HYPOTHESES.items()))
     base_dir = str(base_dir)
