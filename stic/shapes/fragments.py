@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
     for r in pairs:
         chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
         kinds[f"{r['rejected_branch']}/{first_divergence(chosen, rejected)}"] += 1
-        mentions[r["rejected_branch"]].append((len(J.parse_claims(chosen, world)), len(J.parse_claims(rejected, world))))
+        mentions[r["rejected_branch"]].append((len(J.parse_claims(chosen, world)),
+                                               len(J.parse_claims(rejected, world))))
     dpo.run_dpo(dpo.parse_recipe(_recipe(common + [f"dpo.dataset={gen}", f"dpo.output_dir={run}"])))
     summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev)), str(run), False, ["shapes_describe"])
     metrics = json.loads((out / "eval" / summary["run"] / "shapes_describe" / "scores.json").read_text())["metrics"]
