@@ -10,6 +10,7 @@ question answering; the learning rate decays to a tenth by the end, so the check
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -176,7 +177,7 @@ def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | No
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     model.train()
-    started, losses = time.time(), []
+    started, losses, curve = time.time(), [], []  # curve: mean loss per log_every steps (plateaus show here)
     bar = tqdm(range(steps), desc="pretrain", unit="step")
     for step in bar:
         for group in opt.param_groups:
@@ -189,14 +190,15 @@ def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | No
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / log_every:.3f}")
+            curve.append(round(sum(losses[-log_every:]) / log_every, 4))
+            bar.set_postfix(loss=f"{curve[-1]:.3f}")
     model.eval()
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "pretrain.json").write_text(
-        '{"steps": %d, "batch_size": %d, "lr": %g, "seed": %d, "seconds": %.1f, "final_loss": %.4f, "world": "%s"}\n'
-        % (steps, batch_size, lr, seed, time.time() - started, sum(losses[-50:]) / max(1, len(losses[-50:])),
-           world.digest()))
+    (out / "pretrain.json").write_text(json.dumps({
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - started, 1),
+        "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4), "world": world.digest(),
+        "loss_every": log_every, "loss_curve": curve}) + "\n")
     W.save_world(world, out / "world.yaml")
     return out
