@@ -154,6 +154,18 @@ class Collator:
         return batch
 
 
+def example_mean_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy averaged over each example's answer tokens, then over examples: a one-token presence answer
+    counts as much as a 25-token caption, as the data mixture's shares say."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    target = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                  reduction="none")
+    counts = (target != -100).sum(1).clamp(min=1)
+    return (per_token.sum(1) / counts).mean()
+
+
 def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
              seed: int | None = None, log_every: int = 100, world: W.World | None = None) -> Path:
     """Pretrain the toy VLM from scratch on the world's data sources; settings default to the world file's."""
@@ -183,7 +195,7 @@ def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | No
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         batch = collate([_example(rng, world) for _ in range(batch_size)])
-        loss = model(**batch).loss
+        loss = model(**batch).loss if world.pretrain.loss == "token" else example_mean_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -101,6 +101,9 @@ class PretrainSpec:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    # how the batch loss weighs examples: "token" (the mean over all answer tokens: a one-word QA answer weighs
+    # ~1/25 of a caption) or "example" (each example's mean first, so the mixture's shares are gradient shares)
+    loss: str = "token"
 
 
 @dataclasses.dataclass
@@ -133,6 +136,8 @@ class World:
             raise ValueError(f"sources: the shares sum to {total}, not 1")
         if self.image.size != 3 * self.image.cell:
             raise ValueError("image.size must be 3 x image.cell (a 3x3 grid)")
+        if self.pretrain.loss not in ("token", "example"):
+            raise ValueError(f"pretrain.loss must be 'token' or 'example', not {self.pretrain.loss!r}")
         if set(self.qa.kinds) - {"count", "color", "where", "presence"}:
             raise ValueError(f"qa.kinds: unknown kinds {sorted(set(self.qa.kinds) - {'count', 'color', 'where', 'presence'})}")
 
@@ -145,7 +150,10 @@ class World:
 
     def digest(self) -> str:
         """A short hash of the parsed world: equal for files that describe the same world."""
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+        data = to_dict(self)
+        if data["pretrain"]["loss"] == "token":  # the default before the key existed: recorded digests stay valid
+            del data["pretrain"]["loss"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class WorldFileError(SticError, ValueError):
