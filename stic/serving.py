@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -30,7 +31,7 @@ import random
 from typing import Callable, Sequence
 
 from stic.config import BackendConfig, ModelConfig, RecipeError
-from stic.errors import SticError
+from stic.errors import SticError, one_line
 from stic.generation import Output, Request, SamplingConfig, prompt_messages, stable_seed
 
 log = logging.getLogger("stic.serving")
@@ -267,3 +268,48 @@ def make_engine(backend: BackendConfig, model: str, system_prompt: str | None, l
     if backend.backend == "openai":
         return OpenAIGenerator(backend, model, system_prompt)
     return local()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local server, for the tests and the benchmark
+
+
+@contextlib.contextmanager
+def transformers_serve(model: str, startup_s: float = 180.0):
+    """`transformers serve MODEL` on CPU on a free loopback port; yields its /v1 URL, stops it on exit."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", model,
+           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise EndpointError(f"transformers serve {model} exited: {one_line(proc.stderr.read()[-1000:])}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise EndpointError(f"transformers serve {model} did not answer {url}/health "
+                                        f"within {startup_s:.0f} s") from None
+                time.sleep(0.5)
+        yield f"{url}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,10 +6,7 @@ loopback stand in for endpoints that die, refuse the key or are overloaded.
 
 import json
 import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 import yaml
 
 from stic.config import RecipeError
-from stic.serving import EndpointError
+from stic.serving import EndpointError, transformers_serve
 from stic.shapes.world import make_split
 from tests.conftest import die_on_call
 
@@ -26,40 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = str(REPO / "models" / "shapesworld-base")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server():
-    """`transformers serve` of the ShapesWorld model on CPU; yields its base URL."""
-    port = free_port()
-    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", MODEL,
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):  # up to 2 minutes on a busy machine
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("transformers serve did not answer /health within 2 minutes")
-        yield f"{url}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """`transformers serve` of the ShapesWorld model on CPU, for the whole session; yields its /v1 URL."""
+    with transformers_serve(MODEL) as url:
+        yield url
 
 
 class Stub:
