@@ -68,7 +68,11 @@ def retry_kind(err: BaseException) -> str:
 def describe_error(err: BaseException) -> str:
     """A short description of a client error; never contains the key (the client's messages do not carry it)."""
     status = getattr(err, "status_code", None)
-    detail = " ".join(str(getattr(err, "message", "") or err).split())[:200]
+    detail = str(getattr(err, "message", "") or err)
+    body = getattr(err, "body", None)
+    if isinstance(body, dict) and "detail" in body:  # FastAPI servers (transformers serve) say why only here
+        detail += f" {body['detail']}"
+    detail = " ".join(detail.split())[:300]
     return f"{type(err).__name__}{f' {status}' if status else ''}: {detail}" if detail else type(err).__name__
 
 

@@ -282,3 +282,29 @@ def test_generation_section_is_parsed_strictly():
     with pytest.raises(RecipeError, match="needs at least one URL"):
         parse_recipe({"generation": {"backend": "openai"}})
     assert parse_recipe({}).generation.backend == "local"
+
+
+def test_a_field_the_server_refuses_stops_with_its_reason(server):
+    from stic.config import BackendConfig
+    from stic.generation import Request, SamplingConfig
+    from stic.serving import OpenAIGenerator
+
+    gen = OpenAIGenerator(BackendConfig(backend="openai", endpoints=[server]), model=MODEL)
+    with pytest.raises(EndpointError, match="422.*top_k"):  # transformers serve has no top_k
+        gen.generate([Request(None, "Describe the image.")], SamplingConfig(do_sample=True, top_k=5, max_new_tokens=2))
+
+
+def test_judge_follows_the_retry_rules(tmp_path, stubs, monkeypatch):
+    from stic.judge import Judge, JudgeConfig, JudgeUnavailable
+
+    monkeypatch.setattr("stic.serving.backoff_seconds", lambda attempt: 0.01)
+    monkeypatch.setenv("STIC_JUDGE_API_KEY", "sk-judge-secret")
+    refusing, down = stubs("401"), stubs("503")
+    monkeypatch.setenv("STIC_JUDGE_BASE_URL", refusing.url)
+    with pytest.raises(JudgeUnavailable, match=r"refused the key.*\$STIC_JUDGE_API_KEY") as info:
+        Judge(JudgeConfig(), tmp_path / "cache.jsonl").ask("Score:", 0.0)
+    assert refusing.hits == 1 and "sk-judge-secret" not in str(info.value)
+    monkeypatch.setenv("STIC_JUDGE_BASE_URL", down.url)
+    with pytest.raises(JudgeUnavailable, match="failed 3 tries.*503"):
+        Judge(JudgeConfig(max_retries=3), tmp_path / "cache.jsonl").ask("Score:", 0.0)
+    assert down.hits == 3
