@@ -308,3 +308,21 @@ def test_judge_follows_the_retry_rules(tmp_path, stubs, monkeypatch):
     with pytest.raises(JudgeUnavailable, match="failed 3 tries.*503"):
         Judge(JudgeConfig(max_retries=3), tmp_path / "cache.jsonl").ask("Score:", 0.0)
     assert down.hits == 3
+
+
+def test_dar_via_endpoint_equals_local(server, shapes, tmp_path, capsys):
+    from stic.cli import main
+
+    image = str(next((shapes / "images").glob("*.png")))
+    outputs = []
+    for name, generation in (("local", {}), ("served", {"backend": "openai", "endpoints": [server], "model": MODEL})):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": {"name_or_path": MODEL, "dtype": "float32"},
+                                          "infuse_sft": {"describe": {"sampling": {"max_new_tokens": 32}}},
+                                          **({"generation": generation} if generation else {})}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["dar", "--recipe", str(recipe), "--base", "--image", image, "--question", "Is there a red circle?",
+                  "--max-new-tokens", "8"])
+        assert exit_info.value.code == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["description"] and outputs[0]["answer"]
