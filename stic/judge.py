@@ -69,6 +69,7 @@ class Judge:
         return text
 
     def _call(self, prompt: str, temperature: float) -> str:
+        import openai
         from openai import OpenAI
 
         from stic.serving import backoff_seconds, describe_error, retry_kind
@@ -81,7 +82,7 @@ class Judge:
                     resp = client.chat.completions.create(model=self.cfg.model, temperature=temperature,
                                                           messages=[{"role": "user", "content": prompt}])
                     return resp.choices[0].message.content or ""
-                except Exception as err:  # the client's errors, sorted by the shared retry rules
+                except openai.APIError as err:  # the client's errors, sorted by the shared retry rules
                     kind = retry_kind(err)
                     if kind == "auth":
                         raise JudgeUnavailable(

@@ -185,6 +185,8 @@ class OpenAIGenerator:
 
     async def _send(self, clients, messages, params) -> tuple[Output, int]:
         """One request, retried by the rules above; returns the output and the tokens the server generated."""
+        import openai
+
         attempt = 0
         while True:
             ep = self._pick()
@@ -192,9 +194,7 @@ class OpenAIGenerator:
             try:
                 resp = await clients[ep.url].chat.completions.create(model=self.model, messages=messages, **params)
                 out, tokens = parse_completion(resp, ep.url)
-            except EndpointError:
-                raise
-            except Exception as err:  # the client's errors: sorted by retry_kind
+            except openai.APIError as err:  # the client's errors (anything else is a bug): sorted by retry_kind
                 kind = retry_kind(err)
                 if kind == "auth":
                     raise EndpointAuthError(
@@ -284,6 +284,7 @@ def transformers_serve(model: str, startup_s: float = 180.0):
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
@@ -292,14 +293,20 @@ def transformers_serve(model: str, startup_s: float = 180.0):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", model,
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # its log goes to a file: a pipe nobody reads would fill up (a warning per request) and stall the server
+    log_file = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
+
+    def log_tail() -> str:
+        log_file.seek(0)
+        return one_line(log_file.read()[-1000:])
+
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise EndpointError(f"transformers serve {model} exited: {one_line(proc.stderr.read()[-1000:])}")
+                raise EndpointError(f"transformers serve {model} exited: {log_tail()}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
                     if r.status == 200:
@@ -307,7 +314,7 @@ def transformers_serve(model: str, startup_s: float = 180.0):
             except OSError:
                 if time.monotonic() > deadline:
                     raise EndpointError(f"transformers serve {model} did not answer {url}/health "
-                                        f"within {startup_s:.0f} s") from None
+                                        f"within {startup_s:.0f} s: {log_tail()}") from None
                 time.sleep(0.5)
         yield f"{url}/v1"
     finally:
@@ -317,3 +324,4 @@ def transformers_serve(model: str, startup_s: float = 180.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log_file.close()
