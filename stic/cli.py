@@ -60,12 +60,16 @@ def _dar(args) -> int:
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft"))
     adapters = [] if args.base else (args.adapter or default_dar_adapters(recipe))
+    from stic.serving import make_engine, served_model
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_for_dar(recipe.model, adapters, device)
+    engine = make_engine(recipe.generation, served_model(recipe.generation, recipe.model, adapters, job="dar"),
+                         recipe.model.system_prompt, lambda: BatchGenerator(
+                             *load_for_dar(recipe.model, adapters, device), system_prompt=recipe.model.system_prompt))
     image = decode_image(args.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
     cfg = recipe.infuse_sft
     [(description, answer)] = describe_and_respond(
-        BatchGenerator(model, processor, system_prompt=recipe.model.system_prompt), [image], [args.question],
+        engine, [image], [args.question],
         keys=[args.image], describe=cfg.describe, template=cfg.template, seed=cfg.seed, answer_sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
     print(json.dumps({"adapters": adapters, "description": description, "answer": answer.text,
                       "finish_reason": answer.finish_reason}, indent=2))

@@ -53,6 +53,33 @@ class ModelConfig:
     system_prompt: str | None = None
 
 
+@dataclasses.dataclass
+class BackendConfig:
+    """Where selfgen, the stage-2 descriptions and eval generate: in this process (local) or on OpenAI-compatible
+    servers (openai: vLLM, SGLang, `transformers serve`), see stic/serving.py."""
+
+    backend: Literal["local", "openai"] = "local"
+    endpoints: list[str] = dataclasses.field(default_factory=list)  # base URLs, e.g. http://gpu1:8000/v1
+    # the model name the servers serve; None: the job's model folder or hub id (model.name_or_path)
+    model: str | None = None
+    api_key_env: str = "STIC_GENERATION_API_KEY"  # the variable holding the key; unset: no key
+    max_concurrency: int = 32  # requests in flight per process, over all endpoints
+    timeout: float = 600.0  # seconds for one request
+    max_retries: int = 5  # further tries of a request after a 429, 5xx, timeout or lost connection
+    # consecutive failed requests (5xx, timeouts, lost connections) after which an endpoint is dropped
+    max_endpoint_failures: int = 3
+
+    def __post_init__(self):
+        if self.backend == "openai" and not self.endpoints:
+            raise ValueError("backend openai needs at least one URL in endpoints")
+        bad = [u for u in self.endpoints if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"endpoints must be http:// or https:// URLs, got {', '.join(bad)}")
+        if self.max_concurrency < 1 or self.max_endpoint_failures < 1 or self.max_retries < 0 or self.timeout <= 0:
+            raise ValueError("max_concurrency and max_endpoint_failures must be at least 1, max_retries at least 0 "
+                             "and timeout positive")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Strict dict -> dataclass conversion
 
@@ -215,8 +242,8 @@ def load_recipe_dict(path: str | Path | None, overrides: list[str] = (), default
     return apply_overrides(data, list(overrides), default_section)
 
 
-# Every section a recipe may hold; each stage parses its own and the shared `model:` section.
-SECTIONS = ("name", "description", "model", "selfgen", "dpo", "infuse_sft", "eval")
+# Every section a recipe may hold; each stage parses its own and the shared `model:` (and `generation:`) sections.
+SECTIONS = ("name", "description", "model", "generation", "selfgen", "dpo", "infuse_sft", "eval")
 
 
 def parse_section(data: dict, name: str, cls: type) -> Any:

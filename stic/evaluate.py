@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, PAPER_BENCHMARKS, BenchmarkFileError, Item,
                              get_benchmark)
-from stic.config import ModelConfig, parse_section, to_dict
+from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
 
@@ -47,11 +47,12 @@ class Recipe:
     model: ModelConfig
     eval: EvalConfig
     raw: dict
+    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
     return Recipe(model=parse_section(data, "model", ModelConfig), eval=parse_section(data, "eval", EvalConfig),
-                  raw=data)
+                  raw=data, generation=parse_section(data, "generation", BackendConfig))
 
 
 def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelConfig, list[str], str]:
@@ -112,13 +113,18 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
     def load(item):
         return decode_image(item.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
 
+    from stic.serving import make_engine, run_identity, served_model
+
+    model_name = served_model(recipe.generation, model_cfg, adapters, job="eval")
+
     def make_worker(device):
         if "engine" not in engine_cache:  # one model load per process for all benchmarks
             from stic.infuse import load_for_dar
 
-            model, processor = load_for_dar(model_cfg, adapters, device)
-            engine_cache["engine"] = BatchGenerator(model, processor, cfg.batch_size,
-                                                   system_prompt=model_cfg.system_prompt)
+            engine_cache["engine"] = make_engine(recipe.generation, model_name, model_cfg.system_prompt,
+                                                 lambda: BatchGenerator(*load_for_dar(model_cfg, adapters, device),
+                                                                        cfg.batch_size,
+                                                                        system_prompt=model_cfg.system_prompt))
         engine = engine_cache["engine"]
 
         def worker(batch, on_batch):
@@ -144,6 +150,9 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
                   "max_new_tokens": bench.max_new_tokens}
     if dar:
         run_config["dar"] = {"describe": to_dict(stage2.describe), "template": stage2.template, "seed": stage2.seed}
+    backend = run_identity(recipe.generation, model_name)
+    if backend:
+        run_config["generation"] = backend
     job = run_sharded(name=name, out_dir=str(out_dir / "generation"), refs=refs, run_config=run_config,
                       load=lambda ref: load(by_id[ref.id]), make_worker=make_worker, features=prediction_features(),
                       id_column="question_id", items_per_part=max(cfg.batch_size * 4, 16))

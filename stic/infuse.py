@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from trl import SFTConfig
 
-from stic.config import ModelConfig, parse_section, to_dict
+from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
 from stic.instructions import (InstructionDataConfig, SubsetConfig, choose_subset, composition,
@@ -118,11 +118,13 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
 class Recipe:
     model: ModelConfig
     infuse_sft: InfuseSFTConfig
+    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
     return Recipe(model=parse_section(data, "model", ModelConfig),
-                  infuse_sft=parse_section(data, "infuse_sft", InfuseSFTConfig))
+                  infuse_sft=parse_section(data, "infuse_sft", InfuseSFTConfig),
+                  generation=parse_section(data, "generation", BackendConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,9 +180,15 @@ def describe_images(recipe: Recipe, records: list[dict]) -> dict[str, str]:
         return decode_image(rec.get("image_bytes") or rec["image_path"], max_pixels=2048 * 2048,
                             max_decode_pixels=16384 * 16384)
 
+    from stic.serving import make_engine, run_identity, served_model
+
+    adapters = [cfg.stage1_adapter] if cfg.stage1_adapter else []
+    model_name = served_model(recipe.generation, stage1_model_config(recipe), adapters, job="infuse_sft.describe")
+
     def make_worker(device):
-        model, processor = load_stage1_for_inference(recipe, device)
-        engine = BatchGenerator(model, processor, cfg.describe.batch_size, system_prompt=recipe.model.system_prompt)
+        engine = make_engine(recipe.generation, model_name, recipe.model.system_prompt, lambda: BatchGenerator(
+            *load_stage1_for_inference(recipe, device), cfg.describe.batch_size,
+            system_prompt=recipe.model.system_prompt))
 
         def worker(items, on_batch):
             prompts = [cfg.describe.prompt_for(key, cfg.seed) for key, _ in items]
@@ -194,6 +202,9 @@ def describe_images(recipe: Recipe, records: list[dict]) -> dict[str, str]:
 
     run_config = {"stage": "describe", "model": to_dict(stage1_model_config(recipe)),
                   "stage1_adapter": cfg.stage1_adapter, "describe": to_dict(cfg.describe)}
+    backend = run_identity(recipe.generation, model_name)
+    if backend:
+        run_config["generation"] = backend
     if refs:
         run_sharded(name="describe", out_dir=out, refs=refs, run_config=run_config, load=load,
                     make_worker=make_worker, features=description_features(), id_column="image_id",

@@ -1,8 +1,10 @@
 """An LLM judge through any OpenAI-compatible chat endpoint, for LLaVA-Bench and MM-Vet.
 
 The endpoint and key come from environment variables (names configurable); the key is sent only in the
-request header and never printed, logged or saved. Every answer is cached on disk by a hash of
-(model, prompt, temperature), so rescoring costs nothing and a killed run loses no paid call.
+request header (by the `openai` client) and never printed, logged or saved. Failed calls follow the retry rules
+of the generation backend (stic/serving.py): 429, 5xx, timeouts and lost connections are retried with backoff,
+401/403 never. Every answer is cached on disk by a hash of (model, prompt, temperature), so rescoring costs
+nothing and a killed run loses no paid call.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import hashlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from stic import metrics as M
@@ -61,30 +61,43 @@ class Judge:
             return self.cache[key]
         if not self.available:
             raise JudgeUnavailable(f"no judge endpoint: set {self.cfg.base_url_env}")
-        body = json.dumps({"model": self.cfg.model, "temperature": temperature,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        api_key = os.environ.get(self._key_env)
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        last = None
-        for attempt in range(self.cfg.max_retries):
-            try:
-                req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    text = json.loads(resp.read())["choices"][0]["message"]["content"]
-                break
-            except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as err:
-                last = err
-                time.sleep(2 ** attempt)
-        else:
-            raise JudgeUnavailable(f"judge endpoint failed after {self.cfg.max_retries} tries: "
-                                   f"{type(last).__name__}") from None
+        text = self._call(prompt, temperature)
         self.cache[key] = text
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.cache_path, "a") as fh:
             fh.write(json.dumps({"key": key, "response": text}) + "\n")
         return text
+
+    def _call(self, prompt: str, temperature: float) -> str:
+        import openai
+        from openai import OpenAI
+
+        from stic.serving import backoff_seconds, describe_error, retry_kind
+
+        client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self._key_env) or "EMPTY",
+                        timeout=self.cfg.timeout_s, max_retries=0)
+        try:
+            for attempt in range(self.cfg.max_retries):
+                try:
+                    resp = client.chat.completions.create(model=self.cfg.model, temperature=temperature,
+                                                          messages=[{"role": "user", "content": prompt}])
+                    return resp.choices[0].message.content or ""
+                except openai.APIError as err:  # the client's errors, sorted by the shared retry rules
+                    kind = retry_kind(err)
+                    if kind == "auth":
+                        raise JudgeUnavailable(
+                            f"judge endpoint ${self.cfg.base_url_env} refused the key ({describe_error(err)}): check "
+                            f"${self._key_env}{'' if os.environ.get(self._key_env) else ' (unset)'}") from None
+                    if kind == "fatal":
+                        raise JudgeUnavailable(f"judge endpoint ${self.cfg.base_url_env} refused the request for "
+                                               f"model {self.cfg.model!r} ({describe_error(err)})") from None
+                    last = describe_error(err)
+                    if attempt + 1 < self.cfg.max_retries:
+                        time.sleep(backoff_seconds(attempt + 1))
+            raise JudgeUnavailable(f"judge endpoint ${self.cfg.base_url_env} failed {self.cfg.max_retries} tries; "
+                                   f"last: {last}")
+        finally:
+            client.close()
 
 
 LLAVA_BENCH_PROMPT = """You are reviewing two AI assistants' answers to a question about an image you cannot see.

@@ -24,10 +24,11 @@ import json
 import random
 from typing import Any
 
-from stic.config import ModelConfig, RecipeError, parse_section, to_dict
+from stic.config import BackendConfig, ModelConfig, RecipeError, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, prompt_messages, stable_seed
 from stic.images import ImageLoader, ImageSourceConfig, list_images
 from stic.prompts import PromptsConfig, PromptSets, load_prompts
+from stic.serving import make_engine, run_identity, served_model
 from stic.store import ShardedOutput
 
 ID_COLUMN = "image_id"
@@ -74,10 +75,12 @@ class SelfGenConfig:
 class Recipe:
     model: ModelConfig
     selfgen: SelfGenConfig
+    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelConfig), selfgen=parse_section(data, "selfgen", SelfGenConfig))
+    return Recipe(model=parse_section(data, "model", ModelConfig), selfgen=parse_section(data, "selfgen", SelfGenConfig),
+                  generation=parse_section(data, "generation", BackendConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +222,11 @@ def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
         sg.pop(key)
     sg["images"].pop("limit")
     sg["prompt_sets"] = dataclasses.asdict(prompts)
-    return {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
+    config = {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
+    backend = run_identity(recipe.generation, served_model(recipe.generation, recipe.model))
+    if backend:  # answers sampled by a server differ from local ones: the two never mix in one output
+        config["generation"] = backend
+    return config
 
 
 class PairGenerator:
@@ -291,11 +298,13 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
     refs = list_images(cfg.images)
 
+    model_name = served_model(recipe.generation, recipe.model, job="selfgen")
+
     def make_worker(device):
-        processor = load_processor(recipe.model)
-        engine = BatchGenerator(load_model(recipe.model, device), processor, cfg.batch_size, cfg.group_by_length,
-                                recipe.model.system_prompt)
-        return PairGenerator(engine, cfg, prompts, recipe.model.name_or_path)
+        engine = make_engine(recipe.generation, model_name, recipe.model.system_prompt, lambda: BatchGenerator(
+            load_model(recipe.model, device), load_processor(recipe.model), cfg.batch_size, cfg.group_by_length,
+            recipe.model.system_prompt))
+        return PairGenerator(engine, cfg, prompts, model_name)
 
     job = run_sharded(
         name="selfgen", out_dir=cfg.output_dir, refs=refs, run_config=run_config(recipe, prompts),

@@ -192,23 +192,25 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
             elapsed = max(time.time() - started, 1e-6)
             bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}")
 
-        for start in range(0, len(mine), items_per_part):
-            chunk = mine[start:start + items_per_part]
-            items, rejects = [], []
-            for ref in chunk:
-                try:
-                    items.append((ref.id, load(ref)))
-                except ImageRejected as err:
-                    rejects.append({"id": ref.id, "status": "rejected", "reason": str(err),
-                                    "path": getattr(ref, "path", None), "row": getattr(ref, "row", None)})
-            rows, drops = worker(items, on_batch) if items else ([], [])
-            store.write_rows(rows, features)
-            store.log(rejects + drops)
-            stats["images"] += len(chunk)
-            stats["rows"] += len(rows)
-            bar.update(len(chunk))
-            on_batch(0, 0)
-        bar.close()
+        try:  # the bar ends its line even when the job stops, so an error prints on a line of its own
+            for start in range(0, len(mine), items_per_part):
+                chunk = mine[start:start + items_per_part]
+                items, rejects = [], []
+                for ref in chunk:
+                    try:
+                        items.append((ref.id, load(ref)))
+                    except ImageRejected as err:
+                        rejects.append({"id": ref.id, "status": "rejected", "reason": str(err),
+                                        "path": getattr(ref, "path", None), "row": getattr(ref, "row", None)})
+                rows, drops = worker(items, on_batch) if items else ([], [])
+                store.write_rows(rows, features)
+                store.log(rejects + drops)
+                stats["images"] += len(chunk)
+                stats["rows"] += len(rows)
+                bar.update(len(chunk))
+                on_batch(0, 0)
+        finally:
+            bar.close()
     elapsed = time.time() - started
     state.wait_for_everyone()
     run_stats = gather_object([{**stats, "rank": state.process_index, "seconds": elapsed}])
