@@ -131,6 +131,41 @@ def test_toy_vlm_processor_and_collator():
     assert model(**batch).loss.item() > 0
 
 
+def test_example_mean_loss_weighs_a_one_word_answer_like_a_caption():
+    """pretrain.loss: example gives each example the same weight; the token mean lets a caption drown a
+    one-token presence answer."""
+    import torch
+
+    from stic.shapes.model import Collator, build_model, build_processor, example_mean_loss
+
+    p = build_processor()
+    model = build_model(p)
+    s = scene(("red circle", "large", 0), ("blue square", "small", 4), ("green triangle", "large", 8))
+    caption = (W.render(s), W.DESCRIBE_PROMPT, W.describe(s.objects))
+    answer = (W.render(s), "Is there a red circle?", "yes")
+    batch = Collator(p)([caption, answer])
+    alone = [float(model(**Collator(p)([ex])).loss) for ex in (caption, answer)]
+    with torch.no_grad():
+        per_example = float(example_mean_loss(model, batch))
+        token_mean = float(model(**batch).loss)
+    assert per_example == pytest.approx(sum(alone) / 2, rel=1e-4)
+    n_caption, n_answer = (int((batch["labels"][i] != -100).sum()) for i in range(2))  # "yes </s>": 2
+    assert n_caption > 10
+    assert token_mean == pytest.approx((alone[0] * n_caption + alone[1] * n_answer) / (n_caption + n_answer), rel=1e-3)
+    assert abs(per_example - token_mean) > 1e-3
+
+
+def test_world_pretrain_loss_is_checked_and_old_digests_stay():
+    world = W.load_world()
+    assert world.pretrain.loss in ("token", "example")
+    with pytest.raises(ValueError, match="pretrain.loss"):
+        W.World(**{**{f: getattr(world, f) for f in ("colors", "types", "companions")},
+                   "pretrain": W.PretrainSpec(loss="sum")})
+    v2j = W.load_world(REPO / "recipes" / "shapesworld" / "candidates" / "v2j.yaml")
+    recorded = json.loads((REPO / "recipes" / "shapesworld" / "calibration" / "v2j.json").read_text())
+    assert v2j.digest() == recorded["world_digest"]  # measured before the key existed
+
+
 def test_committed_base_checkpoint_describes_held_out_scenes(tmp_path):
     """The committed toy VLM sees: on fresh scenes its greedy descriptions are scored by the exact judge."""
     from pathlib import Path
