@@ -72,7 +72,7 @@ class Judge:
         import openai
         from openai import OpenAI
 
-        from stic.serving import backoff_seconds, describe_error, retry_kind
+        from stic.serving import backoff_seconds, describe_error, raise_if_final, retry_kind
 
         client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self._key_env) or "EMPTY",
                         timeout=self.cfg.timeout_s, max_retries=0)
@@ -83,14 +83,8 @@ class Judge:
                                                           messages=[{"role": "user", "content": prompt}])
                     return resp.choices[0].message.content or ""
                 except openai.APIError as err:  # the client's errors, sorted by the shared retry rules
-                    kind = retry_kind(err)
-                    if kind == "auth":
-                        raise JudgeUnavailable(
-                            f"judge endpoint ${self.cfg.base_url_env} refused the key ({describe_error(err)}): check "
-                            f"${self._key_env}{'' if os.environ.get(self._key_env) else ' (unset)'}") from None
-                    if kind == "fatal":
-                        raise JudgeUnavailable(f"judge endpoint ${self.cfg.base_url_env} refused the request for "
-                                               f"model {self.cfg.model!r} ({describe_error(err)})") from None
+                    raise_if_final(err, retry_kind(err), f"judge endpoint ${self.cfg.base_url_env}", self._key_env,
+                                   self.cfg.model, JudgeUnavailable, JudgeUnavailable)
                     last = describe_error(err)
                     if attempt + 1 < self.cfg.max_retries:
                         time.sleep(backoff_seconds(attempt + 1))

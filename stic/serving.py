@@ -65,6 +65,17 @@ def retry_kind(err: BaseException) -> str:
     return "fatal"
 
 
+def raise_if_final(err: BaseException, kind: str, where: str, key_env: str, model: str, auth_error: type,
+                   fatal_error: type) -> None:
+    """The kinds never retried stop the run with one line: a refused key names its variable (never the key), any
+    other refused request names the model and the server's reason."""
+    if kind == "auth":
+        raise auth_error(f"{where} refused the key ({describe_error(err)}): check ${key_env}"
+                         f"{'' if os.environ.get(key_env) else ' (unset)'}") from None
+    if kind == "fatal":
+        raise fatal_error(f"{where} refused the request for model {model!r} ({describe_error(err)})") from None
+
+
 def describe_error(err: BaseException) -> str:
     """A short description of a client error; never contains the key (the client's messages do not carry it)."""
     status = getattr(err, "status_code", None)
@@ -196,13 +207,7 @@ class OpenAIGenerator:
                 out, tokens = parse_completion(resp, ep.url)
             except openai.APIError as err:  # the client's errors (anything else is a bug): sorted by retry_kind
                 kind = retry_kind(err)
-                if kind == "auth":
-                    raise EndpointAuthError(
-                        f"{ep.url} refused the key ({describe_error(err)}): check the key in ${self.cfg.api_key_env}"
-                        f"{'' if os.environ.get(self.cfg.api_key_env) else ' (unset)'}") from None
-                if kind == "fatal":
-                    raise EndpointError(f"{ep.url} refused the request for model {self.model!r} "
-                                        f"({describe_error(err)})") from None
+                raise_if_final(err, kind, ep.url, self.cfg.api_key_env, self.model, EndpointAuthError, EndpointError)
                 ep.last_error = describe_error(err)
                 if kind == "down":
                     ep.failures += 1

@@ -144,8 +144,8 @@ def test_example_mean_loss_weighs_a_one_word_answer_like_a_caption():
     caption = (W.render(s), W.DESCRIBE_PROMPT, W.describe(s.objects))
     answer = (W.render(s), "Is there a red circle?", "yes")
     batch = Collator(p)([caption, answer])
-    alone = [float(model(**Collator(p)([ex])).loss) for ex in (caption, answer)]
     with torch.no_grad():
+        alone = [float(model(**Collator(p)([ex])).loss) for ex in (caption, answer)]
         per_example = float(example_mean_loss(model, batch))
         token_mean = float(model(**batch).loss)
     assert per_example == pytest.approx(sum(alone) / 2, rel=1e-4)
