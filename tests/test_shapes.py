@@ -273,6 +273,10 @@ def test_calibration_measures_the_base(tmp_path):
         assert {"hallucination_rate", "chair_s", "recall", "companion_share", "fragments"} <= set(stats[prompt])
     assert stats["imaginative"]["hallucination_rate"] > stats["normal"]["hallucination_rate"]
     assert {"f1", "yes_ratio"} <= set(stats["presence"]) and len(stats["checks"]) == 9
+    # QA accuracy by kind, the kinds of the world's QA mix; the base counts the objects it sees
+    by_kind = stats["qa_accuracy_by_kind"]
+    assert set(by_kind) <= {"count", "color", "where", "present", "absent_companion", "absent_random"}
+    assert "count" in by_kind and by_kind["count"] > 0.8
 
 
 def test_paired_bootstrap_on_hand_made_runs():

@@ -54,18 +54,24 @@ def measure(base_dir: str | Path, world, n_scenes: int = 1000, seed: int = 7_000
         out[key] = {k: round(agg[k], 4) for k in ("hallucination_rate", "chair_s", "recall", "companion_share",
                                                   "claims_per_description")}
         out[key]["fragments"] = agg["fragments"]
-    qa = []  # (scene index, presence question)
+    qa, other = [], []  # (scene index, question): presence questions, and the other kinds (count, color, where)
     for k, s in enumerate(scenes):
         for item in W.qa_items(s, rng, world.qa.per_scene, world):
-            if item["kind"] in ("present", "absent_companion", "absent_random"):
-                qa.append((k, item))
-    answers = [o.text for o in engine.generate([Request(images[k], it["question"]) for k, it in qa],
+            (qa if item["kind"] in ("present", "absent_companion", "absent_random") else other).append((k, item))
+    answers = [o.text for o in engine.generate([Request(images[k], it["question"]) for k, it in qa + other],
                                                SamplingConfig(max_new_tokens=8))]
+    # accuracy by kind: counting needs only the image and colour only the question (one shape per colour), while
+    # "where" and presence must find the named object in the image
+    by_kind: dict[str, list[bool]] = {}
+    for (_, it), a in zip(qa + other, answers):
+        by_kind.setdefault(it["kind"], []).append(J.normalize_answer(a) == J.normalize_answer(it["answer"]))
+    answers = answers[:len(qa)]
     items = [{"id": str(i), "answer": it["answer"], "kind": "presence", "presence_kind": it["kind"]}
              for i, (_, it) in enumerate(qa)]
     metrics, _ = J.score_qa(items, {str(i): a for i, a in enumerate(answers)})
     out["presence"] = {k: round(v, 4) for k, v in metrics["presence"].items()}
     out["presence"]["questions"] = len(qa)
+    out["qa_accuracy_by_kind"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}
     out["seconds"] = round(time.time() - started, 1)
     out["checks"] = check(out)
     return out
