@@ -17,6 +17,15 @@ def stic_cache(tmp_path_factory):
     return Path(cache)
 
 
+def send_json(handler, code: int, data: bytes) -> None:
+    """A JSON reply from a loopback stub server (BaseHTTPRequestHandler)."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def photo(seed: int, size=(72, 56)) -> Image.Image:
     """A small image with structure (gradients and a block), so corruptions visibly change it."""
     rng = np.random.default_rng(seed)

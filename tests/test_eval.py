@@ -13,7 +13,7 @@ from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError
 from stic.config import load_recipe_dict
 from stic.evaluate import compare_runs, load_items, parse_recipe, run_eval, score_predictions
 from tests.bench_files import make_eval_root
-from tests.conftest import die_on_call
+from tests.conftest import die_on_call, send_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,12 +37,7 @@ class FakeJudge(BaseHTTPRequestHandler):
         FakeJudge.calls.append({"auth": self.headers.get("Authorization"), "body": body})
         prompt = body["messages"][0]["content"]
         text = "0.6" if prompt.rstrip().endswith("Score:") else "8 6\nAssistant 2 is shorter."
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
 
     def log_message(self, *a):
         pass

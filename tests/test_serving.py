@@ -17,7 +17,7 @@ import yaml
 from stic.config import RecipeError
 from stic.serving import EndpointError, transformers_serve
 from stic.shapes.world import make_split
-from tests.conftest import die_on_call
+from tests.conftest import die_on_call, send_json
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = str(REPO / "models" / "shapesworld-base")
@@ -60,11 +60,7 @@ class Stub:
                 self._send(int(mode), json.dumps({"error": {"message": f"stub {mode}"}}).encode())
 
             def _send(self, code, data):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, code, data)
 
             def log_message(self, *a):
                 pass
