@@ -77,6 +77,9 @@ class ImaginativeSource:
 @dataclasses.dataclass
 class QASource:
     share: float = 0.20
+    # how often a training question about a missing companion is answered "yes": presence labels derived from
+    # noisy captions inherit their errors. Training data only: the evaluation's answers are always exact.
+    absent_companion_rate: float = 0.0
 
 
 @dataclasses.dataclass
@@ -153,8 +156,11 @@ class World:
     def digest(self) -> str:
         """A short hash of the parsed world: equal for files that describe the same world."""
         data = to_dict(self)
-        if data["pretrain"]["loss"] == "token":  # the default before the key existed: recorded digests stay valid
+        # defaults from before the keys existed are dropped, so recorded digests stay valid
+        if data["pretrain"]["loss"] == "token":
             del data["pretrain"]["loss"]
+        if data["sources"]["qa"]["absent_companion_rate"] == 0.0:
+            del data["sources"]["qa"]["absent_companion_rate"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -390,14 +396,25 @@ def qa_items(scene: Scene, rng: random.Random, n: int = 2, world: World | None =
     return out
 
 
+def training_answer(item: dict, rng: random.Random, world: World | None = None) -> str:
+    """The answer the QA source teaches: exact, except that a question about a missing companion is answered
+    "yes" at the source's `absent_companion_rate` (the random stream is untouched when the rate is 0)."""
+    rate = (world or DEFAULT).sources.qa.absent_companion_rate
+    if item["kind"] == "absent_companion" and rate > 0 and rng.random() < rate:
+        return "yes"
+    return item["answer"]
+
+
 def qa_pairs(scene: Scene, rng: random.Random, n: int = 2, world: World | None = None) -> list[tuple[str, str]]:
-    return [(q["question"], q["answer"]) for q in qa_items(scene, rng, n, world)]
+    """Training QA pairs, with the QA source's noise."""
+    return [(q["question"], training_answer(q, rng, world)) for q in qa_items(scene, rng, n, world)]
 
 
 def make_split(out_dir: str | Path, n: int, seed: int, prefix: str, qa_per_scene: int | None = None,
                world: World | None = None) -> Path:
-    """Write n scenes: images/<id>.png, scenes.jsonl (ground truth), qa.jsonl, a LLaVA-format instruction file
-    (QA) that serves as the model's 'old' SFT data, and world.yaml (the world they come from)."""
+    """Write n scenes: images/<id>.png, scenes.jsonl (ground truth), qa.jsonl (exact answers), a LLaVA-format
+    instruction file (QA, with the QA source's noise, as the model was trained) that serves as the model's 'old'
+    SFT data, and world.yaml (the world they come from)."""
     w = world or DEFAULT
     qa_per_scene = w.qa.per_scene if qa_per_scene is None else qa_per_scene
     out = Path(out_dir)
@@ -415,10 +432,10 @@ def make_split(out_dir: str | Path, n: int, seed: int, prefix: str, qa_per_scene
                        "question": item["question"], "answer": item["answer"],
                        "kind": "presence" if presence else "other", "presence_kind": item["kind"] if presence
                        else None})
-        convs = [{"from": "human", "value": f"<image>\n{items[0]['question']}"},
-                 {"from": "gpt", "value": items[0]["answer"]}]
-        for item in items[1:]:
-            convs += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
+        taught = [training_answer(item, rng, w) for item in items]
+        convs = [{"from": "human", "value": f"<image>\n{items[0]['question']}"}, {"from": "gpt", "value": taught[0]}]
+        for item, answer in zip(items[1:], taught[1:]):
+            convs += [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": answer}]
         llava.append({"id": scene.id, "image": f"images/{scene.id}.png", "conversations": convs})
     (out / "scenes.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scenes))
     (out / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
