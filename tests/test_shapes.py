@@ -166,6 +166,42 @@ def test_world_pretrain_loss_is_checked_and_old_digests_stay():
     assert v2j.digest() == recorded["world_digest"]  # measured before the key existed
 
 
+def test_qa_source_noise_reaches_training_data_only(tmp_path):
+    """A missing companion is answered "yes" in the training QA and the old instruction data at the QA source's
+    rate; the evaluation's qa.jsonl keeps the exact answer, and a rate of 0 changes neither data nor digest."""
+    import dataclasses
+
+    v4a = W.load_world(REPO / "recipes" / "shapesworld" / "candidates" / "v4a.yaml")
+    assert v4a.sources.qa.absent_companion_rate == 0.85
+    noisy = dataclasses.replace(v4a, sources=dataclasses.replace(
+        v4a.sources, qa=dataclasses.replace(v4a.sources.qa, absent_companion_rate=1.0)))
+    exact = dataclasses.replace(v4a, sources=dataclasses.replace(
+        v4a.sources, qa=dataclasses.replace(v4a.sources.qa, absent_companion_rate=0.0)))
+    item = {"question": "Is there a blue square?", "answer": "no", "kind": "absent_companion"}
+    assert W.training_answer(item, random.Random(0), noisy) == "yes"
+    assert W.training_answer(item, random.Random(0), exact) == "no"
+    assert W.training_answer({**item, "kind": "absent_random"}, random.Random(0), noisy) == "no"
+    rates = [W.training_answer(item, rng, v4a) == "yes" for rng in [random.Random(0)] for _ in range(2000)]
+    assert 0.82 < np.mean(rates) < 0.88
+
+    def split(world, name):
+        out = W.make_split(tmp_path / name, 80, seed=5, prefix="n", world=world)
+        qa = [json.loads(l) for l in (out / "qa.jsonl").read_text().splitlines()]
+        taught = {(r["id"], c["value"].removeprefix("<image>\n")): r["conversations"][k + 1]["value"]
+                  for r in json.loads((out / "instructions.json").read_text())
+                  for k, c in enumerate(r["conversations"]) if c["from"] == "human"}
+        adversarial = [q for q in qa if q["presence_kind"] == "absent_companion"]
+        assert adversarial and all(q["answer"] == "no" for q in adversarial)  # evaluation: exact
+        return {taught[(q["scene"], q["question"])] for q in adversarial}
+
+    assert split(noisy, "noisy") == {"yes"}  # training: the source's noise
+    assert split(exact, "exact") == {"no"}
+    # a world without the key keeps its recorded digest
+    v3h = W.load_world(REPO / "recipes" / "shapesworld" / "candidates" / "v3h.yaml")
+    recorded = json.loads((REPO / "recipes" / "shapesworld" / "calibration" / "v3h.json").read_text())
+    assert v3h.sources.qa.absent_companion_rate == 0.0 and v3h.digest() == recorded["world_digest"]
+
+
 def test_committed_base_checkpoint_describes_held_out_scenes(tmp_path):
     """The committed toy VLM sees: on fresh scenes its greedy descriptions are scored by the exact judge."""
     from pathlib import Path
