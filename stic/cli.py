@@ -35,7 +35,8 @@ def _dpo(args) -> int:
 
 
 def _merge(args) -> int:
-    from stic.dpo import merge_adapter, parse_recipe
+    from stic.dpo import parse_recipe
+    from stic.models import merge_adapter
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"))
     adapter = args.adapter or recipe.dpo.output_dir
@@ -56,7 +57,8 @@ def _dar(args) -> int:
 
     from stic.generation import BatchGenerator, SamplingConfig
     from stic.images import decode_image
-    from stic.infuse import default_dar_adapters, describe_and_respond, load_for_dar, parse_recipe
+    from stic.infuse import default_dar_adapters, describe_and_respond, parse_recipe
+    from stic.models import load_for_inference
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft"))
     adapters = [] if args.base else (args.adapter or default_dar_adapters(recipe))
@@ -65,7 +67,7 @@ def _dar(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = make_engine(recipe.generation, served_model(recipe.generation, recipe.model, adapters, job="dar"),
                          recipe.model.system_prompt, lambda: BatchGenerator(
-                             *load_for_dar(recipe.model, adapters, device), system_prompt=recipe.model.system_prompt))
+                             *load_for_inference(recipe.model, adapters, device), system_prompt=recipe.model.system_prompt))
     image = decode_image(args.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)
     cfg = recipe.infuse_sft
     [(description, answer)] = describe_and_respond(

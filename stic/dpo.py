@@ -30,7 +30,8 @@ from trl import DPOConfig
 
 from stic.config import ModelConfig, parse_section, to_dict
 from stic.errors import SticError, one_line
-from stic.models import LoraOptions, ModelSetupError, lora_config, projector_module
+from stic.models import (LoraOptions, ModelSetupError, lora_config, projector_module, require_cuda_for_4bit,
+                         train_on_cpu_without_cuda, training_device)
 from stic.training import check_global_batch, trainer_class
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -102,9 +103,7 @@ class DPOStageConfig(LoraOptions, DPOConfig):
             if self.sft_weight > 0:
                 losses, weights = losses + ["sft"], weights + [float(self.sft_weight)]
         self.loss_type, self.loss_weights = losses, weights
-        if not torch.cuda.is_available():
-            self.use_cpu = True  # lets `accelerate launch` processes on a GPU-less machine join over gloo
-            self.bf16 = False if self.bf16 is None else self.bf16
+        train_on_cpu_without_cuda(self)
         if self.mode == "sft_positive" and self.ref_model:
             raise ValueError("ref_model has no use in mode sft_positive")
         super().__post_init__()
@@ -265,17 +264,12 @@ def freeze_for_full_finetune(model, train_projector: bool) -> None:
 
 
 def load_training_model(model_cfg: ModelConfig, cfg: DPOStageConfig):
-    from accelerate import PartialState
-
     from stic.models import load_model
 
-    state = PartialState()
-    if model_cfg.load_in_4bit and not torch.cuda.is_available():
-        raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+    require_cuda_for_4bit(model_cfg)
     if model_cfg.load_in_4bit and not cfg.use_peft:
         raise ModelSetupError("a 4-bit model can only be trained with an adapter (dpo.use_peft: true)")
-    device = state.device if model_cfg.load_in_4bit else "cpu"  # the Trainer places unquantised models
-    model = load_model(model_cfg, device)
+    model = load_model(model_cfg, training_device(model_cfg))
     if model_cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -446,59 +440,3 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Merge
-
-
-class MergeRefused(SticError, RuntimeError):
-    """The output dtype would erase too much of the adapter's update."""
-
-
-def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype: str | None = None,
-                  force: bool = False) -> tuple[Path, dict]:
-    """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
-
-    The merge is done in float32. `dtype` is the stored precision (default: `model.dtype`, or the checkpoint's
-    own dtype when that is `auto`). The share of the update that survives it is reported in
-    `merge_report.json`; below 99% the merge is refused unless `force`, since a bf16 copy of a stage-1 model
-    trained at lr 1e-7 is mostly the base model again."""
-    from peft import PeftModel
-
-    from stic.models import _DTYPES, SURVIVAL_FLOOR, adapter_survival, load_model, load_processor
-
-    if model_cfg.load_in_4bit:
-        model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
-    if dtype is None and model_cfg.dtype == "auto":  # the checkpoint's own precision, read before loading
-        from transformers import AutoConfig
-
-        from stic.models import resolve_model_path
-
-        stored = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code)
-        stored = getattr(stored, "dtype", None) or getattr(stored.get_text_config(), "dtype", None)
-        dtype = str(stored or "float32")
-    elif dtype is None:
-        dtype = model_cfg.dtype
-    base = load_model(dataclasses.replace(model_cfg, dtype="float32"), "cpu")
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in _DTYPES:
-        raise MergeRefused(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    peft_model = PeftModel.from_pretrained(base, adapter_dir)
-    report = {"adapter": adapter_dir, "base": model_cfg.name_or_path,
-              **adapter_survival(peft_model, _DTYPES[dtype]),
-              "float16_kept": adapter_survival(peft_model, torch.float16)["kept"],
-              "bfloat16_kept": adapter_survival(peft_model, torch.bfloat16)["kept"]}
-    print(f"merge: {report['kept']:.2%} of the adapter's update survives {dtype} "
-          f"(bfloat16 {report['bfloat16_kept']:.2%}, float16 {report['float16_kept']:.2%}, float32 100%)")
-    if report["kept"] < SURVIVAL_FLOOR and not force:
-        raise MergeRefused(f"only {report['kept']:.2%} of the adapter's update survives {dtype} (< 99%); merge "
-                           "with --dtype float32 (or float16 if it keeps enough), or pass --force to write it anyway")
-    merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
-    out = Path(out_dir)
-    merged.save_pretrained(out)
-    load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
-    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["kept"] < SURVIVAL_FLOOR},
-                                                      indent=2) + "\n")
-    return out, report

@@ -98,7 +98,7 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
                      dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
     """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
     from stic.images import ImageRef, decode_image
-    from stic.infuse import describe_and_respond
+    from stic.models import load_for_inference
     from stic.store import ShardedOutput, run_sharded
 
     cfg = recipe.eval
@@ -106,6 +106,7 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
     by_id = {it.id: it for it in items}
     answer_sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens)
     if dar:  # describe and infuse exactly as stage 2 trained: the recipe's infuse_sft.describe and .template
+        from stic.infuse import describe_and_respond
         from stic.infuse import parse_recipe as infuse_recipe
 
         stage2 = infuse_recipe(recipe.raw).infuse_sft
@@ -119,12 +120,10 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str]
 
     def make_worker(device):
         if "engine" not in engine_cache:  # one model load per process for all benchmarks
-            from stic.infuse import load_for_dar
-
-            engine_cache["engine"] = make_engine(recipe.generation, model_name, model_cfg.system_prompt,
-                                                 lambda: BatchGenerator(*load_for_dar(model_cfg, adapters, device),
-                                                                        cfg.batch_size,
-                                                                        system_prompt=model_cfg.system_prompt))
+            engine_cache["engine"] = make_engine(
+                recipe.generation, model_name, model_cfg.system_prompt,
+                lambda: BatchGenerator(*load_for_inference(model_cfg, adapters, device), cfg.batch_size,
+                                       system_prompt=model_cfg.system_prompt))
         engine = engine_cache["engine"]
 
         def worker(batch, on_batch):
@@ -199,10 +198,9 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
 
 
 def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] | None = None) -> dict | None:
-    import torch
-    from accelerate import PartialState
+    from stic.models import process_state
 
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    state = process_state()
     cfg = recipe.eval
     model_cfg, adapters, run_name = resolve_model(recipe, model_spec)
     run_name += "+dar" if dar else ""

@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import torch
 from trl import SFTConfig
 
 from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
@@ -32,7 +31,8 @@ from stic.generation import BatchGenerator, Output, Request, SamplingConfig, sta
 from stic.images import ImageRef
 from stic.instructions import (InstructionDataConfig, SubsetConfig, choose_subset, composition,
                                load_instructions)
-from stic.models import LoraOptions, ModelSetupError, lora_config
+from stic.models import (LoraOptions, ModelSetupError, lora_config, process_state, require_cuda_for_4bit,
+                         train_on_cpu_without_cuda, training_device)
 from stic.training import check_global_batch, trainer_class
 from stic.prompts import CAPTION_PROMPTS
 
@@ -102,9 +102,7 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
         if self.adapter_mode == "continue" and not self.stage1_adapter:
             raise ValueError("adapter_mode: continue needs stage1_adapter")
         check_global_batch(self)
-        if not torch.cuda.is_available():
-            self.use_cpu = True
-            self.bf16 = False if self.bf16 is None else self.bf16
+        train_on_cpu_without_cuda(self)
         super().__post_init__()
 
     def to_dict(self):  # TrainingArguments serialises itself to JSON for logs and checkpoints
@@ -142,12 +140,10 @@ def stage1_model_config(recipe: Recipe) -> ModelConfig:
 
 def load_stage1_for_inference(recipe: Recipe, device):
     """The model that writes the descriptions: base + stage-1 adapter merged in memory, or a merged folder."""
-    from stic.models import load_adapted_model, load_processor
+    from stic.models import load_for_inference
 
-    mcfg = stage1_model_config(recipe)
     adapters = [recipe.infuse_sft.stage1_adapter] if recipe.infuse_sft.stage1_adapter else []
-    model, _ = load_adapted_model(mcfg, adapters, device)  # merged in fp32: the lr-1e-7 update survives
-    return model, load_processor(mcfg)
+    return load_for_inference(stage1_model_config(recipe), adapters, device)  # merged in fp32: the update survives
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,8 +264,7 @@ def load_model_for_training(recipe: Recipe):
 
     cfg = recipe.infuse_sft
     mcfg = stage1_model_config(recipe)
-    if mcfg.load_in_4bit and not torch.cuda.is_available():
-        raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+    require_cuda_for_4bit(mcfg)
     if cfg.adapter_mode == "new" and cfg.stage1_adapter:
         # a new adapter on top of the stage-1 model: fold stage 1 in first, in fp32 unless its update survives
         # the model's dtype (merged into bf16 weights, an lr-1e-7 update rounds back to the base)
@@ -278,12 +273,7 @@ def load_model_for_training(recipe: Recipe):
                                "infuse_sft.stage1_model to the merged folder")
         model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter], "cpu")
         return model, (lora_config(cfg, model) if cfg.use_peft else None)
-    if mcfg.load_in_4bit:
-        from accelerate import PartialState
-
-        model = load_model(mcfg, PartialState().device)
-    else:
-        model = load_model(mcfg, "cpu")  # the Trainer places it
+    model = load_model(mcfg, training_device(mcfg))
     if cfg.adapter_mode == "continue":
         model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
         _projector_as_configured(model, cfg)
@@ -325,14 +315,13 @@ def sft_sequence_need(train_set, processor) -> dict:
 
 
 def run_infuse_sft(recipe: Recipe) -> dict | None:
-    from accelerate import PartialState
     from trl import SFTTrainer
 
     from stic.models import load_processor
     from stic.training import apply_global_batch, check_max_length
 
     cfg = recipe.infuse_sft
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    state = process_state()
     batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
     if not records:
@@ -428,15 +417,6 @@ def _plot_loss(history, path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------
 # DaR
-
-
-def load_for_dar(model_cfg: ModelConfig, adapters: list[str], device):
-    """Base model with adapters merged in order: [stage-2] for a continued adapter, [stage-1, stage-2] for a
-    new stage-2 adapter trained on the merged stage-1 model."""
-    from stic.models import load_adapted_model, load_processor
-
-    model, _ = load_adapted_model(model_cfg, adapters, device)
-    return model, load_processor(model_cfg)
 
 
 def default_dar_adapters(recipe: Recipe) -> list[str]:

@@ -1,8 +1,12 @@
-"""Load any Hugging Face image-text-to-text model with its own processor and chat template."""
+"""All model loading: any Hugging Face image-text-to-text model with its own processor and chat template, its
+dtype and device (with the CPU fallback when there is no GPU), LoRA settings, and trained adapters applied or
+merged (in memory for inference, or into a standalone folder by `stic merge`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
@@ -130,6 +134,39 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
 
 
 # -------------------------------------------------------------------------------------------------------------
+# Processes and devices: CUDA where there is one, the CPU otherwise
+
+
+def process_state():
+    """accelerate's state of this process. Without CUDA a CPU one, so that processes started by `accelerate launch`
+    (torchrun) on a GPU-less machine join over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+
+
+def train_on_cpu_without_cuda(args) -> None:
+    """A training stage's TRL config on a machine without CUDA: `use_cpu` (lets `accelerate launch` processes join
+    over gloo) and bf16 off unless the recipe sets it."""
+    if not torch.cuda.is_available():
+        args.use_cpu = True
+        args.bf16 = False if args.bf16 is None else args.bf16
+
+
+def require_cuda_for_4bit(cfg: ModelConfig) -> None:
+    """Refuse QLoRA training before anything loads on a machine that cannot run bitsandbytes' NF4."""
+    if cfg.load_in_4bit and not torch.cuda.is_available():
+        raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
+
+
+def training_device(cfg: ModelConfig) -> torch.device | str:
+    """Where a model to be trained loads: a 4-bit one onto this process's GPU (it is quantised as it loads), any
+    other on the CPU, for the Trainer to place."""
+    require_cuda_for_4bit(cfg)
+    return process_state().device if cfg.load_in_4bit else "cpu"
+
+
+# -------------------------------------------------------------------------------------------------------------
 # Adapters, shared by the training stages
 
 
@@ -247,14 +284,19 @@ def merged_folder_config(cfg: ModelConfig, path: str) -> ModelConfig:
     """The model config for a model folder in place of `cfg`'s model. A folder written by `stic merge` is loaded in
     the precision it was stored in (a float32 merge cast back to bf16 on loading would lose the update again) and
     never quantised."""
-    import json
-    from pathlib import Path
-
     cfg = dataclasses.replace(cfg, name_or_path=str(path))
     report = Path(path) / "merge_report.json"
     if report.exists():
         cfg = dataclasses.replace(cfg, dtype=json.loads(report.read_text())["dtype"], load_in_4bit=False)
     return cfg
+
+
+def _float32_base(cfg: ModelConfig, device):
+    """The base in float32 and unquantised, to merge adapters into. FlashAttention-2 has no float32 kernels: SDPA."""
+    fp32 = dataclasses.replace(cfg, dtype="float32", load_in_4bit=False)
+    if cfg.attn_implementation == "flash_attention_2":
+        fp32 = dataclasses.replace(fp32, attn_implementation="sdpa")
+    return load_model(fp32, device)
 
 
 def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, list[dict]]:
@@ -279,10 +321,7 @@ def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[o
         base = load_model(dataclasses.replace(cfg, dtype="float32"), device)
         return PeftModel.from_pretrained(base, adapters[0]).eval(), []
     target = torch_dtype(cfg, device) if cfg.merged_dtype == "auto" else _DTYPES[cfg.merged_dtype]
-    fp32 = dataclasses.replace(cfg, dtype="float32")
-    if cfg.attn_implementation == "flash_attention_2":  # FlashAttention-2 has no float32 kernels
-        fp32 = dataclasses.replace(fp32, attn_implementation="sdpa")
-    model = load_model(fp32, device)
+    model = _float32_base(cfg, device)
     reports = []
     for adapter in adapters:
         peft_model = PeftModel.from_pretrained(model, adapter)
@@ -295,3 +334,58 @@ def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[o
     else:
         model = model.to(target)
     return model.eval(), reports
+
+
+def load_for_inference(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, object]:
+    """(model, processor) to generate with: the base with `adapters` merged in order (`load_adapted_model`), e.g.
+    [stage-2] for a continued adapter, [stage-1, stage-2] for a new stage-2 adapter on the merged stage-1 model."""
+    model, _ = load_adapted_model(cfg, adapters, device)
+    return model, load_processor(cfg)
+
+
+class MergeRefused(SticError, RuntimeError):
+    """The output dtype would erase too much of the adapter's update."""
+
+
+def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype: str | None = None,
+                  force: bool = False) -> tuple[Path, dict]:
+    """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
+
+    The merge is done in float32. `dtype` is the stored precision (default: `model.dtype`, or the checkpoint's
+    own dtype when that is `auto`). The share of the update that survives it is reported in
+    `merge_report.json`; below 99% the merge is refused unless `force`, since a bf16 copy of a stage-1 model
+    trained at lr 1e-7 is mostly the base model again."""
+    from peft import PeftModel
+
+    if model_cfg.load_in_4bit:
+        model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
+    if dtype is None and model_cfg.dtype == "auto":  # the checkpoint's own precision, read before loading
+        from transformers import AutoConfig
+
+        stored = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        stored = getattr(stored, "dtype", None) or getattr(stored.get_text_config(), "dtype", None)
+        dtype = str(stored or "float32")
+    elif dtype is None:
+        dtype = model_cfg.dtype
+    base = _float32_base(model_cfg, "cpu")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise MergeRefused(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    report = {"adapter": adapter_dir, "base": model_cfg.name_or_path,
+              **adapter_survival(peft_model, _DTYPES[dtype]),
+              "float16_kept": adapter_survival(peft_model, torch.float16)["kept"],
+              "bfloat16_kept": adapter_survival(peft_model, torch.bfloat16)["kept"]}
+    print(f"merge: {report['kept']:.2%} of the adapter's update survives {dtype} "
+          f"(bfloat16 {report['bfloat16_kept']:.2%}, float16 {report['float16_kept']:.2%}, float32 100%)")
+    if report["kept"] < SURVIVAL_FLOOR and not force:
+        raise MergeRefused(f"only {report['kept']:.2%} of the adapter's update survives {dtype} (< 99%); merge "
+                           "with --dtype float32 (or float16 if it keeps enough), or pass --force to write it anyway")
+    merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
+    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["kept"] < SURVIVAL_FLOOR},
+                                                      indent=2) + "\n")
+    return out, report

@@ -160,18 +160,16 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
     (id, item). Returns the JobResult on the main process, None elsewhere.
     """
     import datasets
-    import torch
     import transformers
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from stic.images import ImageRejected
+    from stic.models import process_state
 
     datasets.disable_progress_bars()  # one bar for the job, not one per parquet part
     transformers.logging.disable_progress_bar()
-    # Without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the CPU.
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    state = process_state()  # without a GPU, `accelerate launch` processes join over gloo on the CPU
     store = ShardedOutput(out_dir, rank=state.process_index)
     if state.is_main_process:
         store.prepare(run_config, overwrite=overwrite)

@@ -32,9 +32,9 @@ def world_size() -> int:
     env = os.environ.get("WORLD_SIZE")
     if env:
         return int(env)
-    from accelerate import PartialState
+    from stic.models import process_state
 
-    return PartialState().num_processes
+    return process_state().num_processes
 
 
 def gradient_accumulation_for(global_batch_size: int, per_device_train_batch_size: int, processes: int) -> int:

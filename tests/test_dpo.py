@@ -14,11 +14,11 @@ from stic.dpo import (
     DPOStageConfig,
     Recipe,
     load_preference_dataset,
-    merge_adapter,
     paper_alpha_to_sft_weight,
     parse_recipe,
     run_dpo,
 )
+from stic.models import merge_adapter
 from tests.conftest import photo
 
 REPO = Path(__file__).resolve().parent.parent

@@ -219,7 +219,7 @@ def test_eval_section_is_strict(tmp_path, eval_root):
 
 def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
     from stic.config import ModelConfig
-    from stic.dpo import merge_adapter
+    from stic.models import merge_adapter
     from tests.test_infuse import make_adapter
 
     make_adapter(tmp_path / "adapter", scale=0.05)

@@ -102,7 +102,8 @@ def test_naive_bf16_merge_loses_the_update(realistic, reference):
 
 def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, reference, tmp_path):
     """The models that eval, DaR and the stage-2 descriptions run, for a recipe in bf16."""
-    from stic.infuse import load_for_dar, load_stage1_for_inference, parse_recipe
+    from stic.infuse import load_stage1_for_inference, parse_recipe
+    from stic.models import load_for_inference as load_for_dar
 
     base_dir, adapter = realistic
     processor, base32, ref_delta = reference

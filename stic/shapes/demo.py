@@ -84,7 +84,7 @@ def step0_logp_gap(run: Path) -> dict | None:
 
 def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False,
              world_file: str | None = None, calibration_scenes: int = 1000) -> dict:
-    from stic import dpo, evaluate, infuse, selfgen
+    from stic import dpo, evaluate, infuse, models, selfgen
     from stic.shapes import world as W
     from stic.shapes.calibrate import base_calibration, base_for_world
     from stic.shapes.stats import HYPOTHESES, ci_table, confidence_intervals, judge_hypotheses
@@ -162,7 +162,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         if not (merged / "config.json").exists():
             from stic.config import ModelConfig
 
-            dpo.merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
+            models.merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
                               dtype="float32")
         results.setdefault("STIC round 2", []).append(stage1("round2", [f"model.name_or_path={merged}"]))
         if ablations:
