@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from typing import Callable
 
 from stic.config import RecipeError, load_recipe_dict, parse_override
