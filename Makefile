@@ -62,10 +62,10 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 bench-selfgen: $(STAMP)
-	$(BIN)/python -m stic.bench_selfgen $(ARGS)
+	$(BIN)/python -m stic.bench.selfgen $(ARGS)
 
 bench-dpo: $(STAMP)
-	$(BIN)/python -m stic.bench_dpo $(ARGS)
+	$(BIN)/python -m stic.bench.dpo $(ARGS)
 
 clean:
 	rm -rf outputs .cache

@@ -4,15 +4,19 @@ Each benchmark turns its files into `Item`s (a unique id, the image, the exact p
 the image, and what the scorer needs) and scores a {item id: raw answer} mapping with `stic.metrics`.
 Layouts follow LLaVA-1.5's `playground/data/eval/<benchmark>/`; see the README for where each file comes from.
 A malformed file raises `BenchmarkFileError` naming the file and the record.
+
+`BENCHMARKS` is a registry: this module registers the paper's eight, and a plugin module (named in a recipe's
+`eval.plugins`, e.g. `stic.shapes.benchmarks`) registers its own with `register` when imported.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from stic import metrics as M
 from stic.errors import SticError
@@ -34,7 +38,8 @@ class Item:
     meta: dict
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content; a missing or invalid file raises BenchmarkFileError naming it."""
     if not path.is_file():
         raise BenchmarkFileError(f"{path} does not exist")
     try:
@@ -43,7 +48,8 @@ def _read_json(path: Path):
         raise BenchmarkFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """A JSON Lines file's records (blank lines skipped); errors name the file and line."""
     if not path.is_file():
         raise BenchmarkFileError(f"{path} does not exist")
     out = []
@@ -70,8 +76,8 @@ def _need(rec, keys, where: str):
 
 def load_scienceqa(root: Path) -> list[Item]:
     d = root / "scienceqa"
-    questions = _read_json(d / "llava_test_CQM-A.json")
-    problems = _read_json(d / "problems.json")
+    questions = read_json(d / "llava_test_CQM-A.json")
+    problems = read_json(d / "problems.json")
     items = []
     for i, rec in enumerate(questions):
         where = f"{d / 'llava_test_CQM-A.json'} record {i}"
@@ -109,8 +115,8 @@ def score_scienceqa(items, answers) -> tuple[dict, dict]:
 
 def load_textvqa(root: Path) -> list[Item]:
     d = root / "textvqa"
-    questions = _read_jsonl(d / "llava_textvqa_val_v051_ocr.jsonl")
-    annotations = _read_json(d / "TextVQA_0.5.1_val.json")
+    questions = read_jsonl(d / "llava_textvqa_val_v051_ocr.jsonl")
+    annotations = read_json(d / "TextVQA_0.5.1_val.json")
     if not isinstance(annotations, dict) or "data" not in annotations:
         raise BenchmarkFileError(f"{d / 'TextVQA_0.5.1_val.json'}: expected an object with a 'data' list")
     by_key = {(a["image_id"], a["question"].lower()): a["answers"] for a in annotations["data"]}
@@ -144,7 +150,7 @@ def load_pope(root: Path) -> list[Item]:
     items = []
     for split in POPE_SPLITS:
         path = d / "coco" / f"coco_pope_{split}.json"  # JSON Lines despite the name
-        for n, q in enumerate(_read_jsonl(path), start=1):
+        for n, q in enumerate(read_jsonl(path), start=1):
             _need(q, ["question_id", "image", "text", "label"], f"{path} line {n}")
             if q["label"] not in ("yes", "no"):
                 raise BenchmarkFileError(f"{path} line {n}: label must be 'yes' or 'no', got {q['label']!r}")
@@ -215,7 +221,7 @@ def load_chartqa(root: Path) -> list[Item]:
     items = []
     for split in ("human", "augmented"):
         path = d / f"test_{split}.json"
-        for i, rec in enumerate(_read_json(path)):
+        for i, rec in enumerate(read_json(path)):
             _need(rec, ["imgname", "query", "label"], f"{path} record {i}")
             items.append(Item(f"{split}/{i}", str(d / "png" / rec["imgname"]), rec["query"] + CHARTQA_SUFFIX,
                               {"split": split, "label": str(rec["label"])}))
@@ -236,8 +242,8 @@ def score_chartqa(items, answers):
 
 def load_mathvista(root: Path) -> list[Item]:
     d = root / "mathvista"
-    problems = _read_json(d / "testmini.json")
-    queries = _read_json(d / "query.json") if (d / "query.json").exists() else {}
+    problems = read_json(d / "testmini.json")
+    queries = read_json(d / "query.json") if (d / "query.json").exists() else {}
     items = []
     for pid, prob in problems.items():
         where = f"{d / 'testmini.json'} problem {pid}"
@@ -260,9 +266,9 @@ def score_mathvista(items, answers):
 
 def load_llava_bench(root: Path) -> list[Item]:
     d = root / "llava-bench-in-the-wild"
-    questions = _read_jsonl(d / "questions.jsonl")
-    contexts = {c["image"]: c for c in _read_jsonl(d / "context.jsonl")}
-    references = {a["question_id"]: a["text"] for a in _read_jsonl(d / "answers_gpt4.jsonl")}
+    questions = read_jsonl(d / "questions.jsonl")
+    contexts = {c["image"]: c for c in read_jsonl(d / "context.jsonl")}
+    references = {a["question_id"]: a["text"] for a in read_jsonl(d / "answers_gpt4.jsonl")}
     items = []
     for n, q in enumerate(questions, start=1):
         _need(q, ["question_id", "image", "text", "category"], f"{d / 'questions.jsonl'} line {n}")
@@ -276,7 +282,7 @@ def load_llava_bench(root: Path) -> list[Item]:
 
 def load_mmvet(root: Path) -> list[Item]:
     d = root / "mm-vet"
-    data = _read_json(d / "mm-vet.json")
+    data = read_json(d / "mm-vet.json")
     items = []
     for key, rec in data.items():
         _need(rec, ["imagename", "question", "answer"], f"{d / 'mm-vet.json'} item {key}")
@@ -284,44 +290,6 @@ def load_mmvet(root: Path) -> list[Item]:
                           {"question": rec["question"], "answer": rec["answer"],
                            "capability": rec.get("capability", [])}))
     return items
-
-
-# -------------------------------------------------------------------------------------------------------------
-# ShapesWorld (written by `stic shapes make-data`): descriptions scored by the exact judge, and QA
-
-
-def _shapes_world(d: Path):
-    """The world the scenes were made in (world.yaml beside them; older splits: the default world)."""
-    from stic.shapes.world import DEFAULT, load_world
-
-    return load_world(d / "world.yaml") if (d / "world.yaml").exists() else DEFAULT
-
-
-def load_shapes_describe(root: Path) -> list[Item]:
-    d = root / "shapesworld"
-    world = _shapes_world(d)
-    return [Item(s["id"], str(d / "images" / f"{s['id']}.png"), world.prompts.describe, {"scene": s, "world": world})
-            for s in _read_jsonl(d / "scenes.jsonl")]
-
-
-def score_shapes_describe(items, answers):
-    from stic.shapes.judge import aggregate, score_description
-    from stic.shapes.world import Scene
-
-    per = {it.id: score_description(answers[it.id], Scene.from_json(it.meta["scene"]), it.meta.get("world"))
-           for it in items}
-    return aggregate(list(per.values())), per
-
-
-def load_shapes_qa(root: Path) -> list[Item]:
-    d = root / "shapesworld"
-    return [Item(q["id"], str(d / "images" / q["image"]), q["question"], q) for q in _read_jsonl(d / "qa.jsonl")]
-
-
-def score_shapes_qa(items, answers):
-    from stic.shapes.judge import score_qa
-
-    return score_qa([it.meta for it in items], answers)
 
 
 def _mean(values) -> float:
@@ -338,22 +306,59 @@ class Benchmark:
     max_new_tokens: int = 32
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("scienceqa", load_scienceqa, score_scienceqa, "accuracy", 16),
-    Benchmark("textvqa", load_textvqa, score_textvqa, "accuracy", 16),
-    Benchmark("chartqa", load_chartqa, score_chartqa, "accuracy", 16),
-    Benchmark("pope", load_pope, score_pope, "f1", 16),
-    Benchmark("mmbench", load_mmbench, score_mmbench, "accuracy", 16),
-    Benchmark("mathvista", load_mathvista, score_mathvista, "accuracy", 512),
-    Benchmark("llava_bench", load_llava_bench, None, "relative", 512),
-    Benchmark("mmvet", load_mmvet, None, "total", 512),
-    Benchmark("shapes_describe", load_shapes_describe, score_shapes_describe, "hallucination_rate", 48),
-    Benchmark("shapes_qa", load_shapes_qa, score_shapes_qa, "accuracy", 8),
-]}
+# The registry: the paper's benchmarks below, and those of the plugin modules a recipe names in `eval.plugins`
+# (imported by `load_plugins`), e.g. ShapesWorld's in stic/shapes/benchmarks.py. Order is table column order.
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+class BenchmarkPluginError(SticError, ValueError):
+    """A module named in `eval.plugins` (or `stic score --plugin`) cannot be imported, or a benchmark name is
+    registered twice."""
+
+
+def register(name: str, load: Callable[[Path], list[Item]], score: Callable | None, headline: str,
+             max_new_tokens: int = 32) -> Benchmark:
+    """Add a benchmark under `name`: `load(data_root)` gives its items, `score(items, {id: answer})` gives
+    (metrics, per-item results) or is None for the judged llava_bench and mmvet; `headline` is the metric key
+    tables show."""
+    if name in BENCHMARKS:
+        raise BenchmarkPluginError(f"benchmark {name!r} is registered twice")
+    BENCHMARKS[name] = Benchmark(name, load, score, headline, max_new_tokens)
+    return BENCHMARKS[name]
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import each module, which registers its benchmarks; a module already imported is not run again."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise BenchmarkPluginError(f"benchmark plugin {module!r} cannot be imported: {err}") from None
+
+
+register("scienceqa", load_scienceqa, score_scienceqa, "accuracy", 16)
+register("textvqa", load_textvqa, score_textvqa, "accuracy", 16)
+register("chartqa", load_chartqa, score_chartqa, "accuracy", 16)
+register("pope", load_pope, score_pope, "f1", 16)
+register("mmbench", load_mmbench, score_mmbench, "accuracy", 16)
+register("mathvista", load_mathvista, score_mathvista, "accuracy", 512)
+register("llava_bench", load_llava_bench, None, "relative", 512)
+register("mmvet", load_mmvet, None, "total", 512)
 PAPER_BENCHMARKS = ["scienceqa", "textvqa", "chartqa", "pope", "mmbench", "mathvista", "llava_bench", "mmvet"]
 
 
+class UnknownBenchmark(SticError, ValueError):
+    """A benchmark name that no imported module registered."""
+
+
+def check_known(names: Iterable[str]) -> None:
+    """Refuse names that are not registered, naming them and the known ones (after `load_plugins`)."""
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise UnknownBenchmark(f"unknown benchmark{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                               f"known: {', '.join(BENCHMARKS)}")
+
+
 def get_benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise BenchmarkFileError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    check_known([name])
     return BENCHMARKS[name]

@@ -4,6 +4,7 @@
     stic dpo --recipe recipes/default.yaml [dpo.key=value ...]
     stic infuse-sft --recipe recipes/default.yaml [infuse_sft.key=value ...]
     stic dar --recipe recipes/default.yaml --image IMG --question "..."
+    stic eval --recipe recipes/default.yaml --model base|stage1|stage2|PATH [--dar] [--benchmarks ...]
     stic merge --recipe recipes/default.yaml [--adapter DIR] -o OUT
     stic tiny-model --family llava -o DIR
     stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
@@ -14,9 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Callable
 
 from stic.config import RecipeError, load_recipe_dict, parse_override
 from stic.errors import SticError, one_line
+
+EVAL_DESCRIPTION = """Evaluate a model on the paper's benchmarks (and POPE), with or without describe-and-respond.
+
+    accelerate launch eval/run.py --recipe recipes/X.yaml --model base|stage1|stage2|PATH [--dar]
+                                  [--benchmarks pope scienceqa ...] [eval.key=value ...]
+    stic eval --recipe recipes/X.yaml ...                (the same command line)
+
+--benchmarks takes names separated by spaces or commas; a key=value word is always an override, also right
+after the names (`make eval EVAL_ARGS="--benchmarks pope" ARGS="eval.limit=50"` puts it there).
+Benchmarks of the recipe's eval.plugins modules (e.g. stic.shapes.benchmarks) are known once the recipe is read.
+See stic/evaluate.py for what is written where.
+"""
 
 
 def _selfgen(args) -> int:
@@ -84,7 +98,7 @@ def _score(args) -> int:
     from stic.evaluate import EvalConfig, load_items, score_predictions
     from stic.judge import Judge, JudgeConfig
 
-    cfg = EvalConfig(data_root=args.data_root, benchmarks=[args.benchmark])
+    cfg = EvalConfig(data_root=args.data_root, benchmarks=[args.benchmark], plugins=args.plugin)
     items = load_items(cfg, args.benchmark)
     predictions = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
     known = {it.id for it in items}
@@ -95,6 +109,60 @@ def _score(args) -> int:
         print(f"warning: {scores['missing_predictions']} of {len(items)} {args.benchmark} items have no prediction "
               f"in {args.predictions}; scored as FAILED, as the official scorer does", file=sys.stderr)
     print(json.dumps({k: v for k, v in scores.items() if k != "per_item"}, indent=2))
+    return 0
+
+
+class BenchmarkNames(argparse.Action):
+    """--benchmarks a b / a,b. nargs='+' also takes the overrides that follow the names: those go back to the
+    overrides instead of being read as benchmark names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = [n for v in values if "=" not in v for n in v.split(",") if n]
+        if not names:
+            parser.error(f"{option_string}: no benchmark name given")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + names)
+        namespace.benchmark_overrides = namespace.benchmark_overrides + [v for v in values if "=" in v]
+
+
+def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of eval/run.py and `stic eval`; parse it with `parse_eval_args`."""
+    from stic.benchmarks import BENCHMARKS
+
+    ap = argparse.ArgumentParser(prog=prog, description=EVAL_DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--model", default="base", help="base, stage1, stage2, an adapter folder or a model folder")
+    ap.add_argument("--dar", action="store_true", help="describe the image first, then answer with it infused")
+    ap.add_argument("--benchmarks", nargs="+", action=BenchmarkNames, metavar="NAME",
+                    help=f"default: the recipe's eval.benchmarks; known: {', '.join(BENCHMARKS)}, and those of "
+                         "the recipe's eval.plugins")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.limit=50")
+    ap.set_defaults(benchmark_overrides=[])
+    return ap
+
+
+def parse_eval_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Intermixed, so overrides may come anywhere; `overrides` holds them all in command-line order, so the last
+    of two overrides of one key wins."""
+    args = parser.parse_intermixed_args(argv)
+    args.overrides = sorted(args.overrides + args.benchmark_overrides,
+                            key=lambda word: argv.index(word) if word in argv else len(argv))
+    return args
+
+
+def run_eval_command(args: argparse.Namespace, run: Callable | None = None) -> None:
+    """Read the recipe (importing its eval.plugins), refuse unknown --benchmarks, then evaluate with `run`
+    (default stic.evaluate.run_eval; eval/run.py passes its own name for it, which its tests replace)."""
+    from stic.benchmarks import check_known
+    from stic.evaluate import parse_recipe, run_eval
+
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="eval"))
+    check_known(args.benchmarks or [])
+    (run or run_eval)(recipe, args.model, args.dar, args.benchmarks)
+
+
+def _eval(args) -> int:
+    run_eval_command(args)
     return 0
 
 
@@ -187,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True)
     p.add_argument("--predictions", required=True, help="JSONL: {question_id, text, ...} per line")
     p.add_argument("--data-root", default="playground/data/eval", help="where the benchmark's files live")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="a module that registers more benchmarks, e.g. stic.shapes.benchmarks (repeatable)")
     p.set_defaults(func=_score)
+
+    # listed here for `stic --help`; main() parses an eval command line with eval_parser (see there)
+    sub.add_parser("eval", help="evaluate a model on the recipe's benchmarks (as eval/run.py)", add_help=False)
 
     p = sub.add_parser("compare", help="set several eval runs side by side (markdown table + bar chart)")
     p.add_argument("runs", nargs="+", help="run folders written by eval/run.py")
@@ -250,7 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        # eval/run.py's parser: overrides may follow --benchmarks, which needs an intermixed parse, and argparse
+        # cannot parse a subcommand's arguments intermixed
+        args = parse_eval_args(eval_parser("stic eval"), argv[1:])
+        args.func = _eval
+    else:
+        args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
     except RecipeError as err:

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, PAPER_BENCHMARKS, BenchmarkFileError, Item,
-                             get_benchmark)
+                             check_known, get_benchmark, load_plugins)
 from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
@@ -32,14 +32,15 @@ class EvalConfig:
     data_root: str = "playground/data/eval"  # LLaVA-1.5's layout: <data_root>/<benchmark>/...
     output_dir: str = "outputs/eval"
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_BENCHMARKS))
+    # modules imported before `benchmarks` is checked; each registers its own benchmarks (stic.benchmarks.register)
+    plugins: list[str] = dataclasses.field(default_factory=list)
     batch_size: int = 8
     limit: int | None = None  # first N items of each benchmark (quick checks)
     judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
 
     def __post_init__(self):
-        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
-        if unknown:
-            raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        load_plugins(self.plugins)
+        check_known(self.benchmarks)
 
 
 @dataclasses.dataclass
@@ -248,10 +249,18 @@ def _cell(entry: dict | None) -> float | None:
     return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1", "hallucination_rate") else entry["value"]
 
 
+def _table_names(summaries: list[dict]) -> list[str]:
+    """The benchmarks the runs have, in registry order; names no imported plugin registered (`stic compare` does
+    not read the runs' recipes) follow in the order the runs list them."""
+    order = list(BENCHMARKS)
+    names = dict.fromkeys(n for s in summaries for n in s["benchmarks"])
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
 def results_table(summaries: list[dict]) -> str:
     """A markdown table, one row per run, one column per benchmark (its headline metric, in %), plus the average
     over the benchmarks every run has."""
-    names = [n for n in BENCHMARKS if any(n in s["benchmarks"] for s in summaries)]
+    names = _table_names(summaries)
     common = [n for n in names if all(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
     head = "| run | " + " | ".join(names) + " | average |\n|---|" + "---|" * (len(names) + 1) + "\n"
     lines = []
@@ -277,7 +286,8 @@ def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [n for n in BENCHMARKS if any(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
+        names = [n for n in _table_names(summaries) if any(_cell(s["benchmarks"].get(n)) is not None
+                                                            for s in summaries)]
         width = 0.8 / max(1, len(summaries))
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
         for k, s in enumerate(summaries):

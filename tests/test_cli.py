@@ -141,3 +141,20 @@ def test_infuse_sft_with_no_usable_record_says_why(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert "stic: error: no usable record" in line and str(data) in line
     assert "3 skipped" in line and "2 missing image file" in line and "1 no human turn" in line
+
+
+def test_eval_command_takes_eval_run_arguments_and_refuses_a_bad_key_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for arg in ("--recipe", "--model", "--dar", "--benchmarks", "overrides", "scienceqa", "eval.plugins"):
+        assert arg in usage
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"eval": {"output_dir": str(tmp_path / "out"), "limt": 2}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--recipe", str(recipe), "--benchmarks", "pope"])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("stic: recipe error: unknown key eval.limt") and "eval.limit" in line
+    assert not (tmp_path / "out").exists()

@@ -226,7 +226,8 @@ def test_eval_via_endpoint_answers_as_local(server, shapes, tmp_path):
 
     def recipe(out, **generation):
         r = {"model": {"name_or_path": MODEL, "dtype": "float32"},
-             "eval": {"data_root": str(shapes.parent), "output_dir": str(out), "limit": 4, "batch_size": 4}}
+             "eval": {"data_root": str(shapes.parent), "output_dir": str(out), "limit": 4, "batch_size": 4,
+                      "plugins": ["stic.shapes.benchmarks"]}}
         if generation:
             r["generation"] = {"backend": "openai", **generation}
         path = tmp_path / f"{out.name}.yaml"

@@ -1,6 +1,6 @@
 """Benchmark: DPO step time and peak memory, LoRA vs full fine-tuning, with and without gradient checkpointing.
 
-    python -m stic.bench_dpo [--steps 6] [--batch-size 4] [--text-layers 8] [--hidden 512]
+    python -m stic.bench.dpo [--steps 6] [--batch-size 4] [--text-layers 8] [--hidden 512]
 
 Each configuration runs in its own process so peak memory is measured cleanly: resident set size on the
 CPU (ru_maxrss), allocated memory on a GPU. The model is a LLaVA of the given size with random weights;
@@ -25,35 +25,22 @@ CONFIGS = [("LoRA", True, False), ("LoRA + grad ckpt", True, True), ("full", Fal
 
 def build_model(hidden: int, layers: int):
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
+    from stic.bench.common import llava_config_and_processor
     from stic.tiny import build_tiny_model
 
     _, tiny_proc = build_tiny_model("llava")
     tok = tiny_proc.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                       num_attention_heads=4, image_size=64, patch_size=8, projection_dim=128),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                                num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-    )
+    config, processor = llava_config_and_processor(
+        tok, tiny_proc.chat_template,
+        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                    projection_dim=128),
+        text=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8),
+        image_size=64, patch_size=8)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
-        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=tiny_proc.chat_template,
-    )
     return model, processor
 
 
@@ -136,7 +123,7 @@ def main(argv=None):
 
     results = {}
     for name, peft, gc in CONFIGS:
-        cmd = [sys.executable, "-m", "stic.bench_dpo", "--worker", "--peft", str(int(peft)), "--gc", str(int(gc)),
+        cmd = [sys.executable, "-m", "stic.bench.dpo", "--worker", "--peft", str(int(peft)), "--gc", str(int(gc)),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--hidden", str(args.hidden),
                "--text-layers", str(args.text_layers)]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})

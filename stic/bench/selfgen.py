@@ -1,7 +1,7 @@
 """Benchmark: the batched selfgen engine against a one-image-at-a-time loop, same model, images and settings.
 
-    python -m stic.bench_selfgen [--images 32] [--batch-size 16] [--max-new-tokens 32] [--shape tiny|7b]
-    python -m stic.bench_selfgen --backend openai [--endpoint URL] [--model models/shapesworld-base] [--images 64]
+    python -m stic.bench.selfgen [--images 32] [--batch-size 16] [--max-new-tokens 32] [--shape tiny|7b]
+    python -m stic.bench.selfgen --backend openai [--endpoint URL] [--model models/shapesworld-base] [--images 64]
 
 `--backend openai` compares the local batched engine with an OpenAI-compatible endpoint instead (a `transformers
 serve` of `--model` on CPU, started here, unless `--endpoint` names a running server of that model): the requests
@@ -33,32 +33,19 @@ def build(shape: str, device: str):
         return model.to(device), processor
     if not device.startswith("cuda"):
         raise SystemExit("--shape 7b needs a CUDA GPU")
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
-    tok = processor.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-    )
+    from stic.bench.common import llava_config_and_processor
+
+    config, processor = llava_config_and_processor(
+        processor.tokenizer, processor.chat_template,
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    projection_dim=768),
+        text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        image_size=336, patch_size=14)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=processor.chat_template,
-    )
     return model, processor
 
 
