@@ -1,3 +1,18 @@
 """STIC: self-training on image comprehension for vision-language models."""
 
+import logging
+
+
+class _NoCpuKernelsWarning(logging.Filter):
+    """bitsandbytes (imported by peft and trl) warns on every import, on CPUs with AVX512-BF16, that the optional
+    `kernels` package is missing. That kernel only speeds up 4-bit layers on the CPU, which stic refuses
+    (model.load_in_4bit needs a GPU), so exactly this message is dropped; the logger's other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# added before bitsandbytes is imported: getLogger returns this same logger object to it later
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoCpuKernelsWarning())
+
 __version__ = "0.1.0"

@@ -273,7 +273,7 @@ def load_training_model(model_cfg: ModelConfig, cfg: DPOStageConfig):
     if model_cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.activation_checkpointing)
     return model
 
 

@@ -162,10 +162,10 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
     import datasets
     import transformers
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     from stic.images import ImageRejected
     from stic.models import process_state
+    from stic.progress import live, progress_bar
 
     datasets.disable_progress_bars()  # one bar for the job, not one per parquet part
     transformers.logging.disable_progress_bar()
@@ -182,13 +182,14 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
     stats = {"images": 0, "rows": 0, "tokens": 0}
     if mine:
         worker = make_worker(state.device)
-        bar = tqdm(total=len(mine), unit="img", desc=f"{name}[{state.process_index}]", dynamic_ncols=True,
-                   disable=not state.is_local_main_process)
+        bar = progress_bar(total=len(mine), unit="img", desc=f"{name}[{state.process_index}]", dynamic_ncols=True,
+                           disable=not state.is_local_main_process)
 
         def on_batch(_n, n_tokens):
             stats["tokens"] += n_tokens
             elapsed = max(time.time() - started, 1e-6)
-            bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}")
+            bar.set_postfix(img_s=f"{stats['images'] / elapsed:.2f}", tok_s=f"{stats['tokens'] / elapsed:.1f}",
+                            refresh=live())  # in a log file the rates show with the next timed redraw
 
         try:  # the bar ends its line even when the job stops, so an error prints on a line of its own
             for start in range(0, len(mine), items_per_part):

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def selfgen_recipe(out_dir, images: dict, family="llava", **selfgen) -> dict:
     return {"model": {"name_or_path": f"tiny:{family}", "dtype": "float32"}, "selfgen": sg}
 
 
+def selfgen_run(recipe_dict: dict, overwrite: bool = False) -> dict:
+    """Parse a recipe dict and run selfgen in this process; returns the manifest."""
+    from stic.selfgen import parse_recipe, run_selfgen
+
+    return run_selfgen(parse_recipe(recipe_dict), overwrite=overwrite)
+
+
+def selfgen_rows(out):
+    """The pairs in a selfgen output folder, read as training reads them."""
+    import datasets
+
+    return datasets.load_dataset("parquet", data_dir=str(out), split="train")
+
+
 def die_on_call(monkeypatch, cls, name: str, n: int):
     """Make `cls.name` raise KeyboardInterrupt (a simulated kill) on its n-th call; returns the original."""
     real = getattr(cls, name)
@@ -90,3 +105,118 @@ def die_on_call(monkeypatch, cls, name: str, n: int):
 
     monkeypatch.setattr(cls, name, dying)
     return real
+
+
+def free_port() -> int:
+    """A free loopback port (for the rendezvous of an `accelerate launch` with two processes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def conv(*turns):
+    """A LLaVA-format conversation: human and gpt turns alternate."""
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
+
+
+def tiny_llava():
+    """The tiny LLaVA in float32 and its processor."""
+    from stic.config import ModelConfig
+    from stic.models import load_model, load_processor
+
+    cfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    return load_model(cfg), load_processor(cfg)
+
+
+def spy_on_generate(model, keep) -> list:
+    """Record keep(kwargs) of every model.generate call, then generate as usual; returns the list of records."""
+    calls = []
+    real = model.generate
+
+    def spy(**kwargs):
+        calls.append(keep(kwargs))
+        return real(**kwargs)
+
+    model.generate = spy
+    return calls
+
+
+def make_adapter(out: Path, family="llava", scale: float = 0.02) -> Path:
+    """A stage-1 LoRA adapter with non-zero weights, without running stage 1."""
+    import torch
+    from peft import get_peft_model
+
+    from stic.config import ModelConfig
+    from stic.models import LoraOptions, load_model, lora_config
+
+    model = load_model(ModelConfig(name_or_path=f"tiny:{family}", dtype="float32"))
+    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, scale)
+    peft_model.save_pretrained(out)
+    return out
+
+
+class Stub:
+    """A loopback OpenAI-compatible endpoint. mode: an HTTP status ("401", "503", ...) answered with an error,
+    "close" (drops the connection), or "proxy:N" (forwards its first N requests to `target`, then drops every
+    connection: an endpoint that dies mid-run)."""
+
+    def __init__(self, mode: str, target: str | None = None):
+        import socket
+        import threading
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.mode, self.target, self.hits, self.lock = mode, target, 0, threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with stub.lock:
+                    stub.hits += 1
+                    n = stub.hits
+                mode = stub.mode
+                if mode.startswith("proxy:"):
+                    if n > int(mode.split(":")[1]):
+                        mode = "close"
+                    else:
+                        req = urllib.request.Request(stub.target + self.path.removeprefix("/v1"), data=body,
+                                                     headers={"Content-Type": "application/json"})
+                        with urllib.request.urlopen(req, timeout=60) as r:
+                            return send_json(self, 200, r.read())
+                if mode == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                send_json(self, int(mode), json.dumps({"error": {"message": f"stub {mode}"}}).encode())
+
+            def log_message(self, *a):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def stubs():
+    """stubs(mode, target=None) starts a Stub; all are stopped after the test."""
+    made = []
+
+    def make(mode, target=None):
+        made.append(Stub(mode, target))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()

@@ -19,7 +19,7 @@ from stic.dpo import (
     run_dpo,
 )
 from stic.models import merge_adapter
-from tests.conftest import photo
+from tests.conftest import free_port, photo
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
@@ -42,7 +42,7 @@ def make_dataset(root: Path, n: int = 8) -> Path:
 def dpo_cfg(tmp_path, data, **kw) -> DPOStageConfig:
     base = dict(output_dir=str(tmp_path / "run"), dataset=str(data), lora_r=8, lora_alpha=16, learning_rate=5e-3,
                 per_device_train_batch_size=4, max_steps=12, logging_steps=1, save_strategy="no",
-                report_to=[], gradient_checkpointing=False, max_length=None, seed=0, plot=False, beta=0.5)
+                report_to=[], activation_checkpointing=False, max_length=None, seed=0, plot=False, beta=0.5)
     base.update(kw)
     return DPOStageConfig(**base)
 
@@ -121,7 +121,12 @@ def test_lora_keeps_one_copy_of_the_base_weights(tmp_path):
     trainable = [n for n, p in params.items() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)
-    trainer.train()
+    base = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
+    result = trainer.train()
+    assert result.global_step == 1 and np.isfinite(result.training_loss)
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(after[n], base[n]) for n in base)  # the base, hence the reference, is untouched
+    assert any(after[n].abs().sum() > 0 for n in trainable if "lora_B" in n)  # the adapter (B starts at 0) moved
 
 
 def test_full_finetune_uses_an_explicit_frozen_reference(tmp_path):
@@ -279,7 +284,7 @@ def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
     """On a CPU the 4-bit recipe stops with a clear error; on a GPU it trains (NF4 base, LoRA adapter)."""
     data = make_dataset(tmp_path / "data", n=8)
     r = Recipe(model=ModelConfig(name_or_path="tiny:llava", load_in_4bit=True),
-               dpo=dpo_cfg(tmp_path, data, max_steps=4, gradient_checkpointing=True, train_projector=True,
+               dpo=dpo_cfg(tmp_path, data, max_steps=4, activation_checkpointing=True, train_projector=True,
                            mm_projector_lr=1e-3))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # ModelSetupError, a RuntimeError
@@ -292,14 +297,13 @@ def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
 
 
 def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
-    from tests.test_selfgen import free_port
 
     data = make_dataset(tmp_path / "data")
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny:llava", "dtype": "float32"},
                                  "dpo": {"dataset": str(data), "output_dir": str(tmp_path / "run"), "lora_r": 4,
                                          "lora_alpha": 8, "per_device_train_batch_size": 2, "max_steps": 2,
-                                         "report_to": [], "gradient_checkpointing": False, "max_length": None,
+                                         "report_to": [], "activation_checkpointing": False, "max_length": None,
                                          "save_strategy": "no", "learning_rate": 1e-3, "global_batch_size": 8}}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",

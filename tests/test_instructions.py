@@ -4,7 +4,7 @@ import pytest
 
 from stic.instructions import (InstructionDataConfig, InstructionDataError, SubsetConfig, choose_subset,
                                composition, convert_llava_record, informativeness, load_instructions)
-from tests.conftest import photo
+from tests.conftest import conv, photo
 
 
 def write_llava(tmp_path, records):
@@ -15,10 +15,6 @@ def write_llava(tmp_path, records):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps(records))
     return InstructionDataConfig(path=str(path), image_folder=str(tmp_path), text_only="keep")
-
-
-def conv(*turns):
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 
 
 def test_llava_records_convert_with_the_image_token_removed(tmp_path):

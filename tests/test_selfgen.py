@@ -21,21 +21,14 @@ from stic.selfgen import (
     SelfGenConfig,
     parse_recipe,
     plan_image,
-    run_selfgen,
 )
-from stic.store import OutputConflict
 from stic.tiny import FAMILIES
-from tests.conftest import die_on_call, photo, selfgen_recipe, write_bad_images
+from tests.conftest import (free_port, photo, selfgen_recipe, selfgen_rows, selfgen_run, spy_on_generate, tiny_llava,
+                            write_bad_images)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = PromptSets("good prompt", tuple(CAPTION_PROMPTS), tuple(HALLUCINATION_PROMPTS))
 SPECS = [{"kind": "color_jitter"}, {"kind": "lower_resolution"}, {"kind": "jpeg"}]
-
-
-def load_rows(out):
-    import datasets
-
-    return datasets.load_dataset("parquet", data_dir=str(out), split="train")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
@@ -59,16 +52,8 @@ def test_branch_split_follows_p(p):
 
 
 def test_corrupted_branch_feeds_corrupted_pixels_to_the_model():
-    cfg_model = ModelConfig(name_or_path="tiny:llava", dtype="float32")
-    model, processor = load_model(cfg_model), load_processor(cfg_model)
-    seen = []
-    real_generate = model.generate
-
-    def spy(**kwargs):
-        seen.append(kwargs["pixel_values"].clone())
-        return real_generate(**kwargs)
-
-    model.generate = spy
+    model, processor = tiny_llava()
+    seen = spy_on_generate(model, lambda kw: kw["pixel_values"].clone())
     cfg = SelfGenConfig(hallucination_prob=0.5, corruptions=["color_jitter", "lower_resolution"], seed=3)
     cfg.chosen_sampling.max_new_tokens = cfg.rejected_sampling.max_new_tokens = 3
     pairs = PairGenerator(BatchGenerator(model, processor, batch_size=1, group_by_length=False), cfg, PROMPTS, "m")
@@ -112,14 +97,10 @@ def test_filters_drop_and_count():
         "i1": "empty_chosen", "i2": "identical", "i3": "truncated_chosen", "i4": "empty_rejected"}
 
 
-def run(recipe_dict, overwrite=False):
-    return run_selfgen(parse_recipe(recipe_dict), overwrite=overwrite)
-
-
 def test_bad_images_are_skipped_and_listed(tmp_path, photo_dir):
     expected = write_bad_images(photo_dir)
     out = tmp_path / "out"
-    manifest = run(selfgen_recipe(out, {"type": "folder", "path": str(photo_dir),
+    manifest = selfgen_run(selfgen_recipe(out, {"type": "folder", "path": str(photo_dir),
                                         "max_decode_pixels": 1_000_000}))
     assert manifest["counts"]["rows"] + sum(manifest["counts"]["dropped_pairs"].values()) == 6
     assert manifest["counts"]["rejected_images"] == 4
@@ -128,38 +109,7 @@ def test_bad_images_are_skipped_and_listed(tmp_path, photo_dir):
     assert set(rejects) == set(expected)
     for name, word in expected.items():
         assert word in rejects[name]
-    assert set(load_rows(out)[ID_COLUMN]).isdisjoint(expected)
-
-
-def test_reusing_output_with_another_config_is_refused(tmp_path, photo_dir):
-    out = tmp_path / "out"
-    images = {"type": "folder", "path": str(photo_dir), "limit": 2}
-    run(selfgen_recipe(out, images))
-    with pytest.raises(OutputConflict, match="hallucination_prob"):
-        run(selfgen_recipe(out, images, hallucination_prob=0.9))
-    # a larger image limit or another batch size is a resume, not a conflict
-    images["limit"] = 3
-    manifest = run(selfgen_recipe(out, images, batch_size=1))
-    assert manifest["last_run"]["already_done_at_start"] == 2 and manifest["last_run"]["images_processed"] == 1
-    manifest = run(selfgen_recipe(out, images, hallucination_prob=0.9), overwrite=True)
-    assert manifest["last_run"]["already_done_at_start"] == 0 and manifest["counts"]["rows"] <= 3
-
-
-def test_crash_between_rows_and_ledger_does_not_duplicate(tmp_path, photo_dir, monkeypatch):
-    """A kill after a part is written but before its ledger lines: the rerun must not repeat any row."""
-    from stic import store
-
-    out = tmp_path / "out"
-    recipe = selfgen_recipe(out, {"type": "folder", "path": str(photo_dir)}, images_per_part=2)
-    real_log = die_on_call(monkeypatch, store.ShardedOutput, "log", 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe)
-    monkeypatch.setattr(store.ShardedOutput, "log", real_log)
-    manifest = run(recipe)
-    ids = list(load_rows(out)[ID_COLUMN])
-    assert len(ids) == len(set(ids))
-    assert manifest["counts"]["images_remaining"] == 0 and manifest["counts"]["duplicate_rows"] == 0
-    assert manifest["last_run"]["already_done_at_start"] == 4
+    assert set(selfgen_rows(out)[ID_COLUMN]).isdisjoint(expected)
 
 
 def write_recipe(tmp_path, recipe):
@@ -186,7 +136,7 @@ def test_killed_process_resumes_with_each_image_once(tmp_path, photo_dir):
     written = len(list((out / "data").glob("*.parquet")))
     assert 0 < written < 12, "the kill should land mid-run"
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    ids = list(load_rows(out)[ID_COLUMN])
+    ids = list(selfgen_rows(out)[ID_COLUMN])
     manifest = json.loads((out / "manifest.json").read_text())
     dropped = sum(manifest["counts"]["dropped_pairs"].values())
     assert len(ids) == len(set(ids)) and len(ids) + dropped == 12
@@ -200,8 +150,8 @@ def test_output_trains_one_dpo_step(tmp_path, photo_dir, family):
     from trl import DPOConfig, DPOTrainer
 
     out = tmp_path / "out"
-    manifest = run(selfgen_recipe(out, {"type": "folder", "path": str(photo_dir), "limit": 4}, family=family))
-    ds = load_rows(out)
+    manifest = selfgen_run(selfgen_recipe(out, {"type": "folder", "path": str(photo_dir), "limit": 4}, family=family))
+    ds = selfgen_rows(out)
     assert len(ds) == manifest["counts"]["rows"] >= 3
     row = ds[0]
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
@@ -222,14 +172,6 @@ def test_output_trains_one_dpo_step(tmp_path, photo_dir, family):
     assert changed, "the DPO step must update the adapter"
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_same_ids_as_one(tmp_path, photo_dir):
     images = {"type": "folder", "path": str(photo_dir)}
     one = write_recipe(tmp_path, selfgen_recipe(tmp_path / "one", images))
@@ -242,8 +184,8 @@ def test_two_processes_give_the_same_ids_as_one(tmp_path, photo_dir):
               str(free_port()), "-m", "stic", "selfgen", "--recipe", str(two)]
     res = subprocess.run(launch, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    one_ids = list(load_rows(tmp_path / "one")[ID_COLUMN])
-    two_ids = list(load_rows(tmp_path / "two")[ID_COLUMN])
+    one_ids = list(selfgen_rows(tmp_path / "one")[ID_COLUMN])
+    two_ids = list(selfgen_rows(tmp_path / "two")[ID_COLUMN])
     assert sorted(one_ids) == sorted(two_ids) and len(two_ids) == len(set(two_ids))
     parts = list((tmp_path / "two" / "data").glob("*.parquet"))
     assert {p.name.split("-")[2] for p in parts} == {"r000", "r001"}  # both processes wrote their shard
@@ -252,7 +194,7 @@ def test_two_processes_give_the_same_ids_as_one(tmp_path, photo_dir):
     # the per-image plan does not depend on sharding
     cols = ["rejected_branch", "caption_prompt", "corruption_params"]
     key = lambda ds: sorted(zip(ds[ID_COLUMN], *(ds[c] for c in cols)))
-    assert key(load_rows(tmp_path / "one")) == key(load_rows(tmp_path / "two"))
+    assert key(selfgen_rows(tmp_path / "one")) == key(selfgen_rows(tmp_path / "two"))
 
 
 def test_self_consistency_keeps_the_most_agreed_description():
@@ -294,13 +236,13 @@ def test_resume_with_another_batch_size_gives_the_same_pairs(tmp_path, photo_dir
     images = {"type": "folder", "path": str(photo_dir)}
     sampled = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.0}
     kw = dict(chosen_sampling=sampled, rejected_sampling=sampled)
-    run(selfgen_recipe(tmp_path / "whole", images, batch_size=4, **kw))
+    selfgen_run(selfgen_recipe(tmp_path / "whole", images, batch_size=4, **kw))
     partial = dict(images, limit=3)
-    run(selfgen_recipe(tmp_path / "resumed", partial, batch_size=2, **kw))
-    run(selfgen_recipe(tmp_path / "resumed", images, batch_size=3, group_by_length=False, **kw))
+    selfgen_run(selfgen_recipe(tmp_path / "resumed", partial, batch_size=2, **kw))
+    selfgen_run(selfgen_recipe(tmp_path / "resumed", images, batch_size=3, group_by_length=False, **kw))
     key = lambda ds: sorted(zip(ds[ID_COLUMN], (c[0]["content"] for c in ds["chosen"]),
                                 (r[0]["content"] for r in ds["rejected"])))
-    whole, resumed = key(load_rows(tmp_path / "whole")), key(load_rows(tmp_path / "resumed"))
+    whole, resumed = key(selfgen_rows(tmp_path / "whole")), key(selfgen_rows(tmp_path / "resumed"))
     assert whole == resumed and len(whole) >= 5
 
 

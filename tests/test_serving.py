@@ -1,14 +1,10 @@
 """The openai generation backend against a real `transformers serve` of the committed ShapesWorld model.
 
 One server for the whole session (started on a free loopback port, stopped at the end); stub servers on
-loopback stand in for endpoints that die, refuse the key or are overloaded.
+loopback (tests/conftest.py: Stub) stand in for endpoints that die, refuse the key or are overloaded.
 """
 
 import json
-import socket
-import threading
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ import yaml
 from stic.config import RecipeError
 from stic.serving import EndpointError, transformers_serve
 from stic.shapes.world import make_split
-from tests.conftest import die_on_call, send_json
+from tests.conftest import die_on_call, free_port, selfgen_run
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = str(REPO / "models" / "shapesworld-base")
@@ -28,63 +24,6 @@ def server():
     """`transformers serve` of the ShapesWorld model on CPU, for the whole session; yields its /v1 URL."""
     with transformers_serve(MODEL) as url:
         yield url
-
-
-class Stub:
-    """A loopback endpoint. mode: "401", "503", "close" (drops the connection), or "proxy:N" (forwards its first
-    N requests to `target`, then drops every connection: an endpoint that dies mid-run)."""
-
-    def __init__(self, mode: str, target: str | None = None):
-        self.mode, self.target, self.hits, self.lock = mode, target, 0, threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with stub.lock:
-                    stub.hits += 1
-                    n = stub.hits
-                mode = stub.mode
-                if mode.startswith("proxy:"):
-                    if n > int(mode.split(":")[1]):
-                        mode = "close"
-                    else:
-                        req = urllib.request.Request(stub.target + self.path.removeprefix("/v1"), data=body,
-                                                     headers={"Content-Type": "application/json"})
-                        with urllib.request.urlopen(req, timeout=60) as r:
-                            return self._send(200, r.read())
-                if mode == "close":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self._send(int(mode), json.dumps({"error": {"message": f"stub {mode}"}}).encode())
-
-            def _send(self, code, data):
-                send_json(self, code, data)
-
-            def log_message(self, *a):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
-
-    def close(self):
-        self.http.shutdown()
-        self.http.server_close()
-
-
-@pytest.fixture
-def stubs():
-    made = []
-
-    def make(mode, target=None):
-        made.append(Stub(mode, target))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +49,6 @@ def selfgen_recipe(out, images, **generation) -> dict:
     return recipe
 
 
-def run_selfgen(recipe):
-    from stic.selfgen import parse_recipe
-    from stic.selfgen import run_selfgen as run
-
-    return run(parse_recipe(recipe))
-
-
 PAIR_COLUMNS = ("image_id", "chosen", "rejected", "rejected_branch", "corruption_params", "chosen_finish_reason",
                 "rejected_finish_reason", "chosen_num_tokens", "rejected_num_tokens")
 
@@ -132,12 +64,12 @@ def pairs(out) -> dict:
 @pytest.fixture(scope="module")
 def local_pairs(shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "selfgen"
-    run_selfgen(selfgen_recipe(out, shapes / "images"))
+    selfgen_run(selfgen_recipe(out, shapes / "images"))
     return pairs(out)
 
 
 def test_selfgen_via_endpoint_gives_the_local_pairs(server, shapes, local_pairs, tmp_path):
-    manifest = run_selfgen(selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[server], model=MODEL))
+    manifest = selfgen_run(selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[server], model=MODEL))
     got = pairs(tmp_path / "out")
     assert {p["rejected_branch"] for p in local_pairs.values()} == {"hallucination", "corruption"}
     assert got == local_pairs and len(got) == manifest["counts"]["rows"] >= 3
@@ -153,9 +85,9 @@ def test_killed_endpoint_run_resumes_without_loss_or_duplication(server, shapes,
     recipe = selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[server], model=MODEL)
     real = die_on_call(monkeypatch, store.ShardedOutput, "write_rows", 2)
     with pytest.raises(KeyboardInterrupt):
-        run_selfgen(recipe)
+        selfgen_run(recipe)
     monkeypatch.setattr(store.ShardedOutput, "write_rows", real)
-    manifest = run_selfgen(recipe)
+    manifest = selfgen_run(recipe)
     assert manifest["last_run"]["already_done_at_start"] == 2 and manifest["last_run"]["images_processed"] == 2
     assert pairs(tmp_path / "out") == local_pairs
 
@@ -167,7 +99,7 @@ def test_endpoint_dying_mid_run_leaves_the_work_to_the_others(server, shapes, lo
     recipe = selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[dying.url, server], model=MODEL,
                             max_concurrency=1, max_endpoint_failures=2)
     with caplog.at_level("WARNING", logger="stic.serving"):
-        run_selfgen(recipe)
+        selfgen_run(recipe)
     assert pairs(tmp_path / "out") == local_pairs
     assert dying.hits == 2 + 2  # served two, failed twice in a row, then was dropped for the rest of the run
     assert f"dropping endpoint {dying.url.rstrip('/')}" in caplog.text
@@ -179,7 +111,7 @@ def test_no_endpoint_left_stops_with_a_clear_error(shapes, tmp_path, stubs, monk
     recipe = selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[down.url, closing.url], model=MODEL,
                             max_endpoint_failures=2, max_retries=10, max_concurrency=1)
     with pytest.raises(EndpointError, match="no generation endpoint left") as info:
-        run_selfgen(recipe)
+        selfgen_run(recipe)
     assert down.url in str(info.value) and closing.url in str(info.value) and "503" in str(info.value)
     assert down.hits == closing.hits == 2
 
@@ -292,22 +224,6 @@ def test_a_field_the_server_refuses_stops_with_its_reason(server):
         gen.generate([Request(None, "Describe the image.")], SamplingConfig(do_sample=True, top_k=5, max_new_tokens=2))
 
 
-def test_judge_follows_the_retry_rules(tmp_path, stubs, monkeypatch):
-    from stic.judge import Judge, JudgeConfig, JudgeUnavailable
-
-    monkeypatch.setattr("stic.serving.backoff_seconds", lambda attempt: 0.01)
-    monkeypatch.setenv("STIC_JUDGE_API_KEY", "sk-judge-secret")
-    refusing, down = stubs("401"), stubs("503")
-    monkeypatch.setenv("STIC_JUDGE_BASE_URL", refusing.url)
-    with pytest.raises(JudgeUnavailable, match=r"refused the key.*\$STIC_JUDGE_API_KEY") as info:
-        Judge(JudgeConfig(), tmp_path / "cache.jsonl").ask("Score:", 0.0)
-    assert refusing.hits == 1 and "sk-judge-secret" not in str(info.value)
-    monkeypatch.setenv("STIC_JUDGE_BASE_URL", down.url)
-    with pytest.raises(JudgeUnavailable, match="failed 3 tries.*503"):
-        Judge(JudgeConfig(max_retries=3), tmp_path / "cache.jsonl").ask("Score:", 0.0)
-    assert down.hits == 3
-
-
 def test_dar_via_endpoint_equals_local(server, shapes, tmp_path, capsys):
     from stic.cli import main
 
@@ -330,8 +246,6 @@ def test_dar_via_endpoint_equals_local(server, shapes, tmp_path, capsys):
 def test_two_accelerate_processes_share_the_endpoint(server, shapes, local_pairs, tmp_path):
     import subprocess
     import sys
-
-    from tests.test_selfgen import free_port
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(selfgen_recipe(tmp_path / "out", shapes / "images", endpoints=[server],

@@ -130,7 +130,8 @@ def test_toy_vlm_processor_and_collator():
                          (W.render(s), "How many objects are there?", "one")])
     trained = [p.tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100]) for i in range(2)]
     assert trained == ["a large red circle at the top left. </s>", "one </s>"]
-    assert model(**batch).loss.item() > 0
+    # untrained, the model guesses near uniformly: the loss is about ln(vocabulary), not 0 or a blow-up
+    assert model(**batch).loss.item() == pytest.approx(np.log(len(p.tokenizer)), abs=0.5)
 
 
 def test_example_mean_loss_weighs_a_one_word_answer_like_a_caption():
@@ -238,9 +239,16 @@ def test_demo_plumbing_end_to_end(tmp_path):
     results = run_demo([0], n_train=24, n_heldout=30, out=tmp_path / "demo", calibration_scenes=20)
     assert {"base", "STIC stage 1", "control: SFT on chosen", "control: continued pretraining",
             "STIC round 2", "STIC stage 2", "STIC stage 2 + DaR"} <= set(results)
-    for name in ("base", "STIC stage 1", "control: continued pretraining"):
+    split = tmp_path / "demo" / "data" / "eval" / "shapesworld"
+    scenes = {sc.id: sc for sc in map(W.Scene.from_json, map(json.loads, (split / "scenes.jsonl").open()))}
+    for name, run in (("base", "base"), ("STIC stage 1", "s0-stic"), ("control: continued pretraining", "s0-contpre")):
         m = results[name][0]["shapes_describe"]
-        assert 0.0 <= m["hallucination_rate"] <= 1.0 and m["descriptions"] == 30
+        # the rate (CHAIR_i: invented objects per claimed object) recounted from the saved descriptions
+        preds = (tmp_path / "demo" / "eval" / run / "shapes_describe" / "predictions.jsonl").read_text().splitlines()
+        per = [J.score_description(p["text"], scenes[p["question_id"]]) for p in map(json.loads, preds)]
+        claims = sum(p["claims"] for p in per)
+        assert len(per) == m["descriptions"] == 30 and claims > 0
+        assert m["hallucination_rate"] == pytest.approx(sum(p["hallucinated"] for p in per) / claims)
     assert results["STIC stage 2 + DaR"][0]["shapes_qa"]["count"] == 60
     table = (tmp_path / "demo" / "results.md").read_text()
     assert "| STIC stage 1 |" in table and "relative to the base" in table

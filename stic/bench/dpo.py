@@ -76,7 +76,7 @@ def worker(args) -> dict:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = tempfile.mkdtemp()
     cfg = DPOStageConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                         gradient_checkpointing=args.gc, report_to=[], save_strategy="no", max_length=None,
+                         activation_checkpointing=args.gc, report_to=[], save_strategy="no", max_length=None,
                          learning_rate=1e-5, lora_r=16, lora_alpha=32, logging_steps=1, plot=False,
                          disable_tqdm=True)
     times = []

@@ -169,7 +169,7 @@ def example_mean_loss(model, batch) -> torch.Tensor:
 def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
              seed: int | None = None, log_every: int = 100, world: W.World | None = None) -> Path:
     """Pretrain the toy VLM from scratch on the world's data sources; settings default to the world file's."""
-    from tqdm.auto import tqdm
+    from stic.progress import live, progress_bar
 
     world = world or W.DEFAULT
     p = world.pretrain
@@ -190,7 +190,7 @@ def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | No
 
     model.train()
     started, losses, curve = time.time(), [], []  # curve: mean loss per log_every steps (plateaus show here)
-    bar = tqdm(range(steps), desc="pretrain", unit="step")
+    bar = progress_bar(range(steps), desc="pretrain", unit="step")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -203,7 +203,7 @@ def pretrain(out_dir: str | Path, steps: int | None = None, batch_size: int | No
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
             curve.append(round(sum(losses[-log_every:]) / log_every, 4))
-            bar.set_postfix(loss=f"{curve[-1]:.3f}")
+            bar.set_postfix(loss=f"{curve[-1]:.3f}", refresh=live())  # in a log: with the next redraw
     model.eval()
     out = Path(out_dir)
     model.save_pretrained(out)
