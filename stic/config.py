@@ -33,7 +33,7 @@ class RecipeError(SticError, ValueError):
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelSpec:
     """Which model to load and how. `tiny:<family>[@seed]` builds a small random model offline."""
 
     name_or_path: str = "tiny:llava"

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from trl import DPOConfig
 
-from stic.config import ModelConfig, parse_section, to_dict
+from stic.config import ModelSpec, parse_section, to_dict
 from stic.errors import SticError, one_line
 from stic.models import (LoraOptions, ModelSetupError, lora_config, projector_module, require_cuda_for_4bit,
                          train_on_cpu_without_cuda, training_device)
@@ -123,12 +123,12 @@ class DPOStageConfig(LoraOptions, DPOConfig):
 
 @dataclasses.dataclass
 class Recipe:
-    model: ModelConfig
+    model: ModelSpec
     dpo: DPOStageConfig
 
 
 def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelConfig), dpo=parse_section(data, "dpo", DPOStageConfig))
+    return Recipe(model=parse_section(data, "model", ModelSpec), dpo=parse_section(data, "dpo", DPOStageConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def freeze_for_full_finetune(model, train_projector: bool) -> None:
         p.requires_grad = in_lm or (train_projector and projector in name)
 
 
-def load_training_model(model_cfg: ModelConfig, cfg: DPOStageConfig):
+def load_training_model(model_cfg: ModelSpec, cfg: DPOStageConfig):
     from stic.models import load_model
 
     require_cuda_for_4bit(model_cfg)

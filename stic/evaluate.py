@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, PAPER_BENCHMARKS, BenchmarkFileError, Item,
                              check_known, get_benchmark, load_plugins)
-from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
+from stic.config import BackendConfig, ModelSpec, parse_section, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
 
@@ -45,18 +45,18 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class Recipe:
-    model: ModelConfig
+    model: ModelSpec
     eval: EvalConfig
     raw: dict
     generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelConfig), eval=parse_section(data, "eval", EvalConfig),
+    return Recipe(model=parse_section(data, "model", ModelSpec), eval=parse_section(data, "eval", EvalConfig),
                   raw=data, generation=parse_section(data, "generation", BackendConfig))
 
 
-def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelConfig, list[str], str]:
+def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]:
     """(model config, adapters merged in order, run name) for base | stage1 | stage2 | PATH."""
     if spec == "base":
         return recipe.model, [], "base"
@@ -95,7 +95,7 @@ def prediction_features():
                               "finish_reason": text})
 
 
-def answer_benchmark(recipe: Recipe, model_cfg: ModelConfig, adapters: list[str], name: str, out_dir: Path,
+def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], name: str, out_dir: Path,
                      dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
     """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
     from stic.images import ImageRef, decode_image

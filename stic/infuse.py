@@ -26,7 +26,7 @@ from typing import Literal
 
 from trl import SFTConfig
 
-from stic.config import BackendConfig, ModelConfig, parse_section, to_dict
+from stic.config import BackendConfig, ModelSpec, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
 from stic.instructions import (InstructionDataConfig, SubsetConfig, choose_subset, composition,
@@ -114,13 +114,13 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
 
 @dataclasses.dataclass
 class Recipe:
-    model: ModelConfig
+    model: ModelSpec
     infuse_sft: InfuseSFTConfig
     generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelConfig),
+    return Recipe(model=parse_section(data, "model", ModelSpec),
                   infuse_sft=parse_section(data, "infuse_sft", InfuseSFTConfig),
                   generation=parse_section(data, "generation", BackendConfig))
 
@@ -129,7 +129,7 @@ def parse_recipe(data: dict) -> Recipe:
 # The stage-1 model
 
 
-def stage1_model_config(recipe: Recipe) -> ModelConfig:
+def stage1_model_config(recipe: Recipe) -> ModelSpec:
     cfg = recipe.infuse_sft
     if cfg.stage1_model:
         from stic.models import merged_folder_config

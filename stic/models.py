@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.errors import SticError
 
 class ModelSetupError(SticError, RuntimeError):
@@ -29,7 +29,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def torch_dtype(cfg: ModelConfig, device: torch.device):
+def torch_dtype(cfg: ModelSpec, device: torch.device):
     if cfg.dtype != "auto":
         return _DTYPES[cfg.dtype]
     # bf16 where the hardware has it, full precision on CPU (bf16 matmuls are slow there)
@@ -38,7 +38,7 @@ def torch_dtype(cfg: ModelConfig, device: torch.device):
     return torch.float32
 
 
-def load_processor(cfg: ModelConfig, raw: bool = False):
+def load_processor(cfg: ModelSpec, raw: bool = False):
     """The model's processor, its chat template adjusted for special tokens (`trained_chat_template`). `raw`: as
     published, for saving beside weights that others load with the published conventions."""
     from transformers import AutoProcessor
@@ -102,7 +102,7 @@ def trained_chat_template(processor) -> str:
     return template
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str | None = None):
+def load_model(cfg: ModelSpec, device: torch.device | str | None = None):
     """The model in eval mode on `device` (or spread by `device_map`), with dtype/attention/4-bit from `cfg`."""
     from transformers import AutoModelForImageTextToText
 
@@ -153,13 +153,13 @@ def train_on_cpu_without_cuda(args) -> None:
         args.bf16 = False if args.bf16 is None else args.bf16
 
 
-def require_cuda_for_4bit(cfg: ModelConfig) -> None:
+def require_cuda_for_4bit(cfg: ModelSpec) -> None:
     """Refuse QLoRA training before anything loads on a machine that cannot run bitsandbytes' NF4."""
     if cfg.load_in_4bit and not torch.cuda.is_available():
         raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
 
 
-def training_device(cfg: ModelConfig) -> torch.device | str:
+def training_device(cfg: ModelSpec) -> torch.device | str:
     """Where a model to be trained loads: a 4-bit one onto this process's GPU (it is quantised as it loads), any
     other on the CPU, for the Trainer to place."""
     require_cuda_for_4bit(cfg)
@@ -280,7 +280,7 @@ def adapter_survival(peft_model, dtype: torch.dtype) -> dict:
             "tensors": layers}
 
 
-def merged_folder_config(cfg: ModelConfig, path: str) -> ModelConfig:
+def merged_folder_config(cfg: ModelSpec, path: str) -> ModelSpec:
     """The model config for a model folder in place of `cfg`'s model. A folder written by `stic merge` is loaded in
     the precision it was stored in (a float32 merge cast back to bf16 on loading would lose the update again) and
     never quantised."""
@@ -291,7 +291,7 @@ def merged_folder_config(cfg: ModelConfig, path: str) -> ModelConfig:
     return cfg
 
 
-def _float32_base(cfg: ModelConfig, device):
+def _float32_base(cfg: ModelSpec, device):
     """The base in float32 and unquantised, to merge adapters into. FlashAttention-2 has no float32 kernels: SDPA."""
     fp32 = dataclasses.replace(cfg, dtype="float32", load_in_4bit=False)
     if cfg.attn_implementation == "flash_attention_2":
@@ -299,7 +299,7 @@ def _float32_base(cfg: ModelConfig, device):
     return load_model(fp32, device)
 
 
-def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, list[dict]]:
+def load_adapted_model(cfg: ModelSpec, adapters: list[str], device) -> tuple[object, list[dict]]:
     """The model with trained adapters applied in order, for inference (eval, DaR, stage-2 descriptions).
 
     Each adapter is merged into float32 weights. The result is cast to the run's dtype (`model.dtype`) only if
@@ -336,7 +336,7 @@ def load_adapted_model(cfg: ModelConfig, adapters: list[str], device) -> tuple[o
     return model.eval(), reports
 
 
-def load_for_inference(cfg: ModelConfig, adapters: list[str], device) -> tuple[object, object]:
+def load_for_inference(cfg: ModelSpec, adapters: list[str], device) -> tuple[object, object]:
     """(model, processor) to generate with: the base with `adapters` merged in order (`load_adapted_model`), e.g.
     [stage-2] for a continued adapter, [stage-1, stage-2] for a new stage-2 adapter on the merged stage-1 model."""
     model, _ = load_adapted_model(cfg, adapters, device)
@@ -347,7 +347,7 @@ class MergeRefused(SticError, RuntimeError):
     """The output dtype would erase too much of the adapter's update."""
 
 
-def merge_adapter(model_cfg: ModelConfig, adapter_dir: str, out_dir: str, dtype: str | None = None,
+def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: str | None = None,
                   force: bool = False) -> tuple[Path, dict]:
     """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
 

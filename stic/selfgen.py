@@ -24,7 +24,7 @@ import json
 import random
 from typing import Any
 
-from stic.config import BackendConfig, ModelConfig, RecipeError, parse_section, to_dict
+from stic.config import BackendConfig, ModelSpec, RecipeError, parse_section, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, prompt_messages, stable_seed
 from stic.images import ImageLoader, ImageSourceConfig, list_images
 from stic.prompts import PromptsConfig, PromptSets, load_prompts
@@ -73,13 +73,13 @@ class SelfGenConfig:
 
 @dataclasses.dataclass
 class Recipe:
-    model: ModelConfig
+    model: ModelSpec
     selfgen: SelfGenConfig
     generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
 
 
 def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelConfig), selfgen=parse_section(data, "selfgen", SelfGenConfig),
+    return Recipe(model=parse_section(data, "model", ModelSpec), selfgen=parse_section(data, "selfgen", SelfGenConfig),
                   generation=parse_section(data, "generation", BackendConfig))
 
 

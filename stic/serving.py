@@ -30,7 +30,7 @@ import os
 import random
 from typing import Callable, Sequence
 
-from stic.config import BackendConfig, ModelConfig, RecipeError
+from stic.config import BackendConfig, ModelSpec, RecipeError
 from stic.errors import SticError, one_line
 from stic.generation import Output, Request, SamplingConfig, prompt_messages, stable_seed
 
@@ -250,7 +250,7 @@ def parse_completion(resp, url: str) -> tuple[Output, int]:
 # Choosing the engine
 
 
-def served_model(backend: BackendConfig, model_cfg: ModelConfig, adapters: Sequence[str] = (), job: str = "") -> str:
+def served_model(backend: BackendConfig, model_cfg: ModelSpec, adapters: Sequence[str] = (), job: str = "") -> str:
     """The model name requests ask for (local: the model's own name). With adapters merged in memory locally
     (stage-2 descriptions, eval of stage1/stage2) the server must serve a merged folder, which only the recipe
     can name."""

@@ -123,10 +123,10 @@ def conv(*turns):
 
 def tiny_llava():
     """The tiny LLaVA in float32 and its processor."""
-    from stic.config import ModelConfig
+    from stic.config import ModelSpec
     from stic.models import load_model, load_processor
 
-    cfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    cfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     return load_model(cfg), load_processor(cfg)
 
 
@@ -148,10 +148,10 @@ def make_adapter(out: Path, family="llava", scale: float = 0.02) -> Path:
     import torch
     from peft import get_peft_model
 
-    from stic.config import ModelConfig
+    from stic.config import ModelSpec
     from stic.models import LoraOptions, load_model, lora_config
 
-    model = load_model(ModelConfig(name_or_path=f"tiny:{family}", dtype="float32"))
+    model = load_model(ModelSpec(name_or_path=f"tiny:{family}", dtype="float32"))
     peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from stic.config import ModelConfig, RecipeError, load_recipe_dict
+from stic.config import ModelSpec, RecipeError, load_recipe_dict
 from stic.dpo import (
     DatasetError,
     DPOStageConfig,
@@ -48,7 +48,7 @@ def dpo_cfg(tmp_path, data, **kw) -> DPOStageConfig:
 
 
 def recipe(family, cfg):
-    return Recipe(model=ModelConfig(name_or_path=f"tiny:{family}", dtype="float32"), dpo=cfg)
+    return Recipe(model=ModelSpec(name_or_path=f"tiny:{family}", dtype="float32"), dpo=cfg)
 
 
 def test_sft_weight_maps_to_trl_loss_types():
@@ -108,7 +108,7 @@ def test_lora_keeps_one_copy_of_the_base_weights(tmp_path):
 
     data = make_dataset(tmp_path / "data", n=4)
     cfg = dpo_cfg(tmp_path, data, max_steps=1)
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     model = load_model(mcfg)
     base_numel = sum(p.numel() for p in model.parameters())
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=load_preference_dataset(cfg),
@@ -134,7 +134,7 @@ def test_full_finetune_uses_an_explicit_frozen_reference(tmp_path):
     cfg = dpo_cfg(tmp_path, data, use_peft=False, max_steps=2, learning_rate=1e-3, train_projector=True)
     from stic.models import load_model
 
-    before = {n: p.detach().clone() for n, p in load_model(ModelConfig(name_or_path="tiny:llava")).named_parameters()}
+    before = {n: p.detach().clone() for n, p in load_model(ModelSpec(name_or_path="tiny:llava")).named_parameters()}
     run_dpo(recipe("llava", cfg))
     from transformers import AutoModelForImageTextToText
 
@@ -256,7 +256,7 @@ def test_merged_model_matches_base_plus_adapter(tmp_path):
 
     data = make_dataset(tmp_path / "data", n=4)
     run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=3, learning_rate=2e-2)))
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     merged_dir, _ = merge_adapter(mcfg, str(tmp_path / "run"), str(tmp_path / "merged"))
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     processor = AutoProcessor.from_pretrained(merged_dir)
@@ -283,7 +283,7 @@ def test_sft_positive_mode_trains_on_preferred_answers(tmp_path):
 def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
     """On a CPU the 4-bit recipe stops with a clear error; on a GPU it trains (NF4 base, LoRA adapter)."""
     data = make_dataset(tmp_path / "data", n=8)
-    r = Recipe(model=ModelConfig(name_or_path="tiny:llava", load_in_4bit=True),
+    r = Recipe(model=ModelSpec(name_or_path="tiny:llava", load_in_4bit=True),
                dpo=dpo_cfg(tmp_path, data, max_steps=4, activation_checkpointing=True, train_projector=True,
                            mm_projector_lr=1e-3))
     if not torch.cuda.is_available():
@@ -325,7 +325,7 @@ def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
 def chosen_lengths(n):
     from stic.models import load_processor
 
-    tok = load_processor(ModelConfig(name_or_path="tiny:llava")).tokenizer
+    tok = load_processor(ModelSpec(name_or_path="tiny:llava")).tokenizer
     return [len(tok(f"a {WORDS[i % 8]} square on the left", add_special_tokens=False)["input_ids"]) for i in range(n)]
 
 
@@ -376,7 +376,7 @@ def test_projector_trains_in_its_own_group_at_mm_projector_lr(tmp_path):
     data = make_dataset(tmp_path / "data", n=4)
     cfg = dpo_cfg(tmp_path, data, max_steps=1, train_projector=True, mm_projector_lr=3e-2, learning_rate=1e-3,
                   weight_decay=0.1, lr_scheduler_type="constant", warmup_steps=0, lora_dropout=0.0)
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     model = load_model(mcfg)
     trainer = trainer_class(DPOTrainer, cfg)(model=model, args=cfg, train_dataset=load_preference_dataset(cfg),
                                              processing_class=load_processor(mcfg),
@@ -459,7 +459,7 @@ def test_max_length_below_image_prompt_and_answer_is_refused(tmp_path):
 
     assert DPOStageConfig(output_dir="x", report_to=[]).max_length is None  # not TRL's 1024
     data = make_dataset(tmp_path / "data", n=4)
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     processor = load_processor(mcfg)
     # the numbers as generation sees a prompt, and the longest answer of the data
     ids = BatchGenerator(load_model(mcfg), processor).encode([Request(photo(0, size=(48, 40)), "Describe the image.")])

@@ -218,12 +218,12 @@ def test_eval_section_is_strict(tmp_path, eval_root):
 
 
 def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
-    from stic.config import ModelConfig
+    from stic.config import ModelSpec
     from stic.models import merge_adapter
     from tests.test_infuse import make_adapter
 
     make_adapter(tmp_path / "adapter", scale=0.05)
-    merge_adapter(ModelConfig(name_or_path="tiny:llava", dtype="float32"), str(tmp_path / "adapter"),
+    merge_adapter(ModelSpec(name_or_path="tiny:llava", dtype="float32"), str(tmp_path / "adapter"),
                   str(tmp_path / "merged"))
     r = parse_recipe(recipe_dict(eval_root, tmp_path / "runs"))
     a = run_eval(r, str(tmp_path / "adapter"), dar=False, benchmarks=["pope"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import BatchGenerator, Request, RowSampler, SamplingConfig, stable_seed
 from stic.models import load_model, load_processor
 from stic.tiny import FAMILIES
@@ -9,7 +9,7 @@ from tests.conftest import photo
 
 
 def engine(family, batch_size=4, **kw):
-    cfg = ModelConfig(name_or_path=f"tiny:{family}", dtype="float32")
+    cfg = ModelSpec(name_or_path=f"tiny:{family}", dtype="float32")
     return BatchGenerator(load_model(cfg), load_processor(cfg), batch_size=batch_size, **kw)
 
 

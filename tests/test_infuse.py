@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import BatchGenerator
 from stic.infuse import (DEFAULT_TEMPLATE, InfuseSFTConfig, Recipe, describe_and_respond, describe_images,
                          infuse_instruction, infuse_record, run_infuse_sft)
@@ -67,7 +67,7 @@ def test_image_placeholder_goes_where_the_chat_template_puts_it(llava_mix):
 
     records, _ = load_instructions(llava_mix)
     row = infuse_record(records[0], "A block.", DEFAULT_TEMPLATE)
-    processor = load_processor(ModelConfig(name_or_path="tiny:llava"))
+    processor = load_processor(ModelSpec(name_or_path="tiny:llava"))
     text = processor.apply_chat_template(prepare_multimodal_messages(row["messages"], images=[None]), tokenize=False)
     assert text.startswith("<s>USER: <image>\nImage description: A block.\nWhat color is the block 0? ASSISTANT: Block 0")
 
@@ -81,7 +81,7 @@ def test_loss_mask_covers_only_the_answers(tmp_path, llava_mix):
     ds, _ = build_training_set(records[:2], {"coco/0.jpg": "A block.", "coco/1.jpg": "Two blocks."},
                                DEFAULT_TEMPLATE)
     cfg = stage2_cfg(tmp_path, llava_mix, "unused", stage1_adapter=None, adapter_mode="new")
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     processor = load_processor(mcfg)
     trainer = SFTTrainer(model=load_model(mcfg), args=cfg, train_dataset=ds, processing_class=processor)
     batch = trainer.data_collator([ds[0], ds[1]])
@@ -103,7 +103,7 @@ def test_description_step_resumes_without_loss_or_duplication(tmp_path, llava_mi
 
     adapter = make_adapter(tmp_path / "stage1")
     cfg = stage2_cfg(tmp_path, llava_mix, adapter)
-    recipe = Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg)
+    recipe = Recipe(model=ModelSpec(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg)
     records, _ = load_instructions(llava_mix)
     subset = choose_subset(records, cfg.subset)
     real = die_on_call(monkeypatch, store.ShardedOutput, "write_rows", 3)  # killed while describing
@@ -135,7 +135,7 @@ def test_stage2_end_to_end_continues_the_stage1_adapter(tmp_path, llava_mix):
 
     adapter = make_adapter(tmp_path / "stage1")
     cfg = stage2_cfg(tmp_path, llava_mix, adapter)
-    summary = run_infuse_sft(Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
+    summary = run_infuse_sft(Recipe(model=ModelSpec(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
     out = Path(cfg.output_dir)
     skipped = [json.loads(line) for line in (out / "skipped_records.jsonl").read_text().splitlines()]
     assert {s["id"] for s in skipped} == {"gone", "nohuman"}
@@ -152,7 +152,7 @@ def test_stage2_end_to_end_continues_the_stage1_adapter(tmp_path, llava_mix):
 def test_stage2_new_adapter_on_the_merged_stage1_model(tmp_path, llava_mix):
     adapter = make_adapter(tmp_path / "stage1")
     cfg = stage2_cfg(tmp_path, llava_mix, adapter, adapter_mode="new", subset=SubsetConfig(size=3))
-    summary = run_infuse_sft(Recipe(model=ModelConfig(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
+    summary = run_infuse_sft(Recipe(model=ModelSpec(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
     assert summary["adapter_mode"] == "new" and summary["global_step"] == 2
     assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["r"] == 4
 
@@ -210,10 +210,10 @@ def test_stage2_trains_the_projector_at_its_own_rate(tmp_path, llava_mix):
     from stic.models import LoraOptions, lora_config
     from stic.training import TrainingSetupError, trainer_class
 
-    model = load_model(ModelConfig(name_or_path="tiny:llava", dtype="float32"))  # a stage 1 that trained it
+    model = load_model(ModelSpec(name_or_path="tiny:llava", dtype="float32"))  # a stage 1 that trained it
     options = LoraOptions(lora_r=4, lora_alpha=8, train_projector=True)
     get_peft_model(model, lora_config(options, model)).save_pretrained(tmp_path / "stage1")
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     cfg = stage2_cfg(tmp_path, llava_mix, tmp_path / "stage1", train_projector=True, mm_projector_lr=2e-2,
                      learning_rate=1e-3, lr_scheduler_type="constant", max_steps=1, lora_dropout=0.0)
     model, _ = load_model_for_training(Recipe(model=mcfg, infuse_sft=cfg))
@@ -260,7 +260,7 @@ def test_stage2_global_batch_and_max_length(tmp_path, llava_mix, monkeypatch):
         InfuseSFTConfig(output_dir="x", report_to=[], global_batch_size=5, per_device_train_batch_size=2)
 
     adapter = make_adapter(tmp_path / "stage1")
-    mcfg = ModelConfig(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
     processor = load_processor(mcfg)
     image = processor(text=["<image>"], images=[[photo(0, size=(56, 48))]], return_tensors="pt")["input_ids"][0]
     image_tokens = int((image == processor.image_token_id).sum())

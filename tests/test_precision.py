@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import BatchGenerator, Request
 from stic.models import adapter_survival, load_model, load_processor
 from tests.conftest import photo
@@ -29,15 +29,15 @@ def realistic(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("precision")
     gen = torch.Generator().manual_seed(0)
-    model = load_model(ModelConfig(name_or_path="tiny:llava", dtype="float32"))
+    model = load_model(ModelSpec(name_or_path="tiny:llava", dtype="float32"))
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and "language_model" in name:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
     model.to(torch.bfloat16).save_pretrained(root / "base")
-    load_processor(ModelConfig(name_or_path="tiny:llava")).save_pretrained(root / "base")
+    load_processor(ModelSpec(name_or_path="tiny:llava")).save_pretrained(root / "base")
 
-    cfg32 = ModelConfig(name_or_path=str(root / "base"), dtype="float32")
+    cfg32 = ModelSpec(name_or_path=str(root / "base"), dtype="float32")
     base = load_model(cfg32)
     peft_model = get_peft_model(base, lora_config(LoraOptions(lora_r=8, lora_alpha=16, lora_dropout=0.0), base))
     with torch.no_grad():
@@ -68,7 +68,7 @@ def reference(realistic):
     from peft import PeftModel
 
     base_dir, adapter = realistic
-    cfg32 = ModelConfig(name_or_path=str(base_dir), dtype="float32")
+    cfg32 = ModelSpec(name_or_path=str(base_dir), dtype="float32")
     processor = load_processor(cfg32)
     base = logits(load_model(cfg32), processor)
     adapted = logits(PeftModel.from_pretrained(load_model(cfg32), str(adapter)).merge_and_unload(), processor)
@@ -79,7 +79,7 @@ def test_survival_of_a_stage1_sized_update_per_dtype(realistic):
     from peft import PeftModel
 
     base_dir, adapter = realistic
-    peft_model = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(base_dir), dtype="float32")),
+    peft_model = PeftModel.from_pretrained(load_model(ModelSpec(name_or_path=str(base_dir), dtype="float32")),
                                            str(adapter))
     kept = {dt: adapter_survival(peft_model, dt)["kept"] for dt in (torch.bfloat16, torch.float16, torch.float32)}
     # a delta of rms 1e-5 on bf16-grid weights of std 0.02: about 28% survives bf16, 97% fp16, all of it fp32
@@ -94,7 +94,7 @@ def test_naive_bf16_merge_loses_the_update(realistic, reference):
 
     base_dir, adapter = realistic
     processor, base32, ref_delta = reference
-    cfg16 = ModelConfig(name_or_path=str(base_dir), dtype="bfloat16")
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
     base16 = logits(load_model(cfg16), processor)
     naive = logits(PeftModel.from_pretrained(load_model(cfg16), str(adapter)).merge_and_unload(), processor)
     assert update_error(naive, base16, ref_delta) > 0.5
@@ -107,7 +107,7 @@ def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, referenc
 
     base_dir, adapter = realistic
     processor, base32, ref_delta = reference
-    cfg16 = ModelConfig(name_or_path=str(base_dir), dtype="bfloat16")
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
     model, _ = load_for_dar(cfg16, [str(adapter)], "cpu")
     assert update_error(logits(model, processor), base32, ref_delta) < 1e-3
     assert model.dtype == torch.float32  # bf16 would keep ~28%, so the adapted model stays in fp32
@@ -118,7 +118,7 @@ def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, referenc
     assert update_error(logits(model, processor), base32, ref_delta) < 1e-3
 
     # model.merged_dtype forces the precision (here one that erases most of the update)
-    forced, _ = load_for_dar(ModelConfig(name_or_path=str(base_dir), dtype="bfloat16", merged_dtype="bfloat16"),
+    forced, _ = load_for_dar(ModelSpec(name_or_path=str(base_dir), dtype="bfloat16", merged_dtype="bfloat16"),
                              [str(adapter)], "cpu")
     assert forced.dtype == torch.bfloat16
 

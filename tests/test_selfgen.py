@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from corruptions import corrupt
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import BatchGenerator, Output
 from stic.models import load_model, load_processor
 from stic.prompts import CAPTION_PROMPTS, HALLUCINATION_PROMPTS, PromptSets
@@ -158,7 +158,7 @@ def test_output_trains_one_dpo_step(tmp_path, photo_dir, family):
     assert row["model"] == f"tiny:{family}" and row["rejected_branch"] in ("hallucination", "corruption")
     assert row["image_corruption"] == (row["rejected_branch"] == "corruption")
     assert row["chosen_finish_reason"] in ("eos", "length")
-    cfg = ModelConfig(name_or_path=f"tiny:{family}", dtype="float32")
+    cfg = ModelSpec(name_or_path=f"tiny:{family}", dtype="float32")
     model, processor = load_model(cfg), load_processor(cfg)
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=2,
                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",

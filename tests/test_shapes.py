@@ -209,12 +209,12 @@ def test_committed_base_checkpoint_describes_held_out_scenes(tmp_path):
     """The committed toy VLM sees: on fresh scenes its greedy descriptions are scored by the exact judge."""
     from pathlib import Path
 
-    from stic.config import ModelConfig
+    from stic.config import ModelSpec
     from stic.generation import BatchGenerator, Request, SamplingConfig
     from stic.models import load_model, load_processor
 
     path = Path(__file__).resolve().parent.parent / "models" / "shapesworld-base"
-    cfg = ModelConfig(name_or_path=str(path), dtype="float32")
+    cfg = ModelSpec(name_or_path=str(path), dtype="float32")
     engine = BatchGenerator(load_model(cfg), load_processor(cfg), batch_size=32)
     rng = random.Random(424242)
     scenes = [W.sample_scene(rng, f"t{i}") for i in range(64)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import BatchGenerator, Request, prompt_messages
 from stic.models import load_model, load_processor, resolve_model_path
 from stic.tiny import FAMILIES
@@ -52,7 +52,7 @@ def test_tiny_templates_and_tokenizers_behave_as_published():
 
 
 def engine(family, system_prompt=None):
-    cfg = ModelConfig(name_or_path=f"tiny:{family}", dtype="float32")
+    cfg = ModelSpec(name_or_path=f"tiny:{family}", dtype="float32")
     return BatchGenerator(load_model(cfg), load_processor(cfg), system_prompt=system_prompt)
 
 

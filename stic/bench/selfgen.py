@@ -89,14 +89,14 @@ def compare_endpoint(args) -> None:
     """Local batched vs endpoint on the same selfgen requests; prints throughput side by side and the parity."""
     import contextlib
 
-    from stic.config import BackendConfig, ModelConfig
+    from stic.config import BackendConfig, ModelSpec
     from stic.models import load_model, load_processor
     from stic.serving import OpenAIGenerator, transformers_serve
 
     n = args.images or 64
     requests = selfgen_requests(n)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    mcfg = ModelConfig(name_or_path=args.model, dtype="float32")
+    mcfg = ModelSpec(name_or_path=args.model, dtype="float32")
     local = BatchGenerator(load_model(mcfg, args.device), load_processor(mcfg), batch_size=args.batch_size)
     server = contextlib.nullcontext(args.endpoint) if args.endpoint else transformers_serve(args.model)
     with server as url:

@@ -32,13 +32,13 @@ TARGETS = {
 def measure(base_dir: str | Path, world, n_scenes: int = 1000, seed: int = 7_000_001, batch_size: int = 128,
             device: str = "cpu") -> dict:
     """The base's statistics on `n_scenes` fresh held-out scenes of `world`."""
-    from stic.config import ModelConfig
+    from stic.config import ModelSpec
     from stic.generation import BatchGenerator, Request, SamplingConfig
     from stic.models import load_model, load_processor
     from stic.shapes import judge as J
     from stic.shapes import world as W
 
-    cfg = ModelConfig(name_or_path=str(base_dir), dtype="float32")
+    cfg = ModelSpec(name_or_path=str(base_dir), dtype="float32")
     engine = BatchGenerator(load_model(cfg, device), load_processor(cfg), batch_size=batch_size)
     rng = random.Random(seed)
     scenes = [W.sample_scene(rng, f"cal{i:05d}", world=world) for i in range(n_scenes)]

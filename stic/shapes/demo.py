@@ -160,9 +160,9 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         # STIC round 2: the stage-1 model (merged) makes new pairs from the same unlabeled scenes, then stage 1 again
         merged = s / "stage1-merged"
         if not (merged / "config.json").exists():
-            from stic.config import ModelConfig
+            from stic.config import ModelSpec
 
-            models.merge_adapter(ModelConfig(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
+            models.merge_adapter(ModelSpec(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
                               dtype="float32")
         results.setdefault("STIC round 2", []).append(stage1("round2", [f"model.name_or_path={merged}"]))
         if ablations:
