@@ -112,6 +112,26 @@ def _score(args) -> int:
     return 0
 
 
+class StageParser(argparse.ArgumentParser):
+    """A stage's parser; its --help ends with the recipe keys of `recipe_sections`, built only when help is shown
+    (they import the training stages' TRL configs)."""
+
+    recipe_sections: tuple[str, ...] = ()
+
+    def format_help(self) -> str:
+        if self.recipe_sections and not self.epilog:
+            from stic.recipe import recipe_keys_help
+
+            self.epilog = recipe_keys_help(list(self.recipe_sections))
+        return super().format_help()
+
+
+def stage_parser(sub, name: str, sections: tuple[str, ...], **kwargs) -> StageParser:
+    p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    p.recipe_sections = sections
+    return p
+
+
 class BenchmarkNames(argparse.Action):
     """--benchmarks a b / a,b. nargs='+' also takes the overrides that follow the names: those go back to the
     overrides instead of being read as benchmark names."""
@@ -128,8 +148,8 @@ def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line of eval/run.py and `stic eval`; parse it with `parse_eval_args`."""
     from stic.benchmarks import BENCHMARKS
 
-    ap = argparse.ArgumentParser(prog=prog, description=EVAL_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = StageParser(prog=prog, description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.recipe_sections = ("eval", "model", "generation")
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--model", default="base", help="base, stage1, stage2, an adapter folder or a model folder")
     ap.add_argument("--dar", action="store_true", help="describe the image first, then answer with it infused")
@@ -223,20 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     from stic.tiny import FAMILIES
 
     parser = argparse.ArgumentParser(prog="stic", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=StageParser)
 
-    p = sub.add_parser("selfgen", help="build STIC preference pairs from unlabeled images")
+    p = stage_parser(sub, "selfgen", ("selfgen", "model", "generation"), help="build STIC preference pairs from unlabeled images")
     p.add_argument("--recipe", required=True, help="recipe YAML (its model: and selfgen: sections)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output folder and start over")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selfgen.batch_size=4 model.dtype=float32")
     p.set_defaults(func=_selfgen)
 
-    p = sub.add_parser("dpo", help="stage 1: DPO + SFT regulariser on the self-generated pairs")
+    p = stage_parser(sub, "dpo", ("dpo", "model"), help="stage 1: DPO + SFT regulariser on the self-generated pairs")
     p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.learning_rate=1e-6 dpo.resume=true")
     p.set_defaults(func=_dpo)
 
-    p = sub.add_parser("infuse-sft", help="stage 2: description-infused fine-tuning")
+    p = stage_parser(sub, "infuse-sft", ("infuse_sft", "model", "generation"), help="stage 2: description-infused fine-tuning")
     p.add_argument("--recipe", required=True, help="recipe YAML (its model: and infuse_sft: sections)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. infuse_sft.subset.size=100")
     p.set_defaults(func=_infuse_sft)

@@ -28,6 +28,11 @@ class RecipeError(SticError, ValueError):
     """A recipe or override that cannot be used; the message names the offending key."""
 
 
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str) -> Any:
+    """A recipe key: a dataclass field with its `stic <stage> --help` text."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sections shared by every stage
 
@@ -36,21 +41,23 @@ class RecipeError(SticError, ValueError):
 class ModelSpec:
     """Which model to load and how. `tiny:<family>[@seed]` builds a small random model offline."""
 
-    name_or_path: str = "tiny:llava"
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # sdpa | eager | flash_attention_2; None lets transformers choose
-    attn_implementation: str | None = None
-    # None puts the whole model on this process's device; "auto" shards one copy over all visible GPUs
-    device_map: str | None = None
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    # dtype of a model run with trained adapters merged (eval, DaR, stage-2 descriptions). auto: `dtype` when
-    # it keeps >= 99% of the adapters' update, else float32 (stage 1's lr-1e-7 update mostly vanishes in bf16)
-    merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # A system message put before every conversation the toolkit generates from or trains on, for models
-    # evaluated with one (LLaVA-1.5: the Vicuna prompt of LLaVA's conv_vicuna_v1)
-    system_prompt: str | None = None
+    name_or_path: str = option("tiny:llava", help="hub id or local folder; tiny:<family>[@seed] builds a small "
+                                                  "random model offline")
+    revision: str | None = option(None, help="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="weights' dtype when loading")
+    attn_implementation: str | None = option(
+        None, help="sdpa | eager | flash_attention_2; None lets transformers choose")
+    device_map: str | None = option(
+        None, help="None: the whole model on this process's device; auto: one copy sharded over all visible GPUs")
+    load_in_4bit: bool = option(False, help="QLoRA: load the base weights in 4-bit NF4 (needs CUDA)")
+    trust_remote_code: bool = option(False, help="allow the checkpoint's own modelling code")
+    merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="dtype of a model run with trained adapters merged (eval, DaR, stage-2 descriptions). auto: "
+                     "`dtype` when it keeps >= 99% of the adapters' update, else float32 (stage 1's lr-1e-7 "
+                     "update mostly vanishes in bf16)")
+    system_prompt: str | None = option(
+        None, help="a system message before every conversation the toolkit generates from or trains on, for "
+                   "models evaluated with one (LLaVA-1.5: the Vicuna prompt)")
 
 
 @dataclasses.dataclass
@@ -58,16 +65,18 @@ class BackendConfig:
     """Where selfgen, the stage-2 descriptions and eval generate: in this process (local) or on OpenAI-compatible
     servers (openai: vLLM, SGLang, `transformers serve`), see stic/serving.py."""
 
-    backend: Literal["local", "openai"] = "local"
-    endpoints: list[str] = dataclasses.field(default_factory=list)  # base URLs, e.g. http://gpu1:8000/v1
-    # the model name the servers serve; None: the job's model folder or hub id (model.name_or_path)
-    model: str | None = None
-    api_key_env: str = "STIC_GENERATION_API_KEY"  # the variable holding the key; unset: no key
-    max_concurrency: int = 32  # requests in flight per process, over all endpoints
-    timeout: float = 600.0  # seconds for one request
-    max_retries: int = 5  # further tries of a request after a 429, 5xx, timeout or lost connection
-    # consecutive failed requests (5xx, timeouts, lost connections) after which an endpoint is dropped
-    max_endpoint_failures: int = 3
+    backend: Literal["local", "openai"] = option(
+        "local", help="local: generate in this process; openai: on OpenAI-compatible servers (vLLM, SGLang, "
+                      "transformers serve)")
+    endpoints: list[str] = option(factory=list, help="server base URLs, e.g. http://gpu1:8000/v1")
+    model: str | None = option(
+        None, help="the model name the servers serve; None: the job's model folder or hub id (model.name_or_path)")
+    api_key_env: str = option("STIC_GENERATION_API_KEY", help="the variable holding the API key; unset: no key")
+    max_concurrency: int = option(32, help="requests in flight per process, over all endpoints")
+    timeout: float = option(600.0, help="seconds for one request")
+    max_retries: int = option(5, help="further tries of a request after a 429, 5xx, timeout or lost connection")
+    max_endpoint_failures: int = option(
+        3, help="consecutive failed requests (5xx, timeouts, lost connections) after which an endpoint is dropped")
 
     def __post_init__(self):
         if self.backend == "openai" and not self.endpoints:
@@ -242,15 +251,5 @@ def load_recipe_dict(path: str | Path | None, overrides: list[str] = (), default
     return apply_overrides(data, list(overrides), default_section)
 
 
-# Every section a recipe may hold; each stage parses its own and the shared `model:` (and `generation:`) sections.
+# Every section a recipe may hold; stic.recipe.parse_recipe parses them all into one Recipe.
 SECTIONS = ("name", "description", "model", "generation", "selfgen", "dpo", "infuse_sft", "eval")
-
-
-def parse_section(data: dict, name: str, cls: type) -> Any:
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise RecipeError(
-            f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"known sections: {', '.join(SECTIONS)}"
-        )
-    return from_dict(cls, data.get(name) or {}, name)

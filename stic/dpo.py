@@ -23,112 +23,18 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from trl import DPOConfig
 
-from stic.config import ModelSpec, parse_section, to_dict
+from stic.config import ModelSpec, to_dict
 from stic.errors import SticError, one_line
-from stic.models import (LoraOptions, ModelSetupError, lora_config, projector_module, require_cuda_for_4bit,
-                         train_on_cpu_without_cuda, training_device)
-from stic.training import check_global_batch, trainer_class
+from stic.models import ModelSetupError, lora_config, projector_module, require_cuda_for_4bit, training_device
+from stic.recipe import (DPOStageConfig, Recipe, paper_alpha_to_sft_weight,  # noqa: F401  (re-exported)
+                         parse_recipe)
+from stic.training import trainer_class
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def paper_alpha_to_sft_weight(alpha: float, mean_chosen_tokens: float) -> float:
-    """The TRL sft weight that matches the paper's summed-log-prob / 1024 regulariser on average."""
-    return alpha * mean_chosen_tokens / 1024.0
-
-
-class _Unset:
-    """sft_weight not given: 1.0, or computed at run time when paper_alpha is set."""
-
-    def __repr__(self):
-        return "unset"
-
-
-_SFT_WEIGHT_DEFAULT = _Unset()
-
-
-@dataclasses.dataclass
-class DPOStageConfig(LoraOptions, DPOConfig):
-    """DPOConfig plus the stage's own keys. Defaults follow the paper where it gives them."""
-
-    output_dir: str = "outputs/dpo"
-    # A folder written by `stic selfgen`, any local dataset in that format, a STIC-style JSON/JSONL file of
-    # records, or a Hugging Face dataset id.
-    dataset: str = "outputs/selfgen"
-    dataset_split: str = "train"
-    image_folder: str | None = None  # where a JSON/JSONL dataset's relative image paths live
-    max_samples: int | None = None
-    # dpo: DPO + alpha * SFT (STIC stage 1). sft_positive: plain SFT on the preferred answers only, same data
-    # and budget (the paper's Table 3 ablation).
-    mode: Literal["dpo", "sft_positive"] = "dpo"
-    # alpha as TRL's per-token-mean sft weight; None leaves loss_type/loss_weights exactly as given. Default 1.0,
-    # or (with paper_alpha) computed at run time
-    sft_weight: float | None = _SFT_WEIGHT_DEFAULT
-    # the paper's alpha (its code: summed chosen log-prob / 1024): sft_weight = paper_alpha * L / 1024 with L the
-    # mean chosen length in tokens, measured on the dataset when the run starts
-    paper_alpha: float | None = None
-    # sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time
-    global_batch_size: int | None = None
-    max_length: int | None = None  # None: no truncation (TRL's default 1024 would cut image tokens)
-    ref_model: str | None = None  # full fine-tuning only: the frozen reference (default: the base model)
-    resume: bool = False  # continue from the last checkpoint in output_dir
-    plot: bool = True
-    report_to: str | list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
-    logging_steps: float = 1
-
-    def __post_init__(self):
-        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
-        if self.paper_alpha is not None:
-            if self.sft_weight is not _SFT_WEIGHT_DEFAULT:
-                raise ValueError(f"set either paper_alpha ({self.paper_alpha}) or sft_weight ({self.sft_weight}), "
-                                 "not both: paper_alpha computes sft_weight from the dataset")
-            if self.paper_alpha < 0:
-                raise ValueError(f"paper_alpha must be at least 0, got {self.paper_alpha}")
-            if "sft" in losses:
-                raise ValueError("set either paper_alpha or an 'sft' entry in loss_type, not both")
-            self.sft_weight = None  # set by apply_paper_alpha once the dataset is loaded
-        elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
-            self.sft_weight = 1.0
-        check_global_batch(self)
-        if self.sft_weight is not None:
-            if "sft" in losses:
-                raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
-                                 "(sft_weight: null keeps loss_type as given)")
-            if self.sft_weight > 0:
-                losses, weights = losses + ["sft"], weights + [float(self.sft_weight)]
-        self.loss_type, self.loss_weights = losses, weights
-        train_on_cpu_without_cuda(self)
-        if self.mode == "sft_positive" and self.ref_model:
-            raise ValueError("ref_model has no use in mode sft_positive")
-        super().__post_init__()
-
-    def apply_paper_alpha(self, mean_chosen_tokens: float) -> float:
-        """Set sft_weight, and TRL's loss_type/loss_weights, from paper_alpha and the dataset's mean chosen length
-        in tokens (before the trainer is built: it reads them once)."""
-        weight = paper_alpha_to_sft_weight(self.paper_alpha, mean_chosen_tokens)
-        pairs = [(name, w) for name, w in zip(self.loss_type, self.loss_weights) if name != "sft"]
-        if weight > 0:
-            pairs.append(("sft", weight))
-        self.loss_type, self.loss_weights = [n for n, _ in pairs], [w for _, w in pairs]
-        self.sft_weight = weight
-        return weight
-
-
-
-@dataclasses.dataclass
-class Recipe:
-    model: ModelSpec
-    dpo: DPOStageConfig
-
-
-def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelSpec), dpo=parse_section(data, "dpo", DPOStageConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,47 +13,18 @@ and `summary.json` + `results.md` for the run. Answers are generated through the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, PAPER_BENCHMARKS, BenchmarkFileError, Item,
-                             check_known, get_benchmark, load_plugins)
-from stic.config import BackendConfig, ModelSpec, parse_section, to_dict
+from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
+                             get_benchmark)
+from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
-from stic.judge import Judge, JudgeConfig, score_llava_bench, score_mmvet
+from stic.judge import Judge, score_llava_bench, score_mmvet
+from stic.recipe import EvalConfig, Recipe, parse_recipe  # noqa: F401  (re-exported)
 
 log = logging.getLogger("stic.eval")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    data_root: str = "playground/data/eval"  # LLaVA-1.5's layout: <data_root>/<benchmark>/...
-    output_dir: str = "outputs/eval"
-    benchmarks: list[str] = dataclasses.field(default_factory=lambda: list(PAPER_BENCHMARKS))
-    # modules imported before `benchmarks` is checked; each registers its own benchmarks (stic.benchmarks.register)
-    plugins: list[str] = dataclasses.field(default_factory=list)
-    batch_size: int = 8
-    limit: int | None = None  # first N items of each benchmark (quick checks)
-    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
-
-    def __post_init__(self):
-        load_plugins(self.plugins)
-        check_known(self.benchmarks)
-
-
-@dataclasses.dataclass
-class Recipe:
-    model: ModelSpec
-    eval: EvalConfig
-    raw: dict
-    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
-
-
-def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelSpec), eval=parse_section(data, "eval", EvalConfig),
-                  raw=data, generation=parse_section(data, "generation", BackendConfig))
 
 
 def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]:
@@ -61,14 +32,11 @@ def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]
     if spec == "base":
         return recipe.model, [], "base"
     if spec == "stage1":
-        from stic.dpo import parse_recipe as dpo_recipe
-
-        return recipe.model, [dpo_recipe(recipe.raw).dpo.output_dir], "stage1"
+        return recipe.model, [recipe.dpo.output_dir], "stage1"
     if spec == "stage2":
         from stic.infuse import default_dar_adapters
-        from stic.infuse import parse_recipe as infuse_recipe
 
-        return recipe.model, default_dar_adapters(infuse_recipe(recipe.raw)), "stage2"
+        return recipe.model, default_dar_adapters(recipe), "stage2"
     path = Path(spec)
     if (path / "adapter_config.json").exists():
         return recipe.model, [str(path)], path.name
@@ -108,9 +76,8 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
     answer_sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens)
     if dar:  # describe and infuse exactly as stage 2 trained: the recipe's infuse_sft.describe and .template
         from stic.infuse import describe_and_respond
-        from stic.infuse import parse_recipe as infuse_recipe
 
-        stage2 = infuse_recipe(recipe.raw).infuse_sft
+        stage2 = recipe.infuse_sft
 
     def load(item):
         return decode_image(item.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384)

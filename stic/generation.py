@@ -15,15 +15,17 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from stic.config import option
+
 
 @dataclasses.dataclass
 class SamplingConfig:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = option(256, help="answer length limit in tokens")
+    do_sample: bool = option(False, help="sample; false: greedy decoding")
+    temperature: float = option(1.0, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling: keep the smallest token set with this probability mass")
+    top_k: int | None = option(None, help="keep only the k most likely tokens; None: no limit")
+    repetition_penalty: float = option(1.0, help="HF's repetition penalty; 1.0: none")
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageOps
 
+from stic.config import option
 from stic.errors import SticError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -35,16 +36,19 @@ class ImageSourceConfig:
           coco (a COCO annotation JSON; only its `images` list is read) | sample_photos (bundled photos)
     """
 
-    type: Literal["folder", "manifest", "hf_dataset", "coco", "sample_photos"] = "sample_photos"
-    path: str | None = None
-    # Folder that relative paths in a manifest or COCO file are resolved against (default: the file's folder)
-    image_root: str | None = None
-    image_column: str = "image"  # hf_dataset
-    id_column: str | None = None  # hf_dataset; default "<split>/<row>"
-    split: str = "train"  # hf_dataset
-    limit: int | None = None  # keep the first N images of the sorted list
-    max_pixels: int = 2048 * 2048  # larger images are downscaled to this many pixels
-    max_decode_pixels: int = 16384 * 16384  # larger files are refused as decompression bombs
+    type: Literal["folder", "manifest", "hf_dataset", "coco", "sample_photos"] = option(
+        "sample_photos", help="folder (recursive), manifest (JSONL/CSV with path, optional id), hf_dataset (local), "
+                              "coco (annotation JSON) or sample_photos (bundled photos)")
+    path: str | None = option(None, help="the folder, manifest, dataset or COCO file")
+    image_root: str | None = option(
+        None, help="folder that a manifest's or COCO file's relative paths are resolved against (default: the "
+                   "file's folder)")
+    image_column: str = option("image", help="hf_dataset: the image column")
+    id_column: str | None = option(None, help="hf_dataset: the id column; default <split>/<row>")
+    split: str = option("train", help="hf_dataset: the split")
+    limit: int | None = option(None, help="keep the first N images of the sorted list")
+    max_pixels: int = option(2048 * 2048, help="larger images are downscaled to this many pixels")
+    max_decode_pixels: int = option(16384 * 16384, help="larger files are refused as decompression bombs")
 
     def __post_init__(self):
         if self.type != "sample_photos" and not self.path:

@@ -22,107 +22,20 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
-from trl import SFTConfig
-
-from stic.config import BackendConfig, ModelSpec, parse_section, to_dict
+from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
-from stic.instructions import (InstructionDataConfig, SubsetConfig, choose_subset, composition,
-                               load_instructions)
-from stic.models import (LoraOptions, ModelSetupError, lora_config, process_state, require_cuda_for_4bit,
-                         train_on_cpu_without_cuda, training_device)
-from stic.training import check_global_batch, trainer_class
-from stic.prompts import CAPTION_PROMPTS
-
-DEFAULT_TEMPLATE = "Image description: {description}\n{instruction}"
+from stic.instructions import choose_subset, composition, load_instructions
+from stic.models import ModelSetupError, lora_config, process_state, require_cuda_for_4bit, training_device
+from stic.recipe import (DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe,  # noqa: F401  (re-exported)
+                         parse_recipe)
+from stic.training import trainer_class
 
 
 def infuse_instruction(instruction: str, description: str, template: str = DEFAULT_TEMPLATE) -> str:
     """The first user turn of stage 2 and of DaR. One function, so training and inference cannot drift."""
     return template.format(description=description.strip(), instruction=instruction)
-
-
-@dataclasses.dataclass
-class DescribeConfig:
-    """How the stage-1 model describes an image, in stage 2 and in DaR alike."""
-
-    # A fixed captioning prompt; None draws one per image from the caption pool, seeded by (seed, image key),
-    # as the paper's Algorithm 2 does
-    prompt: str | None = None
-    caption_prompts_file: str | None = None  # replaces the caption pool (one prompt per line, or a JSON list)
-    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
-    batch_size: int = 8
-    images_per_part: int = 64
-
-    def prompt_for(self, key: str, seed: int) -> str:
-        """The describe prompt of one image (stage 2) or one benchmark item (DaR)."""
-        if self.prompt is not None:
-            return self.prompt
-        import random
-
-        from stic.prompts import read_pool
-
-        pool = read_pool(self.caption_prompts_file, "caption prompts") if self.caption_prompts_file else CAPTION_PROMPTS
-        return random.Random(f"{seed}\x1fdescribe\x1f{key}").choice(pool)
-
-
-@dataclasses.dataclass
-class InfuseSFTConfig(LoraOptions, SFTConfig):
-    """SFTConfig (every TRL option works) plus the stage's keys."""
-
-    output_dir: str = "outputs/infuse_sft"
-    data: InstructionDataConfig = dataclasses.field(default_factory=InstructionDataConfig)
-    subset: SubsetConfig = dataclasses.field(default_factory=SubsetConfig)
-    describe: DescribeConfig = dataclasses.field(default_factory=DescribeConfig)
-    template: str = DEFAULT_TEMPLATE
-    # The stage-1 model: base (model:) + this adapter, or a merged stage-1 folder (then model: is ignored)
-    stage1_adapter: str | None = "outputs/dpo"
-    stage1_model: str | None = None
-    # continue: keep training the stage-1 adapter (the paper). new: a fresh adapter on the stage-1 model
-    adapter_mode: Literal["continue", "new"] = "continue"
-    descriptions_dir: str | None = None  # default: <output_dir>/descriptions
-    overwrite_descriptions: bool = False
-    resume: bool = False  # continue SFT from the last checkpoint in output_dir (descriptions always resume)
-    plot: bool = True
-    num_train_epochs: float = 1.0
-    assistant_only_loss: bool = True
-    # sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time
-    global_batch_size: int | None = None
-    max_length: int | None = None  # None: no truncation (TRL's default 1024 would cut image tokens)
-    report_to: str | list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
-    logging_steps: float = 1
-
-    def __post_init__(self):
-        if "{description}" not in self.template or "{instruction}" not in self.template:
-            raise ValueError("template must contain {description} and {instruction}")
-        if self.stage1_adapter and self.stage1_model:
-            raise ValueError("set stage1_adapter or stage1_model, not both")
-        if self.adapter_mode == "continue" and not self.stage1_adapter:
-            raise ValueError("adapter_mode: continue needs stage1_adapter")
-        check_global_batch(self)
-        train_on_cpu_without_cuda(self)
-        super().__post_init__()
-
-    def to_dict(self):  # TrainingArguments serialises itself to JSON for logs and checkpoints
-        d = super().to_dict()
-        for key in ("data", "subset", "describe"):
-            d[key] = to_dict(getattr(self, key))
-        return d
-
-
-@dataclasses.dataclass
-class Recipe:
-    model: ModelSpec
-    infuse_sft: InfuseSFTConfig
-    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
-
-
-def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelSpec),
-                  infuse_sft=parse_section(data, "infuse_sft", InfuseSFTConfig),
-                  generation=parse_section(data, "generation", BackendConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------

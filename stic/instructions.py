@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+from stic.config import option
 from stic.errors import SticError
 
 IMAGE_TOKEN = "<image>"
@@ -37,23 +38,24 @@ class InstructionDataError(SticError, ValueError):
 
 @dataclasses.dataclass
 class InstructionDataConfig:
-    # A LLaVA-format JSON/JSONL file, or a local/hub dataset with `messages` (+ `images`/`image`) columns
-    path: str = "recipes/data/sample_llava_instructions.json"
-    # Root of the records' relative image paths; `sample_photos` looks names up among the bundled photos
-    image_folder: str | None = None
-    text_only: Literal["keep", "exclude"] = "exclude"  # records without an image
-    split: str = "train"  # for datasets
+    path: str = option("recipes/data/sample_llava_instructions.json",
+                       help="a LLaVA-format JSON/JSONL file, or a local/hub dataset with messages (+ images/image) "
+                            "columns")
+    image_folder: str | None = option(
+        None, help="root of the records' relative image paths; sample_photos looks names up among the bundled photos")
+    text_only: Literal["keep", "exclude"] = option("exclude", help="what to do with records without an image")
+    split: str = option("train", help="the split, for datasets")
 
 
 @dataclasses.dataclass
 class SubsetConfig:
-    size: int = 5000  # the paper uses 5k samples of LLaVA's SFT mix
-    strategy: Literal["random", "balanced"] = "random"
-    seed: int = 42
-    # balanced: the source of a record, from this field, else the first folder of its image path (coco/, gqa/ ...)
-    source_field: str | None = None
-    # balanced: within each source, take the records that mention the most concept words first
-    prefer_informative: bool = False
+    size: int = option(5000, help="records to train on (the paper: 5k samples of LLaVA's SFT mix)")
+    strategy: Literal["random", "balanced"] = option("random", help="random, or balanced over the records' sources")
+    seed: int = option(42, help="seeds the choice of records")
+    source_field: str | None = option(
+        None, help="balanced: a record's source, from this field, else the first folder of its image path (coco/ ...)")
+    prefer_informative: bool = option(
+        False, help="balanced: within each source, take the records that mention the most concept words first")
 
 
 def resolve_image(folder: str | None, rel: str) -> str:

@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 
 from stic import metrics as M
+from stic.config import option
 from stic.errors import SticError
 
 
 @dataclasses.dataclass
 class JudgeConfig:
-    base_url_env: str = "STIC_JUDGE_BASE_URL"  # e.g. https://api.openai.com/v1
-    api_key_env: str = "STIC_JUDGE_API_KEY"
-    model: str = "gpt-4-0613"
-    timeout_s: float = 120.0
-    max_retries: int = 3
+    base_url_env: str = option("STIC_JUDGE_BASE_URL", help="the variable holding the judge's base URL, e.g. "
+                                                           "https://api.openai.com/v1")
+    api_key_env: str = option("STIC_JUDGE_API_KEY", help="the variable holding the judge's API key")
+    model: str = option("gpt-4-0613", help="the judge model (LLaVA-Bench, MM-Vet)")
+    timeout_s: float = option(120.0, help="seconds for one judge request")
+    max_retries: int = option(3, help="further tries of a failed judge request")
 
 
 class JudgeUnavailable(SticError, RuntimeError):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from stic.config import ModelSpec
+from stic.config import ModelSpec, option
 from stic.errors import SticError
 
 class ModelSetupError(SticError, RuntimeError):
@@ -174,15 +174,18 @@ def training_device(cfg: ModelSpec) -> torch.device | str:
 class LoraOptions:
     """LoRA settings of a training stage (mixed into its TRL config). Defaults: the paper's r 128, alpha 256."""
 
-    use_peft: bool = True
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    # None: every linear layer of the language model (the vision tower and lm_head stay frozen)
-    lora_target_modules: list[str] | None = None
-    train_projector: bool = False  # also train the vision-language projector (fully, next to the adapter)
-    # the projector's learning rate (its own optimizer parameter group); None: the stage's learning_rate
-    mm_projector_lr: float | None = None
+    use_peft: bool = option(True, help="train a LoRA adapter; false: full fine-tuning")
+    lora_r: int = option(128, help="LoRA rank")
+    lora_alpha: int = option(256, help="LoRA scaling alpha")
+    lora_dropout: float = option(0.05, help="dropout on the LoRA input")
+    lora_target_modules: list[str] | None = option(
+        None, help="module names to adapt; None: every linear layer of the language model (the vision tower and "
+                   "lm_head stay frozen)")
+    train_projector: bool = option(
+        False, help="also train the vision-language projector (fully, next to the adapter)")
+    mm_projector_lr: float | None = option(
+        None, help="the projector's learning rate (its own optimizer parameter group); None: the stage's "
+                   "learning_rate")
 
     def __post_init__(self):
         if self.mm_projector_lr is not None:

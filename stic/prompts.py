@@ -17,6 +17,8 @@ import functools
 import json
 from pathlib import Path
 
+from stic.config import option
+
 DESCRIBE_STEP_BY_STEP = """\
 Look at the image carefully and describe it step by step, mentioning only what you can actually see.
 1. Main subjects: name the people, animals or objects that stand out and say what each one is doing.
@@ -100,12 +102,12 @@ class PromptsConfig:
     """Files that replace a prompt set. The good prompt file is read whole; a pool file holds one prompt per
     non-empty line, or a JSON list of strings."""
 
-    good_prompt_file: str | None = None
-    caption_prompts_file: str | None = None
-    hallucination_prompts_file: str | None = None
-    # which built-in hallucination prompts to draw from: objects (the paper's pool), and opt-in text, numbers,
-    # attributes (colours, counts, positions)
-    hallucination_kinds: list[str] = dataclasses.field(default_factory=lambda: ["objects"])
+    good_prompt_file: str | None = option(None, help="replaces the step-by-step prompt of the preferred answer")
+    caption_prompts_file: str | None = option(None, help="replaces the caption prompt pool")
+    hallucination_prompts_file: str | None = option(None, help="replaces the hallucination prompt pool")
+    hallucination_kinds: list[str] = option(
+        factory=lambda: ["objects"], help="built-in hallucination prompts to draw from: objects (the paper's "
+                                          "pool), and opt-in text, numbers, attributes (colours, counts, positions)")
 
     def __post_init__(self):
         hallucination_pool(self.hallucination_kinds)  # refuses an unknown kind

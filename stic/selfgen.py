@@ -24,63 +24,15 @@ import json
 import random
 from typing import Any
 
-from stic.config import BackendConfig, ModelSpec, RecipeError, parse_section, to_dict
-from stic.generation import BatchGenerator, Output, Request, SamplingConfig, prompt_messages, stable_seed
-from stic.images import ImageLoader, ImageSourceConfig, list_images
-from stic.prompts import PromptsConfig, PromptSets, load_prompts
+from stic.config import RecipeError, to_dict
+from stic.generation import BatchGenerator, Output, Request, prompt_messages, stable_seed
+from stic.images import ImageLoader, list_images
+from stic.prompts import PromptSets, load_prompts
+from stic.recipe import Recipe, SelfGenConfig, parse_recipe  # noqa: F401  (the stage's section, re-exported)
 from stic.serving import make_engine, run_identity, served_model
 from stic.store import ShardedOutput
 
 ID_COLUMN = "image_id"
-
-
-@dataclasses.dataclass
-class SelfGenConfig:
-    output_dir: str = "outputs/selfgen"
-    images: ImageSourceConfig = dataclasses.field(default_factory=ImageSourceConfig)
-    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
-    seed: int = 42
-    # p in Algorithm 1: the share of images whose rejected answer comes from a hallucination prompt
-    hallucination_prob: float = 0.5
-    # corruption kinds for the other branch: a name, or {kind: name, <setting>: value, ...}
-    corruptions: list[str | dict] = dataclasses.field(default_factory=lambda: ["color_jitter", "lower_resolution"])
-    chosen_sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    rejected_sampling: SamplingConfig = dataclasses.field(
-        default_factory=lambda: SamplingConfig(do_sample=True, temperature=1.0, top_p=0.95))
-    batch_size: int = 8
-    group_by_length: bool = True
-    images_per_part: int = 64  # images per parquet part: the unit of work lost to a kill
-    drop_truncated_chosen: bool = False  # also drop pairs whose chosen answer hit max_new_tokens
-    # Self-consistency (label-free): sample this many preferred answers with `consistency_sampling` and keep
-    # the one that agrees most with the others; 1 keeps the single answer from `chosen_sampling`.
-    consistency_samples: int = 1
-    consistency_sampling: SamplingConfig = dataclasses.field(
-        default_factory=lambda: SamplingConfig(do_sample=True, temperature=0.7))
-    min_agreement: float | None = None  # drop images whose best agreement is lower (0..1)
-    preview_pairs: int = 12  # pairs shown in preview.html
-
-    def __post_init__(self):
-        if not 0.0 <= self.hallucination_prob <= 1.0:
-            raise ValueError(f"hallucination_prob must lie in [0, 1], got {self.hallucination_prob}")
-        if self.hallucination_prob < 1.0 and not self.corruptions:
-            raise ValueError("corruptions is empty but hallucination_prob < 1 needs at least one")
-        if self.batch_size < 1 or self.images_per_part < 1 or self.consistency_samples < 1:
-            raise ValueError("batch_size, images_per_part and consistency_samples must be at least 1")
-        if self.min_agreement is not None and self.consistency_samples < 2:
-            raise ValueError("min_agreement needs consistency_samples of 2 or more")
-
-
-
-@dataclasses.dataclass
-class Recipe:
-    model: ModelSpec
-    selfgen: SelfGenConfig
-    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
-
-
-def parse_recipe(data: dict) -> Recipe:
-    return Recipe(model=parse_section(data, "model", ModelSpec), selfgen=parse_section(data, "selfgen", SelfGenConfig),
-                  generation=parse_section(data, "generation", BackendConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------

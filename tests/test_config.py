@@ -100,3 +100,74 @@ def test_shipped_recipes_parse():
         benchmarks = evaluate.parse_recipe(load_recipe_dict(path)).eval.benchmarks
         expected = 8 if paper_model or "tiny:" in recipe.model.name_or_path else 2  # ShapesWorld: its own two
         assert len(benchmarks) == expected
+
+
+def test_each_stage_reads_the_previous_stage_output_by_default():
+    from stic.recipe import parse_recipe as parse_all
+
+    recipe = parse_all({"selfgen": {"output_dir": "runs/a/selfgen"}, "dpo": {"output_dir": "runs/a/dpo"}})
+    assert recipe.dpo.dataset == "runs/a/selfgen"
+    assert recipe.infuse_sft.stage1_adapter == "runs/a/dpo"
+    # an explicit value wins, also an explicit null (no stage-1 adapter)
+    recipe = parse_all({"selfgen": {"output_dir": "runs/a/selfgen"}, "dpo": {"dataset": "hub/pairs"},
+                        "infuse_sft": {"stage1_adapter": "runs/b/dpo"}})
+    assert recipe.dpo.dataset == "hub/pairs" and recipe.infuse_sft.stage1_adapter == "runs/b/dpo"
+    recipe = parse_all({"infuse_sft": {"stage1_adapter": None, "stage1_model": "m", "adapter_mode": "new"}})
+    assert recipe.infuse_sft.stage1_adapter is None
+    # a merged stage-1 model holds its adapter: no default adapter next to it
+    assert parse_all({"infuse_sft": {"stage1_model": "m", "adapter_mode": "new"}}).infuse_sft.stage1_adapter is None
+    # the stage modules' parse_recipe is the one Recipe
+    from stic import dpo, evaluate, infuse, selfgen
+
+    assert selfgen.parse_recipe is dpo.parse_recipe is infuse.parse_recipe is evaluate.parse_recipe is parse_all
+
+
+def test_a_whole_recipe_is_checked_with_dotted_keys():
+    with pytest.raises(RecipeError, match=r"dpo\.learning_rat .*did you mean dpo\.learning_rate"):
+        parse_recipe({"dpo": {"learning_rat": 1e-6}})
+    with pytest.raises(RecipeError, match=r"infuse_sft\.subset\.size"):
+        parse_recipe({"infuse_sft": {"subset": {"size": "many"}}})
+    with pytest.raises(RecipeError, match="^name"):
+        parse_recipe({"name": 3})
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "shapesworld.yaml"])
+def test_recipe_round_trips(name):
+    from pathlib import Path
+
+    from stic.recipe import recipe_to_dict
+
+    recipe = parse_recipe(load_recipe_dict(Path(__file__).parent.parent / "recipes" / name))
+    data = recipe_to_dict(recipe)
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(data))) == recipe
+    assert data["selfgen"]["output_dir"] == recipe.selfgen.output_dir
+
+
+def test_stage_help_lists_the_recipe_keys(capsys):
+    from stic.cli import main
+
+    for command, needles in [
+        ("selfgen", ["selfgen.hallucination_prob (float, default 0.5): p in Algorithm 1",
+                     "selfgen.chosen_sampling.max_new_tokens (int, default 256)", "model.name_or_path"]),
+        ("dpo", ["dpo.dataset (str, default selfgen.output_dir)", "dpo.lora_r (int, default 128)",
+                 "every TRL DPOConfig option"]),
+        ("infuse-sft", ["infuse_sft.stage1_adapter (str | None, default dpo.output_dir)",
+                        "infuse_sft.subset.size", "every TRL SFTConfig option"]),
+        ("eval", ["eval.limit (int | None, default None)", "eval.judge.model"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "recipe keys (override as section.key=value):" in out
+        for needle in needles:
+            assert needle in out, (command, needle)
+
+
+def test_config_module_sits_below_the_stages():
+    import subprocess
+    import sys
+
+    code = ("import sys, stic.config, stic.recipe; "
+            "print(sorted(m for m in sys.modules if m in ('stic.selfgen', 'stic.dpo', 'stic.infuse', 'stic.evaluate')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"

@@ -1,0 +1,387 @@
+"""One recipe, one object: every section of a recipe YAML parsed strictly into `Recipe`.
+
+    name, description          free text
+    model:       ModelSpec          the base model, shared by every stage
+    generation:  BackendConfig      where selfgen, the stage-2 descriptions and eval generate
+    selfgen:     SelfGenConfig      preference pairs from unlabeled images
+    dpo:         DPOStageConfig     stage 1 (every TRL DPOConfig option too)
+    infuse_sft:  InfuseSFTConfig    stage 2 (every TRL SFTConfig option too)
+    eval:        EvalConfig         benchmarks
+
+Each stage reads the previous stage's output unless the recipe names its input: dpo.dataset defaults to
+selfgen.output_dir, infuse_sft.stage1_adapter to dpo.output_dir (`CHAINED_DEFAULTS`).
+
+The stage section dataclasses live here, not in the stage modules, so that this module sits below the stages
+(stic.selfgen, stic.dpo, stic.infuse, stic.evaluate import it and re-export their section) and above the
+modules the sections are built from (stic.config, stic.generation, stic.images, stic.models ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+from trl import DPOConfig, SFTConfig
+
+from stic.benchmarks import PAPER_BENCHMARKS, check_known, load_plugins
+from stic.config import SECTIONS, BackendConfig, ModelSpec, RecipeError, from_dict, option, to_dict
+from stic.generation import SamplingConfig
+from stic.images import ImageSourceConfig
+from stic.instructions import InstructionDataConfig, SubsetConfig
+from stic.judge import JudgeConfig
+from stic.models import LoraOptions, train_on_cpu_without_cuda
+from stic.prompts import CAPTION_PROMPTS, PromptsConfig
+from stic.training import check_global_batch
+
+# ---------------------------------------------------------------------------------------------------------
+# selfgen
+
+
+@dataclasses.dataclass
+class SelfGenConfig:
+    output_dir: str = option("outputs/selfgen", help="where the preference pairs are written")
+    images: ImageSourceConfig = option(factory=ImageSourceConfig, help="the unlabeled images")
+    prompts: PromptsConfig = option(factory=PromptsConfig, help="files that replace the built-in prompt sets")
+    seed: int = option(42, help="seeds every per-image choice (prompts, branch, corruption) and the sampling")
+    hallucination_prob: float = option(
+        0.5, help="p in Algorithm 1: the share of images whose rejected answer comes from a hallucination prompt")
+    corruptions: list[str | dict] = option(
+        factory=lambda: ["color_jitter", "lower_resolution"],
+        help="corruption kinds of the other branch: a name, or {kind: name, <setting>: value, ...}")
+    chosen_sampling: SamplingConfig = option(factory=SamplingConfig, help="sampling of the preferred answer")
+    rejected_sampling: SamplingConfig = option(
+        factory=lambda: SamplingConfig(do_sample=True, temperature=1.0, top_p=0.95),
+        help="sampling of the dispreferred answer")
+    batch_size: int = option(8, help="images per generation batch")
+    group_by_length: bool = option(True, help="batch prompts of similar length together")
+    images_per_part: int = option(64, help="images per parquet part: the unit of work lost to a kill")
+    drop_truncated_chosen: bool = option(False, help="also drop pairs whose chosen answer hit max_new_tokens")
+    consistency_samples: int = option(
+        1, help="self-consistency (label-free): sample this many preferred answers with consistency_sampling and "
+                "keep the one that agrees most with the others; 1 keeps the single chosen_sampling answer")
+    consistency_sampling: SamplingConfig = option(
+        factory=lambda: SamplingConfig(do_sample=True, temperature=0.7),
+        help="sampling of the self-consistency candidates")
+    min_agreement: float | None = option(None, help="drop images whose best agreement is lower (0..1)")
+    preview_pairs: int = option(12, help="pairs shown in preview.html")
+
+    def __post_init__(self):
+        if not 0.0 <= self.hallucination_prob <= 1.0:
+            raise ValueError(f"hallucination_prob must lie in [0, 1], got {self.hallucination_prob}")
+        if self.hallucination_prob < 1.0 and not self.corruptions:
+            raise ValueError("corruptions is empty but hallucination_prob < 1 needs at least one")
+        if self.batch_size < 1 or self.images_per_part < 1 or self.consistency_samples < 1:
+            raise ValueError("batch_size, images_per_part and consistency_samples must be at least 1")
+        if self.min_agreement is not None and self.consistency_samples < 2:
+            raise ValueError("min_agreement needs consistency_samples of 2 or more")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dpo (stage 1)
+
+
+def paper_alpha_to_sft_weight(alpha: float, mean_chosen_tokens: float) -> float:
+    """The TRL sft weight that matches the paper's summed-log-prob / 1024 regulariser on average."""
+    return alpha * mean_chosen_tokens / 1024.0
+
+
+class _Unset:
+    """sft_weight not given: 1.0, or computed at run time when paper_alpha is set."""
+
+    def __repr__(self):
+        return "unset"
+
+
+_SFT_WEIGHT_DEFAULT = _Unset()
+
+
+@dataclasses.dataclass
+class DPOStageConfig(LoraOptions, DPOConfig):
+    """DPOConfig plus the stage's own keys. Defaults follow the paper where it gives them."""
+
+    output_dir: str = option("outputs/dpo", help="where the stage-1 adapter and its logs are written")
+    dataset: str = option(
+        "outputs/selfgen", help="a folder written by `stic selfgen` (or any local dataset in that format), a "
+                                "STIC-style JSON/JSONL file of records, or a Hugging Face dataset id")
+    dataset_split: str = option("train", help="the split of a dataset")
+    image_folder: str | None = option(None, help="where a JSON/JSONL dataset's relative image paths live")
+    max_samples: int | None = option(None, help="train on the first N pairs only")
+    mode: Literal["dpo", "sft_positive"] = option(
+        "dpo", help="dpo: DPO + alpha * SFT (STIC stage 1); sft_positive: plain SFT on the preferred answers only, "
+                    "same data and budget (the paper's Table 3 ablation)")
+    sft_weight: float | None = option(
+        _SFT_WEIGHT_DEFAULT, help="alpha as TRL's per-token-mean sft weight; None leaves loss_type/loss_weights as "
+                                  "given. Default 1.0, or computed at run time with paper_alpha")
+    paper_alpha: float | None = option(
+        None, help="the paper's alpha (summed chosen log-prob / 1024): sft_weight = paper_alpha * L / 1024, L the "
+                   "mean chosen length in tokens, measured on the dataset when the run starts")
+    global_batch_size: int | None = option(
+        None, help="sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time")
+    max_length: int | None = option(None, help="None: no truncation (TRL's default 1024 would cut image tokens)")
+    ref_model: str | None = option(
+        None, help="full fine-tuning only: the frozen reference model (default: the base model)")
+    resume: bool = option(False, help="continue from the last checkpoint in output_dir")
+    plot: bool = option(True, help="write a PNG of the training curves")
+    report_to: str | list[str] = option(factory=lambda: ["tensorboard"], help="TRL's loggers")
+    logging_steps: float = option(1, help="log every N optimizer steps")
+
+    def __post_init__(self):
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
+        if self.paper_alpha is not None:
+            if self.sft_weight is not _SFT_WEIGHT_DEFAULT:
+                raise ValueError(f"set either paper_alpha ({self.paper_alpha}) or sft_weight ({self.sft_weight}), "
+                                 "not both: paper_alpha computes sft_weight from the dataset")
+            if self.paper_alpha < 0:
+                raise ValueError(f"paper_alpha must be at least 0, got {self.paper_alpha}")
+            if "sft" in losses:
+                raise ValueError("set either paper_alpha or an 'sft' entry in loss_type, not both")
+            self.sft_weight = None  # set by apply_paper_alpha once the dataset is loaded
+        elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
+            self.sft_weight = 1.0
+        check_global_batch(self)
+        if self.sft_weight is not None:
+            if "sft" in losses:
+                raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
+                                 "(sft_weight: null keeps loss_type as given)")
+            if self.sft_weight > 0:
+                losses, weights = losses + ["sft"], weights + [float(self.sft_weight)]
+        self.loss_type, self.loss_weights = losses, weights
+        train_on_cpu_without_cuda(self)
+        if self.mode == "sft_positive" and self.ref_model:
+            raise ValueError("ref_model has no use in mode sft_positive")
+        super().__post_init__()
+
+    def apply_paper_alpha(self, mean_chosen_tokens: float) -> float:
+        """Set sft_weight, and TRL's loss_type/loss_weights, from paper_alpha and the dataset's mean chosen length
+        in tokens (before the trainer is built: it reads them once)."""
+        weight = paper_alpha_to_sft_weight(self.paper_alpha, mean_chosen_tokens)
+        pairs = [(name, w) for name, w in zip(self.loss_type, self.loss_weights) if name != "sft"]
+        if weight > 0:
+            pairs.append(("sft", weight))
+        self.loss_type, self.loss_weights = [n for n, _ in pairs], [w for _, w in pairs]
+        self.sft_weight = weight
+        return weight
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infuse_sft (stage 2)
+
+DEFAULT_TEMPLATE = "Image description: {description}\n{instruction}"
+
+
+@dataclasses.dataclass
+class DescribeConfig:
+    """How the stage-1 model describes an image, in stage 2 and in DaR alike."""
+
+    prompt: str | None = option(
+        None, help="a fixed captioning prompt; None draws one per image from the caption pool, seeded by (seed, "
+                   "image key), as the paper's Algorithm 2 does")
+    caption_prompts_file: str | None = option(
+        None, help="replaces the caption pool (one prompt per line, or a JSON list)")
+    sampling: SamplingConfig = option(factory=lambda: SamplingConfig(max_new_tokens=256),
+                                      help="sampling of the descriptions")
+    batch_size: int = option(8, help="images per generation batch")
+    images_per_part: int = option(64, help="descriptions per parquet part: the unit of work lost to a kill")
+
+    def prompt_for(self, key: str, seed: int) -> str:
+        """The describe prompt of one image (stage 2) or one benchmark item (DaR)."""
+        if self.prompt is not None:
+            return self.prompt
+        import random
+
+        from stic.prompts import read_pool
+
+        pool = read_pool(self.caption_prompts_file, "caption prompts") if self.caption_prompts_file else CAPTION_PROMPTS
+        return random.Random(f"{seed}\x1fdescribe\x1f{key}").choice(pool)
+
+
+@dataclasses.dataclass
+class InfuseSFTConfig(LoraOptions, SFTConfig):
+    """SFTConfig (every TRL option works) plus the stage's keys."""
+
+    output_dir: str = option("outputs/infuse_sft", help="where the stage-2 adapter, descriptions and logs go")
+    data: InstructionDataConfig = option(factory=InstructionDataConfig, help="the old instruction data")
+    subset: SubsetConfig = option(factory=SubsetConfig, help="which records of it are trained on")
+    describe: DescribeConfig = option(factory=DescribeConfig, help="how the stage-1 model describes the images")
+    template: str = option(DEFAULT_TEMPLATE, help="the infused first user turn; needs {description} and "
+                                                  "{instruction}")
+    stage1_adapter: str | None = option(
+        "outputs/dpo", help="the stage-1 model is the base (model:) plus this adapter; null: no adapter")
+    stage1_model: str | None = option(None, help="a merged stage-1 model folder instead (then model: is ignored)")
+    adapter_mode: Literal["continue", "new"] = option(
+        "continue", help="continue: keep training the stage-1 adapter (the paper); new: a fresh adapter on the "
+                         "stage-1 model")
+    descriptions_dir: str | None = option(None, help="where the descriptions go; default <output_dir>/descriptions")
+    overwrite_descriptions: bool = option(False, help="describe the images again instead of resuming")
+    resume: bool = option(
+        False, help="continue SFT from the last checkpoint in output_dir (descriptions always resume)")
+    plot: bool = option(True, help="write a PNG of the training curves")
+    num_train_epochs: float = option(1.0, help="passes over the subset")
+    assistant_only_loss: bool = option(True, help="the loss on assistant tokens only")
+    global_batch_size: int | None = option(
+        None, help="sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time")
+    max_length: int | None = option(None, help="None: no truncation (TRL's default 1024 would cut image tokens)")
+    report_to: str | list[str] = option(factory=lambda: ["tensorboard"], help="TRL's loggers")
+    logging_steps: float = option(1, help="log every N optimizer steps")
+
+    def __post_init__(self):
+        if "{description}" not in self.template or "{instruction}" not in self.template:
+            raise ValueError("template must contain {description} and {instruction}")
+        if self.stage1_adapter and self.stage1_model:
+            raise ValueError("set stage1_adapter or stage1_model, not both")
+        if self.adapter_mode == "continue" and not self.stage1_adapter:
+            raise ValueError("adapter_mode: continue needs stage1_adapter")
+        check_global_batch(self)
+        train_on_cpu_without_cuda(self)
+        super().__post_init__()
+
+    def to_dict(self):  # TrainingArguments serialises itself to JSON for logs and checkpoints
+        d = super().to_dict()
+        for key in ("data", "subset", "describe"):
+            d[key] = to_dict(getattr(self, key))
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    data_root: str = option("playground/data/eval", help="LLaVA-1.5's layout: <data_root>/<benchmark>/...")
+    output_dir: str = option("outputs/eval", help="where each run's predictions and scores go")
+    benchmarks: list[str] = option(factory=lambda: list(PAPER_BENCHMARKS), help="the benchmarks to run")
+    plugins: list[str] = option(
+        factory=list, help="modules imported before benchmarks is checked; each registers its own benchmarks "
+                           "(e.g. stic.shapes.benchmarks)")
+    batch_size: int = option(8, help="questions per generation batch")
+    limit: int | None = option(None, help="first N items of each benchmark (quick checks)")
+    judge: JudgeConfig = option(factory=JudgeConfig, help="the GPT judge of LLaVA-Bench and MM-Vet")
+
+    def __post_init__(self):
+        load_plugins(self.plugins)
+        check_known(self.benchmarks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str | None = None
+    description: str | None = None
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
+    selfgen: SelfGenConfig = dataclasses.field(default_factory=SelfGenConfig)
+    dpo: DPOStageConfig = dataclasses.field(default_factory=DPOStageConfig)
+    infuse_sft: InfuseSFTConfig = dataclasses.field(default_factory=InfuseSFTConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# (section, key, source): a key left out of the recipe takes the source's value, the previous stage's output
+CHAINED_DEFAULTS = (("dpo", "dataset", "selfgen.output_dir"), ("infuse_sft", "stage1_adapter", "dpo.output_dir"))
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """The whole recipe mapping (as `stic.config.load_recipe_dict` reads it), every section checked."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"known sections: {', '.join(SECTIONS)}"
+        )
+    for key in ("name", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise RecipeError(f"{key}: expected a string, got {data[key]!r}")
+    parsed: dict[str, Any] = {"name": data.get("name"), "description": data.get("description")}
+    for section, cls in (("model", ModelSpec), ("generation", BackendConfig), ("selfgen", SelfGenConfig),
+                         ("dpo", DPOStageConfig), ("infuse_sft", InfuseSFTConfig), ("eval", EvalConfig)):
+        values = data.get(section) or {}
+        for target, key, source in CHAINED_DEFAULTS:
+            if target == section and isinstance(values, dict) and key not in values:
+                source_section, source_key = source.split(".")
+                default = getattr(parsed[source_section], source_key)
+                if key == "stage1_adapter" and values.get("stage1_model"):
+                    default = None  # a merged stage-1 model holds its adapter already
+                values = {**values, key: default}
+        parsed[section] = from_dict(cls, values, section)
+    return Recipe(**parsed)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as a mapping `parse_recipe` reads back: each section's keys that differ from its defaults.
+
+    TRL sections derive some fields in __post_init__ (dpo: loss_type/loss_weights from sft_weight), so only a
+    recipe whose dpo section leaves those derived fields alone round-trips (not one with paper_alpha)."""
+    out: dict[str, Any] = {k: getattr(recipe, k) for k in ("name", "description") if getattr(recipe, k) is not None}
+    for f in dataclasses.fields(recipe):
+        section = getattr(recipe, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        values, defaults = to_dict(section), to_dict(type(section)())
+        changed = {k: v for k, v in values.items() if v != defaults[k]}
+        if changed:
+            out[f.name] = changed
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `stic <stage> --help`: the recipe keys of a stage's sections
+
+
+SECTION_TYPES = {"model": ModelSpec, "generation": BackendConfig, "selfgen": SelfGenConfig, "dpo": DPOStageConfig,
+                 "infuse_sft": InfuseSFTConfig, "eval": EvalConfig}
+
+
+def _type_text(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _own_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields stic declares: for a TRL-derived section, its own keys, not those it inherits from TRL."""
+    own = {name for klass in cls.__mro__ if klass.__module__.startswith("stic.")
+           for name in vars(klass).get("__annotations__", {})}
+    return [f for f in dataclasses.fields(cls) if f.init and f.name in own]
+
+
+def recipe_keys(cls: type, prefix: str, defaults: Any = None) -> list[str]:
+    """`prefix.key (type, default X): help` for every key of `cls`, nested sections flattened to dotted keys."""
+    chained = {f"{section}.{key}": source for section, key, source in CHAINED_DEFAULTS}
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in _own_fields(cls):
+        key, tp = f"{prefix}.{f.name}", hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(tp):
+            lines += recipe_keys(tp, key, default)
+            continue
+        default_text = chained.get(key) or repr(to_dict(default))
+        lines.append(f"  {key} ({_type_text(tp)}, default {default_text}): {f.metadata.get('help', '')}")
+    return lines
+
+
+def recipe_keys_help(sections: list[str]) -> str:
+    """The epilog of a stage's --help: the keys of `sections`, and for TRL-derived ones a note on TRL's keys."""
+    lines = ["recipe keys (override as section.key=value):"]
+    for section in sections:
+        cls = SECTION_TYPES[section]
+        lines += recipe_keys(cls, section)
+        for trl_config in (DPOConfig, SFTConfig):
+            if issubclass(cls, trl_config):
+                lines.append(f"  {section}.*: every TRL {trl_config.__name__} option too (learning_rate, "
+                             f"per_device_train_batch_size, ...)")
+    return "\n".join(lines)
