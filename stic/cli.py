@@ -187,7 +187,7 @@ def _eval(args) -> int:
 
 
 def _compare(args) -> int:
-    from stic.evaluate import compare_runs
+    from stic.report import compare_runs
 
     print(compare_runs(args.runs, args.plot))
     if args.plot:

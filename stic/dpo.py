@@ -24,14 +24,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from trl import DPOConfig
 
-from stic.config import ModelSpec, to_dict
+from stic.config import ModelSpec
 from stic.errors import SticError, one_line
 from stic.models import ModelSetupError, lora_config, projector_module, require_cuda_for_4bit, training_device
 from stic.recipe import (DPOStageConfig, Recipe, paper_alpha_to_sft_weight,  # noqa: F401  (re-exported)
                          parse_recipe)
+from stic.report import projector_record, write_dpo_report
 from stic.training import trainer_class
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -224,8 +224,11 @@ def run_dpo(recipe: Recipe) -> dict:
     summary = None
     if trainer.accelerator.is_main_process:
         load_processor(model_cfg, raw=True).save_pretrained(cfg.output_dir)  # the template as published
-        summary = write_summary(recipe, trainer, result, dataset, processor, time.time() - started, resume_from,
-                                setup)
+        # with paper_alpha: the L its sft weight came from (every row); else a sample's
+        mean_len = (setup["paper_alpha"]["mean_chosen_tokens"] if "paper_alpha" in setup
+                    else mean_chosen_tokens(dataset, processor))
+        summary = write_dpo_report(recipe, trainer, result, len(dataset), mean_len, time.time() - started,
+                                   resume_from, setup)
     trainer.accelerator.wait_for_everyone()
     return summary
 
@@ -236,9 +239,7 @@ def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
     check. Returns what run_summary.json records of them."""
     from stic.training import apply_global_batch, check_max_length
 
-    setup = {"batch": apply_global_batch(cfg),
-             "projector": ({"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None
-                            else cfg.learning_rate} if cfg.train_projector else {"trained": False})}
+    setup = {"batch": apply_global_batch(cfg), "projector": projector_record(cfg)}
     if cfg.paper_alpha is not None:
         mean_len = mean_chosen_tokens(dataset, processor, limit=None)
         cfg.apply_paper_alpha(mean_len)
@@ -279,70 +280,3 @@ def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_c
                        remove_columns=[c for c in ("chosen", "rejected") if c in dataset.column_names])
     return trainer_class(SFTTrainer, cfg)(model=model, args=sft_args, train_dataset=data, processing_class=processor,
                                           peft_config=peft_config)
-
-
-def write_summary(recipe: Recipe, trainer, result, dataset, processor, seconds: float, resumed_from,
-                  setup: dict | None = None) -> dict:
-    cfg = recipe.dpo
-    setup = setup or {}
-    out = Path(cfg.output_dir)
-    history = trainer.state.log_history
-    train_logs = [h for h in history if "loss" in h and "step" in h]
-    # with paper_alpha: the L the sft weight was computed from (every row)
-    mean_len = (setup["paper_alpha"]["mean_chosen_tokens"] if "paper_alpha" in setup
-                else mean_chosen_tokens(dataset, processor))
-    summary = {
-        "stage": "dpo",
-        "mode": cfg.mode,
-        "model": to_dict(recipe.model),
-        "dataset": {"source": cfg.dataset, "rows": len(dataset), "mean_chosen_tokens": round(mean_len, 1)},
-        "loss": {"loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights, "beta": cfg.beta,
-                 "sft_weight": cfg.sft_weight, "paper_alpha": cfg.paper_alpha,
-                 "paper_alpha_equivalent": (round(cfg.sft_weight * 1024 / mean_len, 4)
-                                            if cfg.sft_weight and mean_len else None)},
-        **setup,
-        "adapter": cfg.use_peft,
-        "processes": trainer.accelerator.num_processes,
-        "global_step": trainer.state.global_step,
-        "resumed_from": resumed_from,
-        "train_metrics": result.metrics,
-        "first_log": train_logs[0] if train_logs else None,
-        "last_log": train_logs[-1] if train_logs else None,
-        "seconds": round(seconds, 1),
-        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                                if torch.cuda.is_available() else None),
-        "output_dir": str(out),
-    }
-    if cfg.plot and train_logs:
-        summary["plot"] = str(plot_training_curves(history, out / "training_curves.png"))
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
-    print(f"dpo: {trainer.state.global_step} steps in {seconds:.0f}s; saved to {out}")
-    return summary
-
-
-def plot_training_curves(history: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = [h for h in history if "loss" in h and "step" in h]
-    steps = [h["step"] for h in logs]
-    panels = [("loss", ["loss"]), ("reward margin", ["rewards/margins"]), ("reward accuracy", ["rewards/accuracies"]),
-              ("log-probs", ["logps/chosen", "logps/rejected"])]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(s, h[key]) for s, h in zip(steps, logs) if key in h]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key.split("/")[-1])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(keys) > 1 and ax.lines:  # SFT-only runs have no log-prob curves
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

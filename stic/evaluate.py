@@ -17,12 +17,13 @@ import json
 import logging
 from pathlib import Path
 
-from stic.benchmarks import (BENCHMARKS, MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
+from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
                              get_benchmark)
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, score_llava_bench, score_mmvet
 from stic.recipe import EvalConfig, Recipe, parse_recipe  # noqa: F401  (re-exported)
+from stic.report import benchmark_summary, write_eval_summary
 
 log = logging.getLogger("stic.eval")
 
@@ -193,78 +194,9 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
             fh.writelines(json.dumps(p) + "\n" for p in predictions)
         scores = score_predictions(name, items, predictions, judge)
         (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-        summary["benchmarks"][name] = {"headline": bench.headline,
-                                       "value": scores["metrics"].get(bench.headline), "metrics": {
-                                           k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+        summary["benchmarks"][name] = benchmark_summary(bench.headline, scores)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (run_dir / "results.md").write_text(results_table([summary]))
-    print(results_table([summary]))
+    write_eval_summary(run_dir, summary)
     return summary
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Tables and charts
-
-
-def _cell(entry: dict | None) -> float | None:
-    if not entry or "value" not in entry or entry["value"] is None:
-        return None
-    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1", "hallucination_rate") else entry["value"]
-
-
-def _table_names(summaries: list[dict]) -> list[str]:
-    """The benchmarks the runs have, in registry order; names no imported plugin registered (`stic compare` does
-    not read the runs' recipes) follow in the order the runs list them."""
-    order = list(BENCHMARKS)
-    names = dict.fromkeys(n for s in summaries for n in s["benchmarks"])
-    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
-
-
-def results_table(summaries: list[dict]) -> str:
-    """A markdown table, one row per run, one column per benchmark (its headline metric, in %), plus the average
-    over the benchmarks every run has."""
-    names = _table_names(summaries)
-    common = [n for n in names if all(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
-    head = "| run | " + " | ".join(names) + " | average |\n|---|" + "---|" * (len(names) + 1) + "\n"
-    lines = []
-    for s in summaries:
-        cells = [_cell(s["benchmarks"].get(n)) for n in names]
-        avg = [_cell(s["benchmarks"][n]) for n in common]
-        tail = f" | {sum(avg) / len(avg):.1f} |" if avg else " | – |"
-        lines.append(f"| {s['run']} | " + " | ".join("skipped" if c is None else f"{c:.1f}" for c in cells) + tail)
-    return head + "\n".join(lines) + "\n"
-
-
-def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
-    summaries = []
-    for d in run_dirs:
-        path = Path(d) / "summary.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: pass run folders written by eval/run.py")
-        summaries.append(json.loads(path.read_text()))
-    table = results_table(summaries)
-    if out_png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = [n for n in _table_names(summaries) if any(_cell(s["benchmarks"].get(n)) is not None
-                                                            for s in summaries)]
-        width = 0.8 / max(1, len(summaries))
-        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
-        for k, s in enumerate(summaries):
-            vals = [_cell(s["benchmarks"].get(n)) or 0.0 for n in names]
-            ax.bar([i + k * width for i in range(len(names))], vals, width, label=s["run"])
-        ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
-        ax.set_ylabel("score (%)")
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_png, dpi=110)
-        plt.close(fig)
-    return table

@@ -18,18 +18,17 @@ question with the description infused exactly as in training (with the image aga
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections import Counter
 from pathlib import Path
 
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
-from stic.instructions import choose_subset, composition, load_instructions
+from stic.instructions import choose_subset, load_instructions
 from stic.models import ModelSetupError, lora_config, process_state, require_cuda_for_4bit, training_device
 from stic.recipe import (DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe,  # noqa: F401  (re-exported)
                          parse_recipe)
+from stic.report import skip_reasons, write_infuse_report, write_infused_data_report
 from stic.training import trainer_class
 
 
@@ -240,8 +239,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     if not records:
         from stic.instructions import InstructionDataError
 
-        reasons = Counter("missing image file" if s["reason"].startswith("missing image") else s["reason"]
-                          for s in skipped)
+        reasons = skip_reasons(skipped)
         detail = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         raise InstructionDataError(f"no usable record in {cfg.data.path} ({len(skipped)} skipped: {detail})"
                                    if skipped else f"no usable record in {cfg.data.path}: it holds none")
@@ -251,14 +249,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     state.wait_for_everyone()
     train_set, undescribed = build_training_set(subset, descriptions, cfg.template, recipe.model.system_prompt)
     if state.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "skipped_records.jsonl", "w") as fh:
-            for s in skipped:
-                fh.write(json.dumps(s) + "\n")
-        with open(out / "infused_samples.jsonl", "w") as fh:
-            for row in train_set.select(range(min(20, len(train_set)))):
-                fh.write(json.dumps({"id": row["id"], "messages": row["messages"]}) + "\n")
+        write_infused_data_report(Path(cfg.output_dir), skipped, train_set)
 
     processor = load_processor(stage1_model_config(recipe))
     length_check = (check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
@@ -276,56 +267,12 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     summary = None
     if trainer.accelerator.is_main_process:
         load_processor(stage1_model_config(recipe), raw=True).save_pretrained(cfg.output_dir)  # as published
-        summary = {
-            "stage": "infuse_sft",
-            "model": to_dict(stage1_model_config(recipe)),
-            "stage1_adapter": cfg.stage1_adapter,
-            "adapter_mode": cfg.adapter_mode,
-            "data": {"source": cfg.data.path, "usable_records": len(records), "skipped_records": len(skipped),
-                     "skipped_by_reason": dict(Counter("missing image file" if s["reason"].startswith("missing image")
-                                                       else s["reason"] for s in skipped))},
-            "subset": {**to_dict(cfg.subset), "composition": composition(subset)},
-            "descriptions": {"images": len({r["image"] for r in subset if r["image"]}),
-                             "records_without_description": undescribed},
-            "trained_records": len(train_set),
-            "template": cfg.template,
-            "processes": trainer.accelerator.num_processes,
-            "batch": batch,
-            "max_length_check": length_check,
-            "projector": ({"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None
-                           else cfg.learning_rate} if cfg.train_projector else {"trained": False}),
-            "global_step": trainer.state.global_step,
-            "train_metrics": result.metrics,
-            "seconds": round(time.time() - started, 1),
-        }
-        out = Path(cfg.output_dir)
-        history = trainer.state.log_history
-        (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
-        if cfg.plot:
-            summary["plot"] = str(_plot_loss(history, out / "training_curves.png"))
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        print(f"infuse-sft: {len(train_set)} records, {trainer.state.global_step} steps; saved to {out}")
+        summary = write_infuse_report(
+            cfg, stage1_model_config(recipe), trainer, result, usable_records=len(records), skipped=skipped,
+            subset=subset, undescribed=undescribed, trained_records=len(train_set), batch=batch,
+            length_check=length_check, seconds=time.time() - started)
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def _plot_loss(history, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    if pts:
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-    ax.set_title("stage 2 SFT loss")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------

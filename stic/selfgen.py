@@ -16,10 +16,7 @@ shardable over `accelerate launch` processes.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import io
 import json
 import random
 from typing import Any
@@ -29,8 +26,8 @@ from stic.generation import BatchGenerator, Output, Request, prompt_messages, st
 from stic.images import ImageLoader, list_images
 from stic.prompts import PromptSets, load_prompts
 from stic.recipe import Recipe, SelfGenConfig, parse_recipe  # noqa: F401  (the stage's section, re-exported)
+from stic.report import write_selfgen_manifest
 from stic.serving import make_engine, run_identity, served_model
-from stic.store import ShardedOutput
 
 ID_COLUMN = "image_id"
 
@@ -265,111 +262,5 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     )
     if job is None:  # not the main process
         return None
-    return write_manifest(job.store, recipe, refs, job.run_stats, resumed_from=job.done_at_start)
-
-
-def write_manifest(store: ShardedOutput, recipe: Recipe, refs, run_stats: list[dict], resumed_from: int) -> dict:
-    import pyarrow.parquet as pq
-
-    ids = store.row_ids(ID_COLUMN)
-    branches: dict[str, int] = {}
-    finish: dict[str, int] = {}
-    for part in store.part_files():
-        table = pq.read_table(part, columns=["rejected_branch", "chosen_finish_reason"])
-        for b in table.column("rejected_branch").to_pylist():
-            branches[b] = branches.get(b, 0) + 1
-        for f in table.column("chosen_finish_reason").to_pylist():
-            finish[f] = finish.get(f, 0) + 1
-    ledger = store.ledger()
-    rejects = [e for e in ledger if e["status"] == "rejected"]
-    dropped: dict[str, int] = {}
-    for e in ledger:
-        if e["status"] == "dropped":
-            dropped[e["reason"]] = dropped.get(e["reason"], 0) + 1
-    with open(store.root / "rejects.jsonl", "w") as fh:
-        for e in rejects:
-            fh.write(json.dumps({"id": e["id"], "path": e.get("path"), "row": e.get("row"),
-                                 "reason": e["reason"]}) + "\n")
-    wall = max((s["seconds"] for s in run_stats), default=0.0)
-    this_images = sum(s["images"] for s in run_stats)
-    this_tokens = sum(s["tokens"] for s in run_stats)
-    manifest = {
-        "stage": "selfgen",
-        "config": {"model": to_dict(recipe.model), "selfgen": to_dict(recipe.selfgen)},
-        "counts": {
-            "images_in_source": len(refs),
-            "rows": len(ids),
-            "duplicate_rows": len(ids) - len(set(ids)),
-            "rejected_images": len(rejects),
-            "dropped_pairs": dropped,
-            "rejected_branch": branches,
-            "chosen_finish_reason": finish,
-            "images_remaining": len({r.id for r in refs} - set(ids) - {e["id"] for e in ledger}),
-        },
-        "last_run": {
-            "processes": len(run_stats),
-            "already_done_at_start": resumed_from,
-            "images_processed": this_images,
-            "seconds": round(wall, 2),
-            "images_per_second": round(this_images / wall, 3) if wall else None,
-            "generated_tokens": this_tokens,
-            "tokens_per_second": round(this_tokens / wall, 1) if wall else None,
-        },
-        "rejects_file": "rejects.jsonl",
-        "data_files": [p.relative_to(store.root).as_posix() for p in store.part_files()],
-    }
-    (store.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    write_preview(store, recipe.selfgen.preview_pairs)
-    c = manifest["counts"]
-    print(f"selfgen: {c['rows']} pairs in {store.root} ({c['rejected_images']} images rejected, "
-          f"{sum(dropped.values())} pairs dropped); last run {this_images} images in {wall:.1f}s, "
-          f"{manifest['last_run']['tokens_per_second']} tok/s")
-    return manifest
-
-
-def write_preview(store: ShardedOutput, n: int) -> None:
-    """preview.html: a few pairs side by side, with the corrupted image the rejected answer was made from."""
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from corruptions import corrupt
-
-    cards = []
-    for part in store.part_files():
-        if len(cards) >= n:
-            break
-        for row in pq.read_table(part).slice(0, n - len(cards)).to_pylist():
-            image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
-            shown = [("clean image", image)]
-            if row["corruption_params"]:
-                rec = json.loads(row["corruption_params"])
-                shown.append((f"{rec['kind']} (rejected's input)", corrupt(image, rec["kind"], rec["seed"],
-                                                                           **rec["settings"])[0]))
-            imgs = "".join(f"<figure><img src='data:image/jpeg;base64,{_thumb(im)}'><figcaption>{html.escape(t)}"
-                           f"</figcaption></figure>" for t, im in shown)
-            e = html.escape
-            cards.append(
-                f"<section><h2>{e(row[ID_COLUMN])} <small>rejected via {e(row['rejected_branch'])}</small></h2>"
-                f"<div class=imgs>{imgs}</div><p class=prompt><b>Prompt x:</b> {e(row['caption_prompt'])}</p>"
-                f"<div class=pair><div class=chosen><h3>chosen ({e(row['chosen_finish_reason'])})</h3>"
-                f"<details class=prompt><summary>step-by-step prompt</summary>{e(row['chosen_prompt'])}</details>"
-                f"<p>{e(row['chosen'][0]['content'])}</p></div><div class=rejected><h3>rejected "
-                f"({e(row['rejected_finish_reason'])})</h3><p class=prompt>{e(row['rejected_prompt'])}</p>"
-                f"<p>{e(row['rejected'][0]['content'])}</p></div></div></section>"
-            )
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}section{border-bottom:1px solid #ccc;"
-             "padding:8px}.imgs{display:flex;gap:8px}img{max-height:180px}.pair{display:flex;gap:12px}"
-             ".pair>div{flex:1;padding:6px}.chosen{background:#eefbea}.rejected{background:#fdecec}"
-             ".prompt{color:#555;font-size:90%}figure{margin:0}")
-    (store.root / "preview.html").write_text(
-        f"<!doctype html><meta charset=utf-8><title>STIC preference pairs</title><style>{style}</style>"
-        f"<h1>STIC preference pairs ({len(cards)} shown)</h1>{''.join(cards)}"
-    )
-
-
-def _thumb(image) -> str:
-    image = image.copy()
-    image.thumbnail((256, 256))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return base64.b64encode(buf.getvalue()).decode()
+    return write_selfgen_manifest(job.store, recipe, refs, job.run_stats, resumed_from=job.done_at_start,
+                                  id_column=ID_COLUMN)

@@ -11,7 +11,8 @@ import yaml
 
 from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError
 from stic.config import load_recipe_dict
-from stic.evaluate import compare_runs, load_items, parse_recipe, run_eval, score_predictions
+from stic.evaluate import load_items, parse_recipe, run_eval, score_predictions
+from stic.report import compare_runs
 from tests.bench_files import make_eval_root
 from tests.conftest import die_on_call, send_json
 

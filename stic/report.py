@@ -1,0 +1,369 @@
+"""The reports the stages write next to their outputs, for people and for the tools that read them back.
+
+- selfgen:     manifest.json (counts, timings), rejects.jsonl, preview.html (a few pairs side by side)
+- dpo, infuse: run_summary.json, log_history.json, training_curves.png
+- infuse:      skipped_records.jsonl, infused_samples.jsonl
+- eval:        summary.json and results.md of a run; `stic compare`'s table and bar chart
+
+The stage modules call these once their work is done. This module imports no stage module (the stages import
+it): it reads the recipe and config objects it is handed by attribute only.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from stic.config import to_dict
+
+if TYPE_CHECKING:
+    from stic.store import ShardedOutput
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    with open(path, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selfgen
+
+
+def write_selfgen_manifest(store: ShardedOutput, recipe, refs, run_stats: list[dict], resumed_from: int,
+                           id_column: str) -> dict:
+    """manifest.json, rejects.jsonl and preview.html of a selfgen output folder; returns the manifest."""
+    import pyarrow.parquet as pq
+
+    ids = store.row_ids(id_column)
+    branches: Counter = Counter()
+    finish: Counter = Counter()
+    for part in store.part_files():
+        table = pq.read_table(part, columns=["rejected_branch", "chosen_finish_reason"])
+        branches.update(table.column("rejected_branch").to_pylist())
+        finish.update(table.column("chosen_finish_reason").to_pylist())
+    ledger = store.ledger()
+    rejects = [e for e in ledger if e["status"] == "rejected"]
+    dropped = dict(Counter(e["reason"] for e in ledger if e["status"] == "dropped"))
+    write_jsonl(store.root / "rejects.jsonl", ({"id": e["id"], "path": e.get("path"), "row": e.get("row"),
+                                                "reason": e["reason"]} for e in rejects))
+    wall = max((s["seconds"] for s in run_stats), default=0.0)
+    this_images = sum(s["images"] for s in run_stats)
+    this_tokens = sum(s["tokens"] for s in run_stats)
+    manifest = {
+        "stage": "selfgen",
+        "config": {"model": to_dict(recipe.model), "selfgen": to_dict(recipe.selfgen)},
+        "counts": {
+            "images_in_source": len(refs),
+            "rows": len(ids),
+            "duplicate_rows": len(ids) - len(set(ids)),
+            "rejected_images": len(rejects),
+            "dropped_pairs": dropped,
+            "rejected_branch": dict(branches),
+            "chosen_finish_reason": dict(finish),
+            "images_remaining": len({r.id for r in refs} - set(ids) - {e["id"] for e in ledger}),
+        },
+        "last_run": {
+            "processes": len(run_stats),
+            "already_done_at_start": resumed_from,
+            "images_processed": this_images,
+            "seconds": round(wall, 2),
+            "images_per_second": round(this_images / wall, 3) if wall else None,
+            "generated_tokens": this_tokens,
+            "tokens_per_second": round(this_tokens / wall, 1) if wall else None,
+        },
+        "rejects_file": "rejects.jsonl",
+        "data_files": [p.relative_to(store.root).as_posix() for p in store.part_files()],
+    }
+    (store.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_preview(store, recipe.selfgen.preview_pairs, id_column)
+    c = manifest["counts"]
+    print(f"selfgen: {c['rows']} pairs in {store.root} ({c['rejected_images']} images rejected, "
+          f"{sum(dropped.values())} pairs dropped); last run {this_images} images in {wall:.1f}s, "
+          f"{manifest['last_run']['tokens_per_second']} tok/s")
+    return manifest
+
+
+def write_preview(store: ShardedOutput, n: int, id_column: str) -> None:
+    """preview.html: a few pairs side by side, with the corrupted image the rejected answer was made from."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from corruptions import corrupt
+
+    cards = []
+    for part in store.part_files():
+        if len(cards) >= n:
+            break
+        for row in pq.read_table(part).slice(0, n - len(cards)).to_pylist():
+            image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+            shown = [("clean image", image)]
+            if row["corruption_params"]:  # rebuilt from its record: the corrupted image itself is not stored
+                rec = json.loads(row["corruption_params"])
+                shown.append((f"{rec['kind']} (rejected's input)", corrupt(image, rec["kind"], rec["seed"],
+                                                                           **rec["settings"])[0]))
+            imgs = "".join(f"<figure><img src='data:image/jpeg;base64,{_thumb(im)}'><figcaption>{html.escape(t)}"
+                           f"</figcaption></figure>" for t, im in shown)
+            e = html.escape
+            cards.append(
+                f"<section><h2>{e(row[id_column])} <small>rejected via {e(row['rejected_branch'])}</small></h2>"
+                f"<div class=imgs>{imgs}</div><p class=prompt><b>Prompt x:</b> {e(row['caption_prompt'])}</p>"
+                f"<div class=pair><div class=chosen><h3>chosen ({e(row['chosen_finish_reason'])})</h3>"
+                f"<details class=prompt><summary>step-by-step prompt</summary>{e(row['chosen_prompt'])}</details>"
+                f"<p>{e(row['chosen'][0]['content'])}</p></div><div class=rejected><h3>rejected "
+                f"({e(row['rejected_finish_reason'])})</h3><p class=prompt>{e(row['rejected_prompt'])}</p>"
+                f"<p>{e(row['rejected'][0]['content'])}</p></div></div></section>"
+            )
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}section{border-bottom:1px solid #ccc;"
+             "padding:8px}.imgs{display:flex;gap:8px}img{max-height:180px}.pair{display:flex;gap:12px}"
+             ".pair>div{flex:1;padding:6px}.chosen{background:#eefbea}.rejected{background:#fdecec}"
+             ".prompt{color:#555;font-size:90%}figure{margin:0}")
+    (store.root / "preview.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>STIC preference pairs</title><style>{style}</style>"
+        f"<h1>STIC preference pairs ({len(cards)} shown)</h1>{''.join(cards)}"
+    )
+
+
+def _thumb(image) -> str:
+    """A small JPEG as base64, so preview.html is one self-contained file."""
+    image = image.copy()
+    image.thumbnail((256, 256))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training stages (dpo, infuse)
+
+# (panel title, log keys drawn in it)
+PREFERENCE_PANELS = (("loss", ("loss",)), ("reward margin", ("rewards/margins",)),
+                     ("reward accuracy", ("rewards/accuracies",)), ("log-probs", ("logps/chosen", "logps/rejected")))
+SFT_LOSS_PANELS = (("stage 2 SFT loss", ("loss",)),)
+
+
+def train_logs(history: list[dict]) -> list[dict]:
+    """The Trainer's per-step training records (not its eval or end-of-training records)."""
+    return [h for h in history if "loss" in h and "step" in h]
+
+
+def plot_training_curves(history: list[dict], path: Path, panels=PREFERENCE_PANELS,
+                         figsize: tuple[float, float] = (16, 3.6)) -> Path:
+    """One panel per (title, keys) entry, each key a curve over the training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = train_logs(history)
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in logs if key in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 and ax.lines:  # SFT-only runs have no log-prob curves
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_training_report(out_dir: Path, summary: dict, history: list[dict], panels=None,
+                          figsize: tuple[float, float] = (16, 3.6)) -> dict:
+    """log_history.json, training_curves.png (when `panels` are given; its path goes into the summary) and
+    run_summary.json. The log is written first, so a failed plot still leaves it."""
+    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    if panels:
+        summary["plot"] = str(plot_training_curves(history, out_dir / "training_curves.png", panels, figsize))
+    (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def projector_record(cfg) -> dict:
+    """Whether a training stage trains the projector, and at which learning rate."""
+    if not cfg.train_projector:
+        return {"trained": False}
+    return {"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate}
+
+
+def write_dpo_report(recipe, trainer, result, rows: int, mean_chosen_tokens: float, seconds: float, resumed_from,
+                     setup: dict | None = None) -> dict:
+    """run_summary.json, log_history.json and training_curves.png of a finished dpo run; returns the summary.
+    `setup` is what the stage settled before training (batch, projector, paper_alpha, max_length check)."""
+    import torch
+
+    cfg = recipe.dpo
+    out = Path(cfg.output_dir)
+    history = trainer.state.log_history
+    logs = train_logs(history)
+    summary = {
+        "stage": "dpo",
+        "mode": cfg.mode,
+        "model": to_dict(recipe.model),
+        "dataset": {"source": cfg.dataset, "rows": rows, "mean_chosen_tokens": round(mean_chosen_tokens, 1)},
+        "loss": {"loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights, "beta": cfg.beta,
+                 "sft_weight": cfg.sft_weight, "paper_alpha": cfg.paper_alpha,
+                 "paper_alpha_equivalent": (round(cfg.sft_weight * 1024 / mean_chosen_tokens, 4)
+                                            if cfg.sft_weight and mean_chosen_tokens else None)},
+        **(setup or {}),
+        "adapter": cfg.use_peft,
+        "processes": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resumed_from,
+        "train_metrics": result.metrics,
+        "first_log": logs[0] if logs else None,
+        "last_log": logs[-1] if logs else None,
+        "seconds": round(seconds, 1),
+        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                if torch.cuda.is_available() else None),
+        "output_dir": str(out),
+    }
+    write_training_report(out, summary, history, PREFERENCE_PANELS if cfg.plot and logs else None)
+    print(f"dpo: {trainer.state.global_step} steps in {seconds:.0f}s; saved to {out}")
+    return summary
+
+
+def skip_reasons(skipped: list[dict]) -> Counter:
+    """Skipped instruction records by reason; the missing-image reasons, each naming its file, count as one."""
+    return Counter("missing image file" if s["reason"].startswith("missing image") else s["reason"]
+                   for s in skipped)
+
+
+def write_infused_data_report(out_dir: Path, skipped: list[dict], train_set, samples: int = 20) -> None:
+    """skipped_records.jsonl (every record left out, with its reason) and infused_samples.jsonl (the first
+    infused records, to read what stage 2 trains on)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "skipped_records.jsonl", skipped)
+    write_jsonl(out_dir / "infused_samples.jsonl", ({"id": row["id"], "messages": row["messages"]}
+                                                    for row in train_set.select(range(min(samples, len(train_set))))))
+
+
+def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int, skipped: list[dict],
+                        subset: list[dict], undescribed: list[str], trained_records: int, batch: dict,
+                        length_check: dict | None, seconds: float) -> dict:
+    """run_summary.json, log_history.json and training_curves.png of a finished infuse-sft run; returns the
+    summary. `model_cfg` is the stage-1 model the run trained on."""
+    from stic.instructions import composition
+
+    out = Path(cfg.output_dir)
+    summary = {
+        "stage": "infuse_sft",
+        "model": to_dict(model_cfg),
+        "stage1_adapter": cfg.stage1_adapter,
+        "adapter_mode": cfg.adapter_mode,
+        "data": {"source": cfg.data.path, "usable_records": usable_records, "skipped_records": len(skipped),
+                 "skipped_by_reason": dict(skip_reasons(skipped))},
+        "subset": {**to_dict(cfg.subset), "composition": composition(subset)},
+        "descriptions": {"images": len({r["image"] for r in subset if r["image"]}),
+                         "records_without_description": undescribed},
+        "trained_records": trained_records,
+        "template": cfg.template,
+        "processes": trainer.accelerator.num_processes,
+        "batch": batch,
+        "max_length_check": length_check,
+        "projector": projector_record(cfg),
+        "global_step": trainer.state.global_step,
+        "train_metrics": result.metrics,
+        "seconds": round(seconds, 1),
+    }
+    write_training_report(out, summary, trainer.state.log_history, SFT_LOSS_PANELS if cfg.plot else None,
+                          figsize=(5, 3.4))
+    print(f"infuse-sft: {trained_records} records, {trainer.state.global_step} steps; saved to {out}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval: summaries, tables and charts
+
+
+def benchmark_summary(headline: str, scores: dict) -> dict:
+    """A benchmark's entry in summary.json: its headline value and its scalar metrics."""
+    return {"headline": headline, "value": scores["metrics"].get(headline),
+            "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+
+
+def write_eval_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json and results.md of an eval run; prints the table."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = results_table([summary])
+    (run_dir / "results.md").write_text(table)
+    print(table)
+
+
+def _cell(entry: dict | None) -> float | None:
+    if not entry or "value" not in entry or entry["value"] is None:
+        return None
+    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1", "hallucination_rate") else entry["value"]
+
+
+def _table_names(summaries: list[dict]) -> list[str]:
+    """The benchmarks the runs have, in registry order; names no imported plugin registered (`stic compare` does
+    not read the runs' recipes) follow in the order the runs list them."""
+    from stic.benchmarks import BENCHMARKS
+
+    order = list(BENCHMARKS)
+    names = dict.fromkeys(n for s in summaries for n in s["benchmarks"])
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def results_table(summaries: list[dict]) -> str:
+    """A markdown table, one row per run, one column per benchmark (its headline metric, in %), plus the average
+    over the benchmarks every run has."""
+    names = _table_names(summaries)
+    common = [n for n in names if all(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
+    head = "| run | " + " | ".join(names) + " | average |\n|---|" + "---|" * (len(names) + 1) + "\n"
+    lines = []
+    for s in summaries:
+        cells = [_cell(s["benchmarks"].get(n)) for n in names]
+        avg = [_cell(s["benchmarks"][n]) for n in common]
+        tail = f" | {sum(avg) / len(avg):.1f} |" if avg else " | – |"
+        lines.append(f"| {s['run']} | " + " | ".join("skipped" if c is None else f"{c:.1f}" for c in cells) + tail)
+    return head + "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
+    """The results table of several eval runs (their summary.json files), and with `out_png` a bar chart."""
+    summaries = []
+    for d in run_dirs:
+        path = Path(d) / "summary.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: pass run folders written by eval/run.py")
+        summaries.append(json.loads(path.read_text()))
+    table = results_table(summaries)
+    if out_png:
+        plot_comparison(summaries, out_png)
+    return table
+
+
+def plot_comparison(summaries: list[dict], out_png: str) -> None:
+    """Grouped bars: one group per benchmark some run has a value for, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in _table_names(summaries) if any(_cell(s["benchmarks"].get(n)) is not None
+                                                        for s in summaries)]
+    width = 0.8 / max(1, len(summaries))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
+    for k, s in enumerate(summaries):
+        vals = [_cell(s["benchmarks"].get(n)) or 0.0 for n in names]
+        ax.bar([i + k * width for i in range(len(names))], vals, width, label=s["run"])
+    ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("score (%)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
