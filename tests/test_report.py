@@ -9,7 +9,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 from stic import report
-from stic.config import ModelConfig
+from stic.config import ModelSpec
 from stic.generation import Output
 from stic.images import ImageRef
 from stic.instructions import SubsetConfig
@@ -56,7 +56,7 @@ def selfgen_store(root: Path, n_rows: int = 6):
                {"id": "same.png", "status": "dropped", "reason": "identical"}])
     refs = [ImageRef(id=f"img{i}.png") for i in range(n_rows + 2)] + [ImageRef(id="broken.png"),
                                                                        ImageRef(id="same.png")]
-    recipe = NS(model=ModelConfig(name_or_path="tiny:llava"), selfgen=cfg)
+    recipe = NS(model=ModelSpec(name_or_path="tiny:llava"), selfgen=cfg)
     return store, recipe, refs, rows
 
 
@@ -137,7 +137,7 @@ def fake_trainer(history, steps=5, processes=1):
 
 
 def test_dpo_report(tmp_path):
-    recipe = NS(model=ModelConfig(name_or_path="tiny:llava"), dpo=dpo_cfg(tmp_path))
+    recipe = NS(model=ModelSpec(name_or_path="tiny:llava"), dpo=dpo_cfg(tmp_path))
     setup = {"batch": {"processes": 1}, "projector": {"trained": False}}
     summary = report.write_dpo_report(recipe, fake_trainer(HISTORY), NS(metrics={"train_loss": 0.6}), rows=12,
                                       mean_chosen_tokens=64.0, seconds=3.26, resumed_from=None, setup=setup)
@@ -192,7 +192,7 @@ def test_infuse_report(tmp_path):
     subset = [{"source": "coco", "image": "a.jpg", "messages": [{"role": "user", "content": "what"}] * 2},
               {"source": "text", "image": None, "messages": [{"role": "user", "content": "hi"}] * 2}]
     summary = report.write_infuse_report(
-        cfg, ModelConfig(name_or_path="tiny:llava"), fake_trainer(HISTORY, steps=4), NS(metrics={"m": 1}),
+        cfg, ModelSpec(name_or_path="tiny:llava"), fake_trainer(HISTORY, steps=4), NS(metrics={"m": 1}),
         usable_records=9, skipped=SKIPPED, subset=subset, undescribed=["r7"], trained_records=2,
         batch={"processes": 1}, length_check=None, seconds=10.04)
     assert json.loads((tmp_path / "run_summary.json").read_text()) == summary
