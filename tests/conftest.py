@@ -49,6 +49,14 @@ def photo_dir(tmp_path):
     return root
 
 
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    """Small files of every paper benchmark in its published layout (tests/bench_files.py)."""
+    from tests.bench_files import make_eval_root
+
+    return make_eval_root(tmp_path_factory.mktemp("eval_data"))
+
+
 def write_bad_images(root: Path) -> dict[str, str]:
     """Unreadable files of several kinds; returns {file name: a word its reject reason must contain}."""
     good = root / "ok_for_truncation.png"

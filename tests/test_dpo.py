@@ -18,7 +18,6 @@ from stic.dpo import (
     parse_recipe,
     run_dpo,
 )
-from stic.models import merge_adapter
 from tests.conftest import free_port, photo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,29 +246,6 @@ def test_resume_continues_at_the_same_step(tmp_path, monkeypatch):
         assert torch.allclose(a[k], b[k], atol=1e-6), k  # same weights as the uninterrupted run
 
 
-def test_merged_model_matches_base_plus_adapter(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from stic.generation import BatchGenerator, Request
-    from stic.models import load_model
-
-    data = make_dataset(tmp_path / "data", n=4)
-    run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=3, learning_rate=2e-2)))
-    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
-    merged_dir, _ = merge_adapter(mcfg, str(tmp_path / "run"), str(tmp_path / "merged"))
-    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
-    processor = AutoProcessor.from_pretrained(merged_dir)
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    with_adapter = PeftModel.from_pretrained(load_model(mcfg), str(tmp_path / "run")).eval()
-    base = load_model(mcfg).eval()
-    inputs = BatchGenerator(merged, processor).encode([Request(photo(1), "Describe the image.")])
-    with torch.no_grad():
-        m, a, b = (mod(**inputs).logits for mod in (merged, with_adapter, base))
-    assert torch.allclose(m, a, atol=1e-4)
-    assert not torch.allclose(m, b, atol=1e-3)  # the adapter really changed the model
-
-
 def test_sft_positive_mode_trains_on_preferred_answers(tmp_path):
     data = make_dataset(tmp_path / "data", n=4)
     summary = run_dpo(recipe("llava", dpo_cfg(tmp_path, data, mode="sft_positive", max_steps=3)))
@@ -407,11 +383,6 @@ def test_projector_trains_in_its_own_group_at_mm_projector_lr(tmp_path):
     assert all(moved[n] > 0 for n in projector)
     assert max(moved[n] for n in projector) == pytest.approx(3e-2, rel=0.05)
     assert max(moved[n] for n in lora) == pytest.approx(1e-3, rel=0.05)
-
-
-def test_mm_projector_lr_needs_train_projector():
-    with pytest.raises(ValueError, match="mm_projector_lr is set but train_projector is false"):
-        DPOStageConfig(output_dir="x", mm_projector_lr=1e-5, report_to=[])
 
 
 def test_global_batch_size_gives_the_same_batch_on_one_and_eight_gpus(tmp_path, monkeypatch):

@@ -13,15 +13,9 @@ from stic.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkFileError
 from stic.config import load_recipe_dict
 from stic.evaluate import load_items, parse_recipe, run_eval, score_predictions
 from stic.report import compare_runs
-from tests.bench_files import make_eval_root
 from tests.conftest import die_on_call, send_json
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def eval_root(tmp_path_factory):
-    return make_eval_root(tmp_path_factory.mktemp("eval_data"))
 
 
 def recipe_dict(root, out, **ev):
@@ -115,22 +109,8 @@ def test_rescoring_a_predictions_file_gives_the_same_scores(tmp_path, eval_root,
         assert json.loads(printed)["metrics"] == saved["metrics"], name
 
 
-def test_scoring_uses_the_official_rules_on_known_answers(eval_root):
-    cfg = parse_recipe(recipe_dict(eval_root, "x")).eval
-    items = load_items(cfg, "pope")
-    # answer every question with its label, phrased as a sentence: all right
-    preds = [{"question_id": it.id, "text": ("Yes, there is." if it.meta["label"] == "yes" else "No, there is not.")}
-             for it in items]
-    s = score_predictions("pope", items, preds, None)["metrics"]
-    assert s["accuracy"] == 1.0 and s["random"]["f1"] == 1.0
-    items = load_items(cfg, "mmbench")
-    preds = [{"question_id": "42", "text": "C"}, {"question_id": "1000042", "text": "B. pear"},
-             {"question_id": "43", "text": "The answer is B"}]
-    s = score_predictions("mmbench", items, preds, None)["metrics"]
-    assert s["questions"] == 2 and s["accuracy"] == 0.5  # q42 fails on its rotated copy
-    items = load_items(cfg, "textvqa")
-    s = score_predictions("textvqa", items, [{"question_id": it.id, "text": "Acme"} for it in items], None)
-    assert s["metrics"]["accuracy"] == pytest.approx(1.0)  # 'the acme' normalises to 'acme': 8 of 10 match
+def test_predictions_that_lack_items_are_refused(eval_root):
+    items = load_items(parse_recipe(recipe_dict(eval_root, "x")).eval, "textvqa")
     with pytest.raises(BenchmarkFileError, match="lack 1 item"):
         score_predictions("textvqa", items, [{"question_id": "1", "text": "x"}, {"question_id": "2", "text": "y"}],
                           None)
@@ -154,17 +134,11 @@ def test_killed_eval_resumes_from_answered_items(tmp_path, eval_root, monkeypatc
     assert summary["benchmarks"]["pope"]["value"] is not None
 
 
-def test_malformed_benchmark_file_names_file_and_record(tmp_path, eval_root):
+def test_malformed_benchmark_file_stops_eval_in_one_line(tmp_path, eval_root):
     import shutil
 
     root = tmp_path / "data"
     shutil.copytree(eval_root, root)
-    path = root / "pope" / "coco" / "coco_pope_popular.json"
-    lines = path.read_text().splitlines()
-    lines[1] = '{"question_id": 2, "image": "x.jpg", "text": "Is there a dog?"}'
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(BenchmarkFileError, match=r"coco_pope_popular\.json line 2: missing field label"):
-        load_items(parse_recipe(recipe_dict(root, "x")).eval, "pope")
     (root / "mathvista" / "testmini.json").write_text('{"1": {"pid": "1"')
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe_dict(root, tmp_path / "o")))

@@ -67,13 +67,6 @@ def test_scienceqa_answers_the_official_script_fails(text):
     assert not M.scienceqa_correct(text, 3, 1)
 
 
-@pytest.fixture(scope="module")
-def eval_root(tmp_path_factory):
-    from tests.bench_files import make_eval_root
-
-    return make_eval_root(tmp_path_factory.mktemp("eval_data"))
-
-
 def _sqa_items(root):
     from stic.evaluate import EvalConfig, load_items
 

@@ -1,0 +1,404 @@
+"""stic/models.py: loading, devices and the CPU fallback, LoRA settings, and adapters applied or merged.
+
+The precision tests reproduce a real stage 1's scale on a tiny LLaVA: real checkpoints hold bf16 weights of
+magnitude ~0.02; STIC's stage 1 (LoRA, lr 1e-7) changes them by ~1e-5, below half a bf16 ulp. The `realistic`
+fixture draws language-model weights at std 0.02, stores them in bf16, and makes a LoRA adapter whose weight
+delta has rms 1e-5.
+"""
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from stic.config import ModelSpec
+from stic.generation import BatchGenerator, Request
+from stic.models import (ModelSetupError, MergeRefused, adapter_survival, load_adapted_model, load_for_inference,
+                         load_model, load_processor, merge_adapter, merged_folder_config)
+from tests.conftest import make_adapter, photo
+
+TINY = ModelSpec(name_or_path="tiny:llava", dtype="float32")
+DELTA_RMS = 1e-5
+
+
+def logits(model, processor):
+    inputs = BatchGenerator(model, processor).encode([Request(photo(1), "Describe the image.")])
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Devices: CUDA where there is one, the CPU otherwise
+
+
+def test_4bit_is_refused_without_cuda_before_anything_loads(monkeypatch):
+    from stic.models import require_cuda_for_4bit, training_device
+
+    no_cuda(monkeypatch)
+    qlora = dataclasses.replace(TINY, load_in_4bit=True)
+    with pytest.raises(ModelSetupError, match=r"QLoRA \(model.load_in_4bit: true\) needs a CUDA GPU"):
+        require_cuda_for_4bit(qlora)
+    with pytest.raises(ModelSetupError, match="needs a CUDA GPU"):
+        training_device(qlora)
+    with pytest.raises(ModelSetupError, match="load_in_4bit needs a CUDA GPU"):
+        load_model(qlora, "cpu")
+    require_cuda_for_4bit(TINY)  # no 4-bit: nothing to refuse
+    assert training_device(TINY) == "cpu"  # the Trainer places it
+    assert isinstance(ModelSetupError("x"), RuntimeError)
+
+
+def test_without_cuda_training_runs_on_the_cpu_and_keeps_an_explicit_bf16(monkeypatch):
+    from stic.models import process_state, train_on_cpu_without_cuda
+
+    no_cuda(monkeypatch)
+    args = SimpleNamespace(use_cpu=False, bf16=None)
+    train_on_cpu_without_cuda(args)
+    assert args.use_cpu is True and args.bf16 is False
+    args = SimpleNamespace(use_cpu=False, bf16=True)  # the recipe set it: left alone
+    train_on_cpu_without_cuda(args)
+    assert args.use_cpu is True and args.bf16 is True
+    assert process_state().device.type == "cpu"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = SimpleNamespace(use_cpu=False, bf16=None)
+    train_on_cpu_without_cuda(args)
+    assert args.use_cpu is False and args.bf16 is None  # with CUDA nothing changes
+
+
+def test_auto_dtype_is_float32_on_the_cpu():
+    from stic.models import torch_dtype
+
+    cpu = torch.device("cpu")
+    assert torch_dtype(dataclasses.replace(TINY, dtype="auto"), cpu) == torch.float32
+    assert torch_dtype(dataclasses.replace(TINY, dtype="bfloat16"), cpu) == torch.bfloat16
+    model = load_model(dataclasses.replace(TINY, dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16 and not model.training
+
+
+# -------------------------------------------------------------------------------------------------------------
+# LoRA settings
+
+
+def test_mm_projector_lr_needs_train_projector():
+    from stic.dpo import DPOStageConfig
+    from stic.models import LoraOptions
+
+    with pytest.raises(ValueError, match="mm_projector_lr is set but train_projector is false"):
+        DPOStageConfig(output_dir="x", mm_projector_lr=1e-5, report_to=[])
+    with pytest.raises(ValueError, match="mm_projector_lr must be positive"):
+        LoraOptions(train_projector=True, mm_projector_lr=0.0)
+    assert LoraOptions(train_projector=True, mm_projector_lr=1e-5).mm_projector_lr == 1e-5
+
+
+def test_lora_targets_the_language_model_only_and_names_what_is_missing():
+    from stic.models import LoraOptions, language_model_linear_regex, lora_config, projector_module
+
+    model = load_model(TINY)
+    cfg = lora_config(LoraOptions(train_projector=True), model)
+    assert cfg.r == 128 and cfg.lora_alpha == 256  # the paper's defaults
+    assert cfg.modules_to_save == [projector_module(model)] and projector_module(model).endswith(
+        "multi_modal_projector")
+    import re
+
+    regex = re.compile(language_model_linear_regex(model))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targeted = [n for n in linear if regex.fullmatch(n)]
+    assert targeted and all("language_model" in n for n in targeted)
+    assert not any(regex.fullmatch(n) for n in linear if "vision_tower" in n or "lm_head" in n)
+    assert lora_config(LoraOptions(lora_target_modules=["q_proj"]), model).target_modules == {"q_proj"}
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ModelSetupError, match="set lora_target_modules"):
+        language_model_linear_regex(plain)
+    with pytest.raises(ModelSetupError, match="no projector module"):
+        projector_module(plain)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Adapters at inference and `stic merge`
+
+
+def test_merged_model_matches_base_plus_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    adapter = make_adapter(tmp_path / "adapter")
+    merged_dir, report = merge_adapter(TINY, str(adapter), str(tmp_path / "merged"))
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with_adapter = PeftModel.from_pretrained(load_model(TINY), str(adapter)).eval()
+    base = load_model(TINY).eval()
+    inputs = BatchGenerator(merged, processor).encode([Request(photo(1), "Describe the image.")])
+    with torch.no_grad():
+        m, a, b = (mod(**inputs).logits for mod in (merged, with_adapter, base))
+    assert torch.allclose(m, a, atol=1e-4)
+    assert not torch.allclose(m, b, atol=1e-3)  # the adapter really changed the model
+
+
+def test_merged_weights_are_base_plus_the_lora_delta(tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForImageTextToText
+
+    adapter = make_adapter(tmp_path / "adapter")
+    base = dict(load_model(TINY).named_parameters())
+    peft_model = PeftModel.from_pretrained(load_model(TINY), str(adapter))
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+            key = name.removeprefix("base_model.model.") + ".weight"
+            expected[key] = base[key] + (B @ A) * module.scaling["default"]
+    assert expected
+
+    # a 4-bit recipe merges into full-precision weights (so it works without a GPU)
+    out, report = merge_adapter(dataclasses.replace(TINY, load_in_4bit=True), str(adapter), str(tmp_path / "m"))
+    merged = dict(AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).named_parameters())
+    assert merged.keys() == base.keys()
+    for key, weight in merged.items():
+        if key in expected:
+            assert torch.allclose(weight, expected[key], atol=1e-6), key
+            assert not torch.equal(weight, base[key]), key
+        else:
+            assert torch.equal(weight, base[key]), key  # vision tower, projector, lm_head: untouched
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["dtype"] == "float32" and saved["kept"] == 1.0 and saved["forced"] is False
+    assert saved["tensors"] == len(expected) and saved["adapter"] == str(adapter)
+    assert report["kept"] == 1.0
+    # the processor is saved as published (the raw template), so the folder is a standard checkpoint
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(out).chat_template == load_processor(TINY, raw=True).chat_template
+
+
+def test_merge_takes_the_checkpoints_dtype_when_auto_and_refuses_an_unknown_one(tmp_path):
+    adapter = make_adapter(tmp_path / "adapter")
+    _, report = merge_adapter(dataclasses.replace(TINY, dtype="auto"), str(adapter), str(tmp_path / "auto"))
+    assert report["dtype"] == "float32"  # the tiny checkpoint is stored in float32
+    with pytest.raises(MergeRefused, match="--dtype int8: choose float32, bfloat16 or float16"):
+        merge_adapter(TINY, str(adapter), str(tmp_path / "int8"), dtype="int8")
+    assert not (tmp_path / "int8").exists()
+    assert isinstance(MergeRefused("x"), RuntimeError)
+
+
+def test_merged_folder_is_loaded_in_its_stored_precision(tmp_path):
+    qlora = ModelSpec(name_or_path="base", dtype="bfloat16", load_in_4bit=True)
+    plain = merged_folder_config(qlora, str(tmp_path))  # a folder without a merge report: only the path changes
+    assert plain.name_or_path == str(tmp_path) and plain.dtype == "bfloat16" and plain.load_in_4bit
+    (tmp_path / "merge_report.json").write_text(json.dumps({"dtype": "float32"}))
+    merged = merged_folder_config(qlora, str(tmp_path))
+    assert merged.name_or_path == str(tmp_path) and merged.dtype == "float32" and not merged.load_in_4bit
+
+
+def test_float32_base_drops_4bit_and_flash_attention(monkeypatch):
+    import stic.models as models
+
+    seen = []
+    monkeypatch.setattr(models, "load_model", lambda cfg, device: seen.append((cfg, device)))
+    models._float32_base(ModelSpec(name_or_path="m", dtype="bfloat16", load_in_4bit=True,
+                                   attn_implementation="flash_attention_2"), "cpu")
+    models._float32_base(ModelSpec(name_or_path="m", attn_implementation="eager"), "cpu")
+    (fa2, _), (eager, _) = seen
+    assert (fa2.dtype, fa2.load_in_4bit, fa2.attn_implementation) == ("float32", False, "sdpa")
+    assert (eager.dtype, eager.attn_implementation) == ("float32", "eager")
+
+
+def test_load_for_inference_with_an_adapter_gives_the_peft_models_logits(tmp_path):
+    from peft import PeftModel
+
+    adapter = make_adapter(tmp_path / "adapter")
+    model, processor = load_for_inference(TINY, [str(adapter)], "cpu")
+    assert not any("lora" in n for n, _ in model.named_parameters()) and not model.training
+    assert processor.chat_template == load_processor(TINY).chat_template  # the trained template
+    reference = PeftModel.from_pretrained(load_model(TINY), str(adapter)).eval()
+    assert torch.allclose(logits(model, processor), logits(reference, processor), atol=1e-4)
+    base, _ = load_for_inference(TINY, [], "cpu")
+    assert not torch.allclose(logits(model, processor), logits(base, processor), atol=1e-3)
+
+
+def test_adapters_merge_in_order_and_the_run_dtype_is_kept_when_the_update_survives(tmp_path):
+    from peft import PeftModel
+
+    first = make_adapter(tmp_path / "a1")
+    second = make_adapter(tmp_path / "a2", scale=0.05)
+    model, reports = load_adapted_model(TINY, [str(first), str(second)], "cpu")
+    assert [r["adapter"] for r in reports] == [str(first), str(second)]
+    processor = load_processor(TINY)
+    stage1 = PeftModel.from_pretrained(load_model(TINY), str(first)).merge_and_unload()
+    reference = PeftModel.from_pretrained(stage1, str(second)).eval()
+    assert torch.allclose(logits(model, processor), logits(reference, processor), atol=1e-4)
+    # an update of this size survives bf16: the adapted model runs in the recipe's bf16
+    bf16, reports = load_adapted_model(dataclasses.replace(TINY, dtype="bfloat16"), [str(first)], "cpu")
+    assert reports[0]["kept"] >= 0.99 and bf16.dtype == torch.bfloat16
+
+
+def test_a_4bit_model_takes_one_adapter(tmp_path):
+    qlora = dataclasses.replace(TINY, load_in_4bit=True)
+    with pytest.raises(ModelSetupError, match="a 4-bit model takes one adapter"):
+        load_adapted_model(qlora, ["a", "b"], "cpu")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Precision: a stage-1-sized update must survive the precision the adapted model is run and stored in
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    """(bf16 base folder, adapter folder) at real-model weight and update scale."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from stic.models import LoraOptions, lora_config
+
+    root = tmp_path_factory.mktemp("precision")
+    gen = torch.Generator().manual_seed(0)
+    model = load_model(ModelSpec(name_or_path="tiny:llava", dtype="float32"))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "language_model" in name:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+    model.to(torch.bfloat16).save_pretrained(root / "base")
+    load_processor(ModelSpec(name_or_path="tiny:llava")).save_pretrained(root / "base")
+
+    cfg32 = ModelSpec(name_or_path=str(root / "base"), dtype="float32")
+    base = load_model(cfg32)
+    peft_model = get_peft_model(base, lora_config(LoraOptions(lora_r=8, lora_alpha=16, lora_dropout=0.0), base))
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_B["default"].weight.normal_(0, 1, generator=gen)
+                delta = module.get_delta_weight("default")
+                module.lora_B["default"].weight.mul_(DELTA_RMS / delta.pow(2).mean().sqrt())
+    peft_model.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def update_error(path_logits, base_logits, ref_delta) -> float:
+    """Relative error of the logit change a path produces against the exact (fp32) change: 0 kept, ~1 lost."""
+    return float((path_logits - base_logits - ref_delta).norm() / ref_delta.norm())
+
+
+@pytest.fixture(scope="module")
+def reference(realistic):
+    """Exact logits of the base and of base + adapter, both in float32."""
+    from peft import PeftModel
+
+    base_dir, adapter = realistic
+    cfg32 = ModelSpec(name_or_path=str(base_dir), dtype="float32")
+    processor = load_processor(cfg32)
+    base = logits(load_model(cfg32), processor)
+    adapted = logits(PeftModel.from_pretrained(load_model(cfg32), str(adapter)).merge_and_unload(), processor)
+    return processor, base, adapted - base
+
+
+def test_survival_of_a_stage1_sized_update_per_dtype(realistic):
+    from peft import PeftModel
+
+    base_dir, adapter = realistic
+    peft_model = PeftModel.from_pretrained(load_model(ModelSpec(name_or_path=str(base_dir), dtype="float32")),
+                                           str(adapter))
+    kept = {dt: adapter_survival(peft_model, dt)["kept"] for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    # a delta of rms 1e-5 on bf16-grid weights of std 0.02: about 28% survives bf16, 97% fp16, all of it fp32
+    assert 0.2 < kept[torch.bfloat16] < 0.4
+    assert 0.95 < kept[torch.float16] < 0.99
+    assert kept[torch.float32] == 1.0
+
+
+def test_naive_bf16_merge_loses_the_update(realistic, reference):
+    """The fault itself: merged into bf16 weights and run in bf16, the update is gone under rounding."""
+    from peft import PeftModel
+
+    base_dir, adapter = realistic
+    processor, base32, ref_delta = reference
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
+    base16 = logits(load_model(cfg16), processor)
+    naive = logits(PeftModel.from_pretrained(load_model(cfg16), str(adapter)).merge_and_unload(), processor)
+    assert update_error(naive, base16, ref_delta) > 0.5
+
+
+def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, reference, tmp_path):
+    """The models that eval, DaR and the stage-2 descriptions run, for a recipe in bf16."""
+    from stic.infuse import load_stage1_for_inference, parse_recipe
+
+    base_dir, adapter = realistic
+    processor, base32, ref_delta = reference
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
+    model, _ = load_for_inference(cfg16, [str(adapter)], "cpu")
+    assert update_error(logits(model, processor), base32, ref_delta) < 1e-3
+    assert model.dtype == torch.float32  # bf16 would keep ~28%, so the adapted model stays in fp32
+
+    recipe = parse_recipe({"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"},
+                           "infuse_sft": {"stage1_adapter": str(adapter), "output_dir": str(tmp_path / "s2")}})
+    model, _ = load_stage1_for_inference(recipe, "cpu")
+    assert update_error(logits(model, processor), base32, ref_delta) < 1e-3
+
+    # model.merged_dtype forces the precision (here one that erases most of the update)
+    forced, _ = load_for_inference(ModelSpec(name_or_path=str(base_dir), dtype="bfloat16", merged_dtype="bfloat16"),
+                                   [str(adapter)], "cpu")
+    assert forced.dtype == torch.bfloat16
+
+
+def test_merge_refuses_a_dtype_that_erases_the_update(realistic, tmp_path):
+    base_dir, adapter = realistic
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
+    with pytest.raises(MergeRefused, match=r"survives bfloat16 \(< 99%\)"):
+        merge_adapter(cfg16, str(adapter), str(tmp_path / "bf16"))
+    assert not (tmp_path / "bf16").exists()
+    with pytest.raises(MergeRefused, match="survives float16"):  # ~97% is not enough either
+        merge_adapter(cfg16, str(adapter), str(tmp_path / "fp16"), dtype="float16")
+
+
+def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    from stic.cli import main
+
+    base_dir, adapter = realistic
+    processor, base32, ref_delta = reference
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"}}))
+    args = ["merge", "--recipe", str(recipe), "--adapter", str(adapter)]
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(tmp_path / "bf16")])
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stic:")]
+    assert len(err) == 1 and "survives bfloat16" in err[0] and "--dtype float32" in err[0]
+    assert not (tmp_path / "bf16").exists()
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(tmp_path / "fp32"), "--dtype", "float32"])
+    assert exit_.value.code == 0
+    report = json.loads((tmp_path / "fp32" / "merge_report.json").read_text())
+    assert report["kept"] == 1.0 and 0.2 < report["bfloat16_kept"] < 0.4
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp32", dtype=torch.float32).eval()
+    assert update_error(logits(merged, processor), base32, ref_delta) < 1e-3
+    # the merged folder is loaded in its own precision by eval and stage 2, although the recipe says bf16
+    from stic.evaluate import parse_recipe as eval_recipe
+    from stic.evaluate import resolve_model
+    from stic.infuse import parse_recipe, stage1_model_config
+
+    data = {"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"},
+            "infuse_sft": {"stage1_model": str(tmp_path / "fp32"), "stage1_adapter": None, "adapter_mode": "new"}}
+    assert resolve_model(eval_recipe(data), str(tmp_path / "fp32"))[0].dtype == "float32"
+    assert stage1_model_config(parse_recipe(data)).dtype == "float32"
+    # with model.dtype auto the output precision is the checkpoint's own (bf16 here): refused as well
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(base_dir), "dtype": "auto"}}))
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(tmp_path / "auto")])
+    assert exit_.value.code == 2 and "survives bfloat16" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(tmp_path / "forced"), "--force"])
+    assert exit_.value.code == 0
+    report = json.loads((tmp_path / "forced" / "merge_report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["forced"] and report["kept"] < 0.4
