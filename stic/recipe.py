@@ -130,6 +130,11 @@ class DPOStageConfig(LoraOptions, DPOConfig):
     def __post_init__(self):
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
+        # a copy of a parsed config (dataclasses.replace) arrives with the sft entry this method appended: keep it
+        derived_sft = (self.sft_weight not in (_SFT_WEIGHT_DEFAULT, None) and losses.count("sft") == 1
+                       and losses[-1] == "sft" and weights[-1] == float(self.sft_weight))
+        if derived_sft:
+            losses, weights = losses[:-1], weights[:-1]
         if self.paper_alpha is not None:
             if self.sft_weight is not _SFT_WEIGHT_DEFAULT:
                 raise ValueError(f"set either paper_alpha ({self.paper_alpha}) or sft_weight ({self.sft_weight}), "

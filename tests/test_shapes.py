@@ -354,3 +354,30 @@ def test_base_calibration_is_reused_only_for_its_world_and_size(tmp_path, monkey
     calibrate.base_calibration(base, W.DEFAULT, 100)  # more scenes than recorded: measured again
     calibrate.base_calibration(base, other, 100)  # another world: measured again
     assert calls == [(W.DEFAULT.name, 50), (W.DEFAULT.name, 100), (other.name, 100)]
+
+
+def test_demo_variants_equal_the_recipes_their_overrides_parse_to(tmp_path):
+    """The demo builds its variants with dataclasses.replace; each equals the recipe that `section.key=value`
+    overrides of the same settings parse to (so the stages see exactly what a user's command line would give)."""
+    from stic.shapes.demo import base_recipe, variant, world_settings
+
+    base, prompts = tmp_path / "base", tmp_path / "prompts"
+    built = variant(variant(base_recipe(), **world_settings(W.DEFAULT, tmp_path, base)),
+                    selfgen={"images": {"path": "scenes/images"}, "seed": 3},
+                    dpo={"seed": 3, "report_to": [], "logging_steps": 1, "mode": "sft_positive", "max_steps": 7},
+                    infuse_sft={"subset": {"size": 50, "seed": 3}, "stage1_adapter": "run/dpo"})
+    parsed = base_recipe([
+        f"model.name_or_path={base}", f"selfgen.prompts.good_prompt_file={prompts / 'careful_prompt.txt'}",
+        f"selfgen.prompts.caption_prompts_file={prompts / 'caption_prompts.txt'}",
+        f"selfgen.prompts.hallucination_prompts_file={prompts / 'hallucination_prompts.txt'}",
+        f"infuse_sft.describe.prompt={W.DEFAULT.prompts.describe}", "selfgen.images.path=scenes/images",
+        "selfgen.seed=3", "dpo.seed=3", "dpo.report_to=[]", "dpo.logging_steps=1", "dpo.mode=sft_positive",
+        "dpo.max_steps=7", "infuse_sft.subset.size=50", "infuse_sft.subset.seed=3", "infuse_sft.stage1_adapter=run/dpo"])
+    assert built == parsed and built.dpo.loss_type == ["sigmoid", "sft"] and built.dpo.loss_weights == [1.0, 1.0]
+    assert built != base_recipe()
+    # alpha = 0: the sft entry derived from sft_weight goes with it
+    assert variant(base_recipe(), dpo={"sft_weight": 0.0, "loss_type": ["sigmoid"], "loss_weights": [1.0]}) == \
+        base_recipe(["dpo.sft_weight=0.0"])
+    # a new sft_weight against the derived entry is ambiguous: refused, not silently mixed
+    with pytest.raises(ValueError, match="sft_weight or an 'sft' entry"):
+        variant(base_recipe(), dpo={"sft_weight": 0.5})

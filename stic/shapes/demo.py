@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -32,8 +33,23 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld.yaml"
 METRICS = ["hallucination_rate", "chair_s", "recall", "size_accuracy", "position_precision"]
 
 
-def _recipe(overrides: list[str]) -> dict:
-    return load_recipe_dict(RECIPE, overrides)
+def base_recipe(overrides: list[str] = ()):
+    """recipes/shapesworld.yaml, parsed (with any `section.key=value` overrides)."""
+    from stic.recipe import parse_recipe
+
+    return parse_recipe(load_recipe_dict(RECIPE, list(overrides)))
+
+
+def variant(recipe, **sections: dict):
+    """The recipe with some fields changed, section by section; a nested section takes a dict of its own:
+    `variant(r, dpo={"seed": 1}, selfgen={"images": {"path": p}})`. dataclasses.replace runs each changed
+    section's checks again, as parsing does."""
+    def replace(obj, changes: dict):
+        return dataclasses.replace(obj, **{
+            key: replace(getattr(obj, key), value) if isinstance(value, dict) and dataclasses.is_dataclass(
+                getattr(obj, key)) else value for key, value in changes.items()})
+
+    return replace(recipe, sections)
 
 
 def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int, world) -> Path:
@@ -57,18 +73,19 @@ def _continued_pretraining_set(train_dir: Path, out_dir: Path, seed: int, world)
     return out_dir
 
 
-def _world_settings(world, out: Path, base_dir: Path) -> list[str]:
-    """Recipe overrides that put the stages in `world`: its base model and its three prompts."""
+def world_settings(world, out: Path, base_dir: Path) -> dict:
+    """The recipe changes that put the stages in `world`: its base model and its three prompts."""
     prompts = out / "prompts"
     prompts.mkdir(parents=True, exist_ok=True)
     files = {"careful_prompt.txt": world.prompts.careful, "caption_prompts.txt": world.prompts.describe,
              "hallucination_prompts.txt": world.prompts.imagine}
     for name, text in files.items():
         (prompts / name).write_text(text + "\n")
-    return [f"model.name_or_path={base_dir}", f"selfgen.prompts.good_prompt_file={prompts / 'careful_prompt.txt'}",
-            f"selfgen.prompts.caption_prompts_file={prompts / 'caption_prompts.txt'}",
-            f"selfgen.prompts.hallucination_prompts_file={prompts / 'hallucination_prompts.txt'}",
-            f"infuse_sft.describe.prompt={json.dumps(world.prompts.describe)}"]
+    return {"model": {"name_or_path": str(base_dir)},
+            "selfgen": {"prompts": {"good_prompt_file": str(prompts / "careful_prompt.txt"),
+                                    "caption_prompts_file": str(prompts / "caption_prompts.txt"),
+                                    "hallucination_prompts_file": str(prompts / "hallucination_prompts.txt")}},
+            "infuse_sft": {"describe": {"prompt": world.prompts.describe}}}
 
 
 def step0_logp_gap(run: Path) -> dict | None:
@@ -96,22 +113,23 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     heldout_root = out / "data" / "eval"
     if not (heldout_root / "shapesworld" / "scenes.jsonl").exists():
         W.make_split(heldout_root / "shapesworld", n_heldout, seed=1_000_003, prefix="test", world=world)
-    ev = [f"eval.data_root={heldout_root}", f"eval.output_dir={out / 'eval'}"] + _world_settings(world, out, base_dir)
+    in_world = variant(variant(base_recipe(), **world_settings(world, out, base_dir)),
+                       eval={"data_root": str(heldout_root), "output_dir": str(out / "eval")})
 
-    def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False, extra=()) -> dict:
+    def evaluate_model(model: str, name: str, benchmarks=("shapes_describe",), dar=False, recipe=in_world) -> dict:
         """Judge one model on the held-out scenes (a finished evaluation is reused when the demo is rerun)."""
         target = out / "eval" / name
         arm_runs.setdefault(arm_of.get(name, name), []).append(name)
         if not (target / "summary.json").exists():
-            summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev + list(extra))), model, dar, list(benchmarks))
+            summary = evaluate.run_eval(recipe, model, dar, list(benchmarks))
             shutil.rmtree(target, ignore_errors=True)
             (out / "eval" / summary["run"]).rename(target)
         return {b: json.loads((target / b / "scores.json").read_text())["metrics"] for b in benchmarks}
 
-    def train_once(run: Path, overrides: list[str]) -> None:
+    def train_once(recipe) -> None:
         """A finished training run is kept when the demo is rerun, so a killed demo resumes."""
-        if not (run / "run_summary.json").exists():
-            dpo.run_dpo(dpo.parse_recipe(_recipe(overrides)))
+        if not (Path(recipe.dpo.output_dir) / "run_summary.json").exists():
+            dpo.run_dpo(recipe)
 
     results: dict[str, list[dict]] = {}
     diagnostics: dict = {}
@@ -129,33 +147,37 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         train = s / "data" / "train"
         if not (train / "scenes.jsonl").exists():
             W.make_split(train, n_train, seed=seed, prefix=f"s{seed}-", world=world)
-        common = ev[2:] + [f"selfgen.images.path={train / 'images'}", f"selfgen.seed={seed}", f"dpo.seed={seed}",
-                  "dpo.report_to=[]", "dpo.logging_steps=1", "infuse_sft.report_to=[]", f"infuse_sft.seed={seed}"]
+        seeded = variant(in_world, selfgen={"images": {"path": str(train / "images")}, "seed": seed},
+                         dpo={"seed": seed, "report_to": [], "logging_steps": 1},
+                         infuse_sft={"report_to": [], "seed": seed})
 
         arm_of.update({f"s{seed}-stic": "STIC stage 1", f"s{seed}-sftpos": "control: SFT on chosen",
                        f"s{seed}-contpre": "control: continued pretraining", f"s{seed}-round2": "STIC round 2",
                        f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2+dar": "STIC stage 2 + DaR"})
 
-        def stage1(tag: str, extra: list[str], dataset_from: str | None = None) -> dict:
-            gen_dir = s / f"selfgen-{dataset_from or tag}"
+        def stage1(tag: str, changes: dict | None = None, dataset_from: str | None = None) -> dict:
+            """selfgen (unless the pairs of `dataset_from` are reused), stage 1 and its evaluation, with `changes`
+            to the seed's recipe (round 2's includes the model: the merged stage-1 model is the base)."""
+            gen_dir, run = s / f"selfgen-{dataset_from or tag}", s / f"dpo-{tag}"
+            changes = changes or {}
             if dataset_from is None:
-                selfgen.run_selfgen(selfgen.parse_recipe(_recipe(common + [f"selfgen.output_dir={gen_dir}"] + extra)))
-            run = s / f"dpo-{tag}"
-            model = [e for e in extra if e.startswith("model.")]  # round 2: the merged stage-1 model is the base
-            train_once(run, common + [f"dpo.dataset={gen_dir}", f"dpo.output_dir={run}"]
-                       + [e for e in extra if e.startswith(("dpo.", "model."))])
+                selfgen.run_selfgen(variant(seeded, **{**changes, "selfgen": {**changes.get("selfgen", {}),
+                                                                              "output_dir": str(gen_dir)}}))
+            train_once(variant(seeded, model=changes.get("model", {}), dpo={
+                **changes.get("dpo", {}), "dataset": str(gen_dir), "output_dir": str(run)}))
             gap = step0_logp_gap(run)
             if gap is not None:  # how separable the pairs are before training (without looking at the image)
                 diagnostics.setdefault("step0_logp_gap", {})[f"seed{seed}/{tag}"] = gap
-            return evaluate_model(str(run), f"s{seed}-{tag}", extra=model)
+            return evaluate_model(str(run), f"s{seed}-{tag}", recipe=variant(in_world, model=changes.get("model", {})))
 
-        results.setdefault("STIC stage 1", []).append(stage1("stic", []))
-        results.setdefault("control: SFT on chosen", []).append(stage1("sftpos", ["dpo.mode=sft_positive"], "stic"))
+        results.setdefault("STIC stage 1", []).append(stage1("stic"))
+        results.setdefault("control: SFT on chosen", []).append(
+            stage1("sftpos", {"dpo": {"mode": "sft_positive"}}, "stic"))
         cont = _continued_pretraining_set(train, s / "contpre-data", seed, world)
         run = s / "dpo-contpre"
         steps = json.loads((s / "dpo-stic" / "run_summary.json").read_text())["global_step"]
-        train_once(run, common + [f"dpo.dataset={cont}", f"dpo.output_dir={run}", "dpo.mode=sft_positive",
-                                  f"dpo.max_steps={steps}"])
+        train_once(variant(seeded, dpo={"dataset": str(cont), "output_dir": str(run), "mode": "sft_positive",
+                                        "max_steps": steps}))
         results.setdefault("control: continued pretraining", []).append(evaluate_model(str(run), f"s{seed}-contpre"))
         # STIC round 2: the stage-1 model (merged) makes new pairs from the same unlabeled scenes, then stage 1 again
         merged = s / "stage1-merged"
@@ -164,27 +186,29 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
 
             models.merge_adapter(ModelSpec(name_or_path=base_dir, dtype="float32"), str(s / "dpo-stic"), str(merged),
                               dtype="float32")
-        results.setdefault("STIC round 2", []).append(stage1("round2", [f"model.name_or_path={merged}"]))
+        results.setdefault("STIC round 2", []).append(stage1("round2", {"model": {"name_or_path": str(merged)}}))
         if ablations:
             results.setdefault("ablation: hallucination negatives only", []).append(
-                stage1("hallu", ["selfgen.hallucination_prob=1.0"]))
+                stage1("hallu", {"selfgen": {"hallucination_prob": 1.0}}))
             results.setdefault("ablation: corruption negatives only", []).append(
-                stage1("corrupt", ["selfgen.hallucination_prob=0.0"]))
-            results.setdefault("ablation: alpha = 0", []).append(stage1("alpha0", ["dpo.sft_weight=0.0"], "stic"))
+                stage1("corrupt", {"selfgen": {"hallucination_prob": 0.0}}))
+            # alpha = 0: the DPO loss alone (the sft entry the parsed config derived from sft_weight goes too)
+            results.setdefault("ablation: alpha = 0", []).append(stage1("alpha0", {"dpo": {
+                "sft_weight": 0.0, "loss_type": ["sigmoid"], "loss_weights": [1.0]}}, "stic"))
             results.setdefault("ablation: self-consistency k=4", []).append(
-                stage1("consistency", ["selfgen.consistency_samples=4"]))
+                stage1("consistency", {"selfgen": {"consistency_samples": 4}}))
             train2 = s / "data" / "train2x"  # a scaling point: twice the unlabeled images
             if not (train2 / "scenes.jsonl").exists():
                 W.make_split(train2, 2 * n_train, seed=seed + 500, prefix=f"s{seed}x-", world=world)
             results.setdefault("ablation: 2x images", []).append(
-                stage1("2x", [f"selfgen.images.path={train2 / 'images'}"]))
+                stage1("2x", {"selfgen": {"images": {"path": str(train2 / "images")}}}))
         # stage 2 on the STIC stage-1 adapter, QA with and without DaR
         s2 = s / "infuse"
         if not (s2 / "run_summary.json").exists():
-            infuse.run_infuse_sft(infuse.parse_recipe(_recipe(common + [
-                f"infuse_sft.data.path={train / 'instructions.json'}", f"infuse_sft.data.image_folder={train}",
-                f"infuse_sft.stage1_adapter={s / 'dpo-stic'}", f"infuse_sft.output_dir={s2}",
-                f"infuse_sft.subset.size={min(500, n_train)}", f"infuse_sft.subset.seed={seed}"])))
+            infuse.run_infuse_sft(variant(seeded, infuse_sft={
+                "data": {"path": str(train / "instructions.json"), "image_folder": str(train)},
+                "stage1_adapter": str(s / "dpo-stic"), "output_dir": str(s2),
+                "subset": {"size": min(500, n_train), "seed": seed}}))
         results.setdefault("STIC stage 2", []).append(evaluate_model(str(s2), f"s{seed}-stage2", ("shapes_qa",)))
         results.setdefault("STIC stage 2 + DaR", []).append(
             evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))

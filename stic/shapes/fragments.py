@@ -46,17 +46,18 @@ def main(argv=None) -> dict:
     from stic.shapes import judge as J
     from stic.shapes import world as W
     from stic.shapes.calibrate import base_for_world
-    from stic.shapes.demo import _recipe, _world_settings
+    from stic.shapes.demo import base_recipe, variant, world_settings
 
     demo, out = Path(args.demo), Path(args.out)
     world = W.load_world(demo / "data" / "eval" / "shapesworld" / "world.yaml")
     base = base_for_world(world).resolve()
-    ev = [f"eval.data_root={demo / 'data' / 'eval'}", f"eval.output_dir={out / 'eval'}"] + _world_settings(
-        world, out, base)
-    common = ev[2:] + [f"selfgen.images.path={demo / 'seed0' / 'data' / 'train' / 'images'}", "selfgen.seed=0",
-                       "dpo.seed=0", "dpo.report_to=[]", "dpo.logging_steps=1"] + args.overrides
+    # the overrides change the stage settings; the world's model and prompts, seed 0 and its scenes are the demo's
+    recipe = variant(variant(base_recipe(args.overrides), **world_settings(world, out, base)),
+                     eval={"data_root": str(demo / "data" / "eval"), "output_dir": str(out / "eval")},
+                     selfgen={"images": {"path": str(demo / "seed0" / "data" / "train" / "images")}, "seed": 0},
+                     dpo={"seed": 0, "report_to": [], "logging_steps": 1})
     gen, run = out / "selfgen", out / "dpo"
-    selfgen.run_selfgen(selfgen.parse_recipe(_recipe(common + [f"selfgen.output_dir={gen}"])))
+    selfgen.run_selfgen(variant(recipe, selfgen={"output_dir": str(gen)}))
     pairs = datasets.load_dataset("parquet", data_files=sorted(map(str, gen.glob("data/*.parquet"))),
                                   columns=["chosen", "rejected", "rejected_branch"])["train"]
     kinds, mentions = collections.Counter(), collections.defaultdict(list)
@@ -65,8 +66,8 @@ def main(argv=None) -> dict:
         kinds[f"{r['rejected_branch']}/{first_divergence(chosen, rejected)}"] += 1
         mentions[r["rejected_branch"]].append((len(J.parse_claims(chosen, world)),
                                                len(J.parse_claims(rejected, world))))
-    dpo.run_dpo(dpo.parse_recipe(_recipe(common + [f"dpo.dataset={gen}", f"dpo.output_dir={run}"])))
-    summary = evaluate.run_eval(evaluate.parse_recipe(_recipe(ev)), str(run), False, ["shapes_describe"])
+    dpo.run_dpo(variant(recipe, dpo={"dataset": str(gen), "output_dir": str(run)}))
+    summary = evaluate.run_eval(recipe, str(run), False, ["shapes_describe"])
     metrics = json.loads((out / "eval" / summary["run"] / "shapes_describe" / "scores.json").read_text())["metrics"]
     report = {"overrides": args.overrides, "first_divergence": dict(kinds),
               "object_mentions": {b: {"chosen": statistics.mean(c for c, _ in v),
