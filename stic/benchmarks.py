@@ -332,8 +332,11 @@ def load_plugins(modules: Iterable[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as err:
-            raise BenchmarkPluginError(f"benchmark plugin {module!r} cannot be imported: {err}") from None
+        except BenchmarkPluginError:
+            raise
+        except Exception as err:  # a missing module, or one that fails as it runs (a syntax error, a bad name)
+            why = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
+            raise BenchmarkPluginError(f"benchmark plugin {module!r} cannot be imported: {why}") from None
 
 
 register("scienceqa", load_scienceqa, score_scienceqa, "accuracy", 16)

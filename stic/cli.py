@@ -71,11 +71,13 @@ def _dar(args) -> int:
 
     from stic.generation import BatchGenerator, SamplingConfig
     from stic.images import decode_image
-    from stic.infuse import default_dar_adapters, describe_and_respond, parse_recipe
+    from stic.infuse import default_dar_adapters, describe_and_respond, parse_recipe, stage1_model_config
     from stic.models import load_for_inference
 
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft"))
     adapters = [] if args.base else (args.adapter or default_dar_adapters(recipe))
+    if not args.base and not args.adapter:  # stage 2's adapters go on the model it trained on
+        recipe.model = stage1_model_config(recipe)
     from stic.serving import make_engine, served_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +178,7 @@ def run_eval_command(args: argparse.Namespace, run: Callable | None = None) -> N
     from stic.benchmarks import check_known
     from stic.evaluate import parse_recipe, run_eval
 
-    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="eval"))
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="eval"), args.model, args.dar)
     check_known(args.benchmarks or [])
     (run or run_eval)(recipe, args.model, args.dar, args.benchmarks)
 
@@ -246,18 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=StageParser)
 
     p = stage_parser(sub, "selfgen", ("selfgen", "model", "generation"), help="build STIC preference pairs from unlabeled images")
-    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and selfgen: sections)")
+    p.add_argument("--recipe", required=True, help="recipe YAML (selfgen uses its model:, generation: and selfgen: sections; all are checked)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output folder and start over")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selfgen.batch_size=4 model.dtype=float32")
     p.set_defaults(func=_selfgen)
 
     p = stage_parser(sub, "dpo", ("dpo", "model"), help="stage 1: DPO + SFT regulariser on the self-generated pairs")
-    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
+    p.add_argument("--recipe", required=True, help="recipe YAML (stage 1 uses its model: and dpo: sections; all are checked)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.learning_rate=1e-6 dpo.resume=true")
     p.set_defaults(func=_dpo)
 
     p = stage_parser(sub, "infuse-sft", ("infuse_sft", "model", "generation"), help="stage 2: description-infused fine-tuning")
-    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and infuse_sft: sections)")
+    p.add_argument("--recipe", required=True, help="recipe YAML (stage 2 uses its model:, generation: and infuse_sft: sections; all are checked)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. infuse_sft.subset.size=100")
     p.set_defaults(func=_infuse_sft)
 

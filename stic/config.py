@@ -171,6 +171,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict, section: str) -> Any:
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types (named as section.key)."""
+    kwargs = checked_fields(cls, data, section)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{section}: {err}") from err
+
+
+def checked_fields(cls: type, data: dict, section: str) -> dict:
+    """`data` as the keyword arguments of dataclass `cls`, after refusing unknown keys and wrong types; `cls`
+    itself is not built (nor its checks run)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{section}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -185,11 +195,7 @@ def from_dict(cls: type, data: dict, section: str) -> Any:
             + (f" (did you mean {', '.join(f'{section}.{h}' for h in hints)}?)" if hints else "")
             + f"; known keys of {section}: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{section}: {err}") from err
+    return {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
 
 
 def to_dict(obj: Any) -> Any:

@@ -29,10 +29,17 @@ from trl import DPOConfig
 from stic.config import ModelSpec
 from stic.errors import SticError, one_line
 from stic.models import ModelSetupError, lora_config, projector_module, require_cuda_for_4bit, training_device
-from stic.recipe import (DPOStageConfig, Recipe, paper_alpha_to_sft_weight,  # noqa: F401  (re-exported)
-                         parse_recipe)
+from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
+from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
 from stic.training import trainer_class
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """The recipe with the sections dpo uses built; the others are only checked (building a TRL
+    section runs TrainingArguments' setup, which belongs to the command that trains with it)."""
+    return parse_whole_recipe(data, build=("dpo",))
+
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 

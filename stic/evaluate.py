@@ -22,10 +22,20 @@ from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, score_llava_bench, score_mmvet
-from stic.recipe import EvalConfig, Recipe, parse_recipe  # noqa: F401  (re-exported)
+from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
+from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import benchmark_summary, write_eval_summary
 
 log = logging.getLogger("stic.eval")
+
+
+def parse_recipe(data: dict, model_spec: str | None = None, dar: bool = True) -> Recipe:
+    """The recipe with the sections an evaluation of `model_spec` uses built: stage 1's to find a `stage1`
+    adapter, stage 2's for `stage2` and for DaR (its describe prompt and template); the others are only checked.
+    Without a model_spec, both training sections are built."""
+    build = ("eval",) + (("dpo",) if model_spec in ("stage1", None) else ()) + (
+        ("infuse_sft",) if model_spec in ("stage2", None) or dar else ())
+    return parse_whole_recipe(data, build=build)
 
 
 def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]:
@@ -34,10 +44,10 @@ def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]
         return recipe.model, [], "base"
     if spec == "stage1":
         return recipe.model, [recipe.dpo.output_dir], "stage1"
-    if spec == "stage2":
-        from stic.infuse import default_dar_adapters
+    if spec == "stage2":  # on the stage-1 model stage 2 trained on: the base, or a merged stage-1 folder
+        from stic.infuse import default_dar_adapters, stage1_model_config
 
-        return recipe.model, default_dar_adapters(recipe), "stage2"
+        return stage1_model_config(recipe), default_dar_adapters(recipe), "stage2"
     path = Path(spec)
     if (path / "adapter_config.json").exists():
         return recipe.model, [str(path)], path.name

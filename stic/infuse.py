@@ -26,10 +26,16 @@ from stic.generation import BatchGenerator, Output, Request, SamplingConfig, sta
 from stic.images import ImageRef
 from stic.instructions import choose_subset, load_instructions
 from stic.models import ModelSetupError, lora_config, process_state, require_cuda_for_4bit, training_device
-from stic.recipe import (DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe,  # noqa: F401  (re-exported)
-                         parse_recipe)
+from stic.recipe import DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe  # noqa: F401  (re-exported)
+from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import skip_reasons, write_infuse_report, write_infused_data_report
 from stic.training import trainer_class
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """The recipe with the sections stage 2 uses built; the others are only checked (building a TRL
+    section runs TrainingArguments' setup, which belongs to the command that trains with it)."""
+    return parse_whole_recipe(data, build=("infuse_sft",))
 
 
 def infuse_instruction(instruction: str, description: str, template: str = DEFAULT_TEMPLATE) -> str:

@@ -26,7 +26,8 @@ from typing import Any, Literal
 from trl import DPOConfig, SFTConfig
 
 from stic.benchmarks import PAPER_BENCHMARKS, check_known, load_plugins
-from stic.config import SECTIONS, BackendConfig, ModelSpec, RecipeError, from_dict, option, to_dict
+from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, checked_fields, from_dict, option,
+                         to_dict)
 from stic.generation import SamplingConfig
 from stic.images import ImageSourceConfig
 from stic.instructions import InstructionDataConfig, SubsetConfig
@@ -136,7 +137,7 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         if derived_sft:
             losses, weights = losses[:-1], weights[:-1]
         if self.paper_alpha is not None:
-            if self.sft_weight is not _SFT_WEIGHT_DEFAULT:
+            if self.sft_weight not in (_SFT_WEIGHT_DEFAULT, None):  # None: a copy of a parsed config
                 raise ValueError(f"set either paper_alpha ({self.paper_alpha}) or sft_weight ({self.sft_weight}), "
                                  "not both: paper_alpha computes sft_weight from the dataset")
             if self.paper_alpha < 0:
@@ -277,22 +278,33 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class Recipe:
+    """Every section of a recipe. A command builds the sections it uses; the others are checked (keys and types)
+    and left as None (see parse_recipe)."""
+
     name: str | None = None
     description: str | None = None
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     generation: BackendConfig = dataclasses.field(default_factory=BackendConfig)
-    selfgen: SelfGenConfig = dataclasses.field(default_factory=SelfGenConfig)
-    dpo: DPOStageConfig = dataclasses.field(default_factory=DPOStageConfig)
-    infuse_sft: InfuseSFTConfig = dataclasses.field(default_factory=InfuseSFTConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    selfgen: SelfGenConfig | None = dataclasses.field(default_factory=SelfGenConfig)
+    dpo: DPOStageConfig | None = dataclasses.field(default_factory=DPOStageConfig)
+    infuse_sft: InfuseSFTConfig | None = dataclasses.field(default_factory=InfuseSFTConfig)
+    eval: EvalConfig | None = dataclasses.field(default_factory=EvalConfig)
 
+
+SECTION_CLASSES = {"model": ModelSpec, "generation": BackendConfig, "selfgen": SelfGenConfig, "dpo": DPOStageConfig,
+                   "infuse_sft": InfuseSFTConfig, "eval": EvalConfig}
+ALL_SECTIONS = tuple(SECTION_CLASSES)
 
 # (section, key, source): a key left out of the recipe takes the source's value, the previous stage's output
 CHAINED_DEFAULTS = (("dpo", "dataset", "selfgen.output_dir"), ("infuse_sft", "stage1_adapter", "dpo.output_dir"))
 
 
-def parse_recipe(data: dict) -> Recipe:
-    """The whole recipe mapping (as `stic.config.load_recipe_dict` reads it), every section checked."""
+def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
+    """The whole recipe mapping (as `stic.config.load_recipe_dict` reads it), every section checked.
+
+    Only the sections in `build` are built; the others are checked for unknown keys and wrong types and left as
+    None. Building a TRL section runs TrainingArguments' setup (bf16 support, accelerate's process state, tf32,
+    a DeepSpeed config), which must not happen in a command that does not train with it (selfgen, eval)."""
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise RecipeError(
@@ -303,18 +315,26 @@ def parse_recipe(data: dict) -> Recipe:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise RecipeError(f"{key}: expected a string, got {data[key]!r}")
     parsed: dict[str, Any] = {"name": data.get("name"), "description": data.get("description")}
-    for section, cls in (("model", ModelSpec), ("generation", BackendConfig), ("selfgen", SelfGenConfig),
-                         ("dpo", DPOStageConfig), ("infuse_sft", InfuseSFTConfig), ("eval", EvalConfig)):
+    checked: dict[str, dict] = {}
+    for section, cls in SECTION_CLASSES.items():
         values = data.get(section) or {}
         for target, key, source in CHAINED_DEFAULTS:
             if target == section and isinstance(values, dict) and key not in values:
                 source_section, source_key = source.split(".")
-                default = getattr(parsed[source_section], source_key)
+                default = checked[source_section].get(
+                    source_key, _field_default(SECTION_CLASSES[source_section], source_key))
                 if key == "stage1_adapter" and values.get("stage1_model"):
                     default = None  # a merged stage-1 model holds its adapter already
                 values = {**values, key: default}
-        parsed[section] = from_dict(cls, values, section)
+        checked[section] = checked_fields(cls, values, section)
+        built = section in build or section in ("model", "generation")  # cheap and used by every stage
+        parsed[section] = from_dict(cls, values, section) if built else None
     return Recipe(**parsed)
+
+
+def _field_default(cls: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

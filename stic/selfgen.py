@@ -25,9 +25,17 @@ from stic.config import RecipeError, to_dict
 from stic.generation import BatchGenerator, Output, Request, prompt_messages, stable_seed
 from stic.images import ImageLoader, list_images
 from stic.prompts import PromptSets, load_prompts
-from stic.recipe import Recipe, SelfGenConfig, parse_recipe  # noqa: F401  (the stage's section, re-exported)
+from stic.recipe import Recipe, SelfGenConfig  # noqa: F401  (the stage's section, re-exported)
+from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import write_selfgen_manifest
 from stic.serving import make_engine, run_identity, served_model
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """The recipe with the sections selfgen uses built; the others are only checked (building a TRL
+    section runs TrainingArguments' setup, which belongs to the command that trains with it)."""
+    return parse_whole_recipe(data, build=("selfgen",))
+
 
 ID_COLUMN = "image_id"
 

@@ -182,6 +182,9 @@ def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, monkeypatch, regist
     with pytest.raises(BenchmarkPluginError, match="'plugin_broken' cannot be imported: No module named "
                                                    "'a_module_that_is_not_installed'"):
         load_plugins(["plugin_broken"])
+    (tmp_path / "plugin_typo.py").write_text("x = = 1\n")
+    with pytest.raises(BenchmarkPluginError, match="'plugin_typo' cannot be imported: SyntaxError"):
+        load_plugins(["plugin_typo"])
     assert issubclass(BenchmarkPluginError, SticError)
 
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 from stic.config import RecipeError, load_recipe_dict
@@ -116,10 +117,34 @@ def test_each_stage_reads_the_previous_stage_output_by_default():
     assert recipe.infuse_sft.stage1_adapter is None
     # a merged stage-1 model holds its adapter: no default adapter next to it
     assert parse_all({"infuse_sft": {"stage1_model": "m", "adapter_mode": "new"}}).infuse_sft.stage1_adapter is None
-    # the stage modules' parse_recipe is the one Recipe
-    from stic import dpo, evaluate, infuse, selfgen
 
-    assert selfgen.parse_recipe is dpo.parse_recipe is infuse.parse_recipe is evaluate.parse_recipe is parse_all
+
+def test_a_command_builds_only_the_sections_it_uses_and_checks_the_rest():
+    """Building a TRL section runs TrainingArguments' setup: hardware checks (tf32 needs an Ampere GPU), accelerate's
+    process state, global tf32/DeepSpeed settings. Selfgen and eval of the base must not depend on the training
+    sections' hardware settings, yet still refuse their unknown keys and wrong types."""
+    from stic import dpo, evaluate, infuse, selfgen
+    from stic.recipe import Recipe
+    from stic.recipe import parse_recipe as parse_all
+
+    gpu_tuned = {"dpo": {"tf32": True}, "infuse_sft": {"tf32": True}}
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="tf32"):
+            parse_all(gpu_tuned)
+    recipe = selfgen.parse_recipe(gpu_tuned)
+    assert isinstance(recipe, Recipe) and recipe.selfgen.output_dir and recipe.dpo is None and recipe.infuse_sft is None
+    recipe = evaluate.parse_recipe(gpu_tuned, "base", dar=False)
+    assert recipe.eval is not None and recipe.dpo is None and recipe.infuse_sft is None
+    assert evaluate.parse_recipe({}, "stage1", dar=False).dpo.output_dir == "outputs/dpo"
+    assert evaluate.parse_recipe({}, "base", dar=True).infuse_sft.describe is not None  # DaR prompts as stage 2
+    assert dpo.parse_recipe({}).selfgen is None and infuse.parse_recipe({}).dpo is None
+    # the sections a command does not build are still checked
+    with pytest.raises(RecipeError, match=r"dpo\.learning_rat .*did you mean dpo\.learning_rate"):
+        selfgen.parse_recipe({"dpo": {"learning_rat": 1e-6}})
+    with pytest.raises(RecipeError, match=r"infuse_sft\.beta|infuse_sft\.learning_rate: expected a number"):
+        selfgen.parse_recipe({"infuse_sft": {"learning_rate": "fast"}})
+    # the chained default comes from the unbuilt section's value
+    assert infuse.parse_recipe({"dpo": {"output_dir": "runs/x"}}).infuse_sft.stage1_adapter == "runs/x"
 
 
 def test_a_whole_recipe_is_checked_with_dotted_keys():

@@ -391,6 +391,10 @@ def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path,
             "infuse_sft": {"stage1_model": str(tmp_path / "fp32"), "stage1_adapter": None, "adapter_mode": "new"}}
     assert resolve_model(eval_recipe(data), str(tmp_path / "fp32"))[0].dtype == "float32"
     assert stage1_model_config(parse_recipe(data)).dtype == "float32"
+    # and `--model stage2` puts stage 2's adapter on that merged stage-1 model, not on the base
+    model, adapters, _ = resolve_model(eval_recipe(data), "stage2")
+    assert model.name_or_path == str(tmp_path / "fp32") and model.dtype == "float32"
+    assert adapters == [eval_recipe(data).infuse_sft.output_dir]
     # with model.dtype auto the output precision is the checkpoint's own (bf16 here): refused as well
     recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(base_dir), "dtype": "auto"}}))
     with pytest.raises(SystemExit) as exit_:
