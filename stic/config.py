@@ -171,7 +171,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict, section: str) -> Any:
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types (named as section.key)."""
-    kwargs = checked_fields(cls, data, section)
+    return build_checked(cls, checked_fields(cls, data, section), section)
+
+
+def build_checked(cls: type, kwargs: dict, section: str) -> Any:
+    """Build `cls` from arguments `checked_fields` returned; its own checks' errors name the section."""
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

@@ -26,8 +26,8 @@ from typing import Any, Literal
 from trl import DPOConfig, SFTConfig
 
 from stic.benchmarks import PAPER_BENCHMARKS, check_known, load_plugins
-from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, checked_fields, from_dict, option,
-                         to_dict)
+from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, build_checked, checked_fields,
+                         option, to_dict)
 from stic.generation import SamplingConfig
 from stic.images import ImageSourceConfig
 from stic.instructions import InstructionDataConfig, SubsetConfig
@@ -328,7 +328,7 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
                 values = {**values, key: default}
         checked[section] = checked_fields(cls, values, section)
         built = section in build or section in ("model", "generation")  # cheap and used by every stage
-        parsed[section] = from_dict(cls, values, section) if built else None
+        parsed[section] = build_checked(cls, checked[section], section) if built else None
     return Recipe(**parsed)
 
 
