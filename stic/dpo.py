@@ -32,7 +32,7 @@ from stic.models import ModelSetupError, lora_config, projector_module, require_
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
-from stic.training import trainer_class
+from stic.training import precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -205,6 +205,7 @@ def run_dpo(recipe: Recipe) -> dict:
     setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check
     dataset = dataset.remove_columns([c for c in ("generation",) if c in dataset.column_names])
     model = load_training_model(model_cfg, cfg)
+    loaded_dtype = model.dtype
 
     resume_from = None
     if cfg.resume:
@@ -226,6 +227,7 @@ def run_dpo(recipe: Recipe) -> dict:
             ref_model = load_model(ref_cfg, "cpu")
         trainer = trainer_class(DPOTrainer, cfg)(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset,
                                                  processing_class=processor, peft_config=peft_config)
+    setup["precision"] = precision_record(model_cfg, loaded_dtype, trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
     summary = None

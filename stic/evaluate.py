@@ -43,7 +43,7 @@ def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]
     if spec == "base":
         return recipe.model, [], "base"
     if spec == "stage1":
-        return recipe.model, [recipe.dpo.output_dir], "stage1"
+        return recipe.model, [recipe.setting("dpo", "output_dir")], "stage1"
     if spec == "stage2":  # on the stage-1 model stage 2 trained on: the base, or a merged stage-1 folder
         from stic.infuse import default_dar_adapters, stage1_model_config
 
@@ -56,6 +56,25 @@ def resolve_model(recipe: Recipe, spec: str) -> tuple[ModelSpec, list[str], str]
 
         return merged_folder_config(recipe.model, str(path)), [], path.name
     raise FileNotFoundError(f"--model {spec}: not base/stage1/stage2, an adapter folder or a model folder")
+
+
+def comparison_adapters(recipe: Recipe) -> list[str]:
+    """The trained adapters of the recipe's models on its base (stage 1; stage 2 unless it trains on a merged
+    stage-1 folder) that exist. The base's eval and every adapted model's eval judge them all, so that each model
+    of one comparison runs in the same precision (`load_adapted_model`)."""
+    found = [recipe.setting("dpo", "output_dir")]
+    if not recipe.setting("infuse_sft", "stage1_model"):
+        found += [recipe.setting("infuse_sft", "stage1_adapter"), recipe.setting("infuse_sft", "output_dir")]
+    return [a for a in dict.fromkeys(found) if a and (Path(a) / "adapter_config.json").exists()]
+
+
+def load_eval_model(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], device):
+    """(model, processor) as eval runs them: on the recipe's own base, in the one precision of its comparison
+    (the model's `stic_precision` says which)."""
+    from stic.models import load_for_inference
+
+    compared = comparison_adapters(recipe) if model_cfg.name_or_path == recipe.model.name_or_path else []
+    return load_for_inference(model_cfg, adapters, device, compared)
 
 
 def load_items(cfg: EvalConfig, name: str) -> list[Item]:
@@ -78,7 +97,6 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
                      dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
     """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
     from stic.images import ImageRef, decode_image
-    from stic.models import load_for_inference
     from stic.store import ShardedOutput, run_sharded
 
     cfg = recipe.eval
@@ -98,11 +116,14 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
     model_name = served_model(recipe.generation, model_cfg, adapters, job="eval")
 
     def make_worker(device):
+        def local_engine():
+            model, processor = load_eval_model(recipe, model_cfg, adapters, device)
+            engine_cache["precision"] = model.stic_precision  # recorded in summary.json
+            return BatchGenerator(model, processor, cfg.batch_size, system_prompt=model_cfg.system_prompt)
+
         if "engine" not in engine_cache:  # one model load per process for all benchmarks
-            engine_cache["engine"] = make_engine(
-                recipe.generation, model_name, model_cfg.system_prompt,
-                lambda: BatchGenerator(*load_for_inference(model_cfg, adapters, device), cfg.batch_size,
-                                       system_prompt=model_cfg.system_prompt))
+            engine_cache["engine"] = make_engine(recipe.generation, model_name, model_cfg.system_prompt,
+                                                 local_engine)
         engine = engine_cache["engine"]
 
         def worker(batch, on_batch):
@@ -208,5 +229,10 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
+    previous = run_dir / "summary.json"  # a run whose answers were all resumed loaded no model this time
+    precision = engine_cache.get("precision") or (
+        json.loads(previous.read_text()).get("precision") if previous.exists() else None)
+    if precision:
+        summary["precision"] = precision
     write_eval_summary(run_dir, summary)
     return summary

@@ -29,7 +29,7 @@ from stic.models import ModelSetupError, lora_config, process_state, require_cud
 from stic.recipe import DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import skip_reasons, write_infuse_report, write_infused_data_report
-from stic.training import trainer_class
+from stic.training import precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -194,9 +194,22 @@ def load_model_for_training(recipe: Recipe):
     model = load_model(mcfg, training_device(mcfg))
     if cfg.adapter_mode == "continue":
         model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
+        _adapter_in_float32(model, cfg.stage1_adapter)
         _projector_as_configured(model, cfg)
         return model, None
     return model, (lora_config(cfg, model) if cfg.use_peft else None)
+
+
+def _adapter_in_float32(model, adapter_dir: str) -> None:
+    """The continued adapter exactly as stage 1 saved it (float32): PEFT builds the projector copy
+    (modules_to_save) in the base's dtype and loads the saved weights into it, rounding stage 1's projector update
+    to bf16/fp16. Upcast the adapter's tensors, then load the saved ones again."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from stic.training import keep_trainable_in_float32
+
+    if keep_trainable_in_float32(model, select=lambda n: "modules_to_save" in n or ".lora_" in n):
+        set_peft_model_state_dict(model, load_peft_weights(adapter_dir))
 
 
 def _projector_as_configured(model, cfg: InfuseSFTConfig) -> None:
@@ -261,6 +274,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     length_check = (check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
                     if cfg.max_length is not None else None)
     model, peft_config = load_model_for_training(recipe)
+    loaded_dtype = model.dtype
     trainer = trainer_class(SFTTrainer, cfg)(model=model, args=cfg, train_dataset=train_set,
                                              processing_class=processor, peft_config=peft_config)
     resume_from = None
@@ -276,7 +290,8 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
         summary = write_infuse_report(
             cfg, stage1_model_config(recipe), trainer, result, usable_records=len(records), skipped=skipped,
             subset=subset, undescribed=undescribed, trained_records=len(train_set), batch=batch,
-            length_check=length_check, seconds=time.time() - started)
+            length_check=length_check, seconds=time.time() - started,
+            precision=precision_record(stage1_model_config(recipe), loaded_dtype, trainer))
     trainer.accelerator.wait_for_everyone()
     return summary
 

@@ -29,13 +29,27 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def torch_dtype(cfg: ModelSpec, device: torch.device):
+def stored_dtype(cfg: ModelSpec) -> torch.dtype:
+    """The precision the checkpoint is stored in, from its config.json (float32 when it names none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+    stored = str(stored or "float32").removeprefix("torch.")
+    return _DTYPES.get(stored, torch.float32)
+
+
+def torch_dtype(cfg: ModelSpec, device: torch.device | str | None = None) -> torch.dtype:
+    """`model.dtype` as a torch dtype. `auto` is the checkpoint's own precision wherever a GPU computes, including a
+    model that loads on the CPU for the Trainer to move (bf16 becomes fp16 on a GPU without bf16); float32 on a
+    machine without CUDA, where bf16 matmuls are the bottleneck."""
     if cfg.dtype != "auto":
         return _DTYPES[cfg.dtype]
-    # bf16 where the hardware has it, full precision on CPU (bf16 matmuls are slow there)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if not torch.cuda.is_available():
+        return torch.float32
+    stored = stored_dtype(cfg)
+    return torch.float16 if stored == torch.bfloat16 and not torch.cuda.is_bf16_supported() else stored
 
 
 def load_processor(cfg: ModelSpec, raw: bool = False):
@@ -237,49 +251,53 @@ def lora_config(cfg: LoraOptions, model):
 # Trained adapters at inference: keep the update that low precision would erase
 #
 # Stage 1 trains at lr 1e-7; the LoRA weight change it leaves (rms ~1e-5) is below half a bf16 ulp of typical
-# 7B weights (~0.02), so merging it into bf16 weights rounds most of it back to the base. Adapters are therefore
-# merged in float32, and the merged model is cast to the run's dtype only when the update survives that cast.
+# 7B weights (~0.02), so merging it into bf16 weights rounds most of it back to the base, and an fp16 copy of a
+# bf16 base distorts it. Adapters are therefore merged in float32, and a comparison (the base and its adapted
+# models) runs in the model's dtype only when every adapter's update survives it; otherwise all of it runs in
+# float32.
 
-SURVIVAL_FLOOR = 0.99  # share of the update a dtype must keep before a merged model is stored or run in it
+MAX_UPDATE_ERROR = 0.03  # largest relative error ||q - delta|| / ||delta|| a dtype may put on an adapter's update
 
 
-def update_kept(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    """(sum q*delta, sum delta^2) where q is what remains of `delta` once base + delta is stored in `dtype`.
+def update_error_terms(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """(sum (q - delta)^2, sum delta^2), where q = round(base + delta) - round(base) in `dtype` is the change a run
+    sees between the base and the adapted model when both are evaluated in `dtype`.
 
-    Their ratio is the share of the update that survives: 1 when the cast keeps it, 0 when every element
-    rounds back to the base, between where it keeps part (the projection of what is left onto the update)."""
+    sqrt of their ratio is the relative error of the update: 0 when the cast keeps it, about 1 when it rounds away,
+    and more when rounding adds noise larger than the update (a base not on the dtype's grid, e.g. fp16 weights
+    run in bf16). A projection (sum q*delta) would average that noise away and report the update as kept."""
     base32, delta32 = base.detach().float(), delta.detach().float()
-    kept = (base32 + delta32).to(dtype).float() - base32.to(dtype).float()
-    return float((kept * delta32).sum()), float((delta32 * delta32).sum())
+    q = (base32 + delta32).to(dtype).float() - base32.to(dtype).float()
+    return float((q - delta32).pow(2).sum()), float(delta32.pow(2).sum())
 
 
 def adapter_survival(peft_model, dtype: torch.dtype) -> dict:
-    """How much of a PeftModel's (unmerged) update survives merging and storing in `dtype`.
+    """How exactly a PeftModel's (unmerged) update survives merging and running in `dtype`: its relative `error`.
 
     Covers every LoRA layer (its delta weight) and every fully trained module (modules_to_save, e.g. the
     projector: trained minus original weights)."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    num = den = 0.0
+    err = den = 0.0
     layers = 0
     for module in peft_model.modules():
         if isinstance(module, LoraLayer) and hasattr(module.get_base_layer(), "weight"):
             for name in module.active_adapters:
                 if name not in module.lora_A:
                     continue
-                n, d = update_kept(module.get_base_layer().weight, module.get_delta_weight(name), dtype)
-                num, den, layers = num + n, den + d, layers + 1
+                e, d = update_error_terms(module.get_base_layer().weight, module.get_delta_weight(name), dtype)
+                err, den, layers = err + e, den + d, layers + 1
         elif isinstance(module, ModulesToSaveWrapper):
             original = dict(module.original_module.named_parameters())
             for name in module.active_adapters:
                 if name not in module.modules_to_save:
                     continue
                 for pname, p in module.modules_to_save[name].named_parameters():
-                    n, d = update_kept(original[pname], p - original[pname].to(p.dtype), dtype)
-                    num, den, layers = num + n, den + d, layers + 1
-    kept = num / den if den > 0 else 1.0
-    return {"dtype": str(dtype).removeprefix("torch."), "kept": round(kept, 6), "update_rms_sq_sum": den,
+                    e, d = update_error_terms(original[pname], p.float() - original[pname].float(), dtype)
+                    err, den, layers = err + e, den + d, layers + 1
+    error = (err / den) ** 0.5 if den > 0 else 0.0
+    return {"dtype": str(dtype).removeprefix("torch."), "error": round(error, 6), "update_sq_sum": den,
             "tensors": layers}
 
 
@@ -302,47 +320,67 @@ def _float32_base(cfg: ModelSpec, device):
     return load_model(fp32, device)
 
 
-def load_adapted_model(cfg: ModelSpec, adapters: list[str], device) -> tuple[object, list[dict]]:
+def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
+                       compared_with: list[str] = ()) -> tuple[object, dict]:
     """The model with trained adapters applied in order, for inference (eval, DaR, stage-2 descriptions).
 
-    Each adapter is merged into float32 weights. The result is cast to the run's dtype (`model.dtype`) only if
-    every adapter keeps at least 99% of its update there; otherwise it stays in float32 and a line says why.
-    `model.merged_dtype` forces a dtype. A 4-bit base keeps its adapters unmerged (merging into NF4 weights
-    would erase them). Returns (model, one survival report per adapter)."""
+    Each adapter is merged into float32 weights. The result runs in the model's dtype (`model.dtype`) only if
+    every adapter's update survives it (relative error at most MAX_UPDATE_ERROR); otherwise in float32, and a line
+    says why. `compared_with` names the adapters of the other models of one comparison (the base's eval judges
+    the recipe's stage-1 and stage-2 adapters), so that the base and every adapted model run in one precision.
+    `model.merged_dtype` forces a dtype. A 4-bit base keeps its adapter unmerged (merging into NF4 weights would
+    erase it). Returns (model, precision record: the dtype it runs in and one survival report per adapter)."""
     from peft import PeftModel
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if not adapters:
-        return load_model(cfg, device), []
+    target = torch_dtype(cfg, device) if cfg.merged_dtype == "auto" else _DTYPES[cfg.merged_dtype]
+    others = [a for a in dict.fromkeys(compared_with) if a not in adapters]
     if cfg.load_in_4bit:
         if len(adapters) > 1:
             raise ModelSetupError("a 4-bit model takes one adapter at inference; merge stage 1 in float32 first "
                                   "(stic merge --dtype float32) and load the merged folder without load_in_4bit")
         # unmerged on the quantised weights, computing in float32: a bf16 activation would round the
-        # adapter's small output away
-        print("note: 4-bit model: the adapter runs unmerged, with float32 compute")
-        base = load_model(dataclasses.replace(cfg, dtype="float32"), device)
-        return PeftModel.from_pretrained(base, adapters[0]).eval(), []
-    target = torch_dtype(cfg, device) if cfg.merged_dtype == "auto" else _DTYPES[cfg.merged_dtype]
+        # adapter's small output away. The base alone computes in float32 as well, for one precision per comparison.
+        model = load_model(dataclasses.replace(cfg, dtype="float32"), device)
+        if adapters:
+            print("note: 4-bit model: the adapter runs unmerged, with float32 compute")
+            model = PeftModel.from_pretrained(model, adapters[0]).eval()
+        return model, {"dtype": "nf4 (float32 compute)", "adapters": [{"adapter": a} for a in adapters]}
+    if target == torch.float32:
+        others = []  # nothing to judge: float32 keeps every update
+    name = str(target).removeprefix("torch.")
+    if not adapters and not others:  # the base alone, in the dtype every model of its comparison would run in
+        model = _float32_base(cfg, device) if target == torch.float32 else load_model(
+            dataclasses.replace(cfg, dtype=name), device)
+        return model, {"dtype": name, "target": name, "adapters": []}
     model = _float32_base(cfg, device)
     reports = []
+    for adapter in others:  # judged, not applied
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        reports.append({"adapter": adapter, "applied": False, **adapter_survival(peft_model, target)})
+        model = peft_model.unload()
     for adapter in adapters:
         peft_model = PeftModel.from_pretrained(model, adapter)
         reports.append({"adapter": adapter, **adapter_survival(peft_model, target)})
         model = peft_model.merge_and_unload()
-    worst = min(r["kept"] for r in reports)
-    if cfg.merged_dtype == "auto" and worst < SURVIVAL_FLOOR:
-        print(f"note: {worst:.1%} of the adapter update would survive {reports[0]['dtype']}; "
-              "running the adapted model in float32 (set model.merged_dtype to choose)")
+    worst = max(reports, key=lambda r: r["error"])
+    if cfg.merged_dtype == "auto" and worst["error"] > MAX_UPDATE_ERROR:
+        print(f"note: {name} would change the update of {worst['adapter']} by {worst['error']:.0%} (relative "
+              f"error, limit {MAX_UPDATE_ERROR:.0%}); running {'the base' if not adapters else 'the adapted model'} "
+              "in float32, as every model of this comparison (set model.merged_dtype to choose)")
     else:
         model = model.to(target)
-    return model.eval(), reports
+    return model.eval(), {"dtype": str(model.dtype).removeprefix("torch."), "target": name,
+                          "max_update_error": MAX_UPDATE_ERROR, "adapters": reports}
 
 
-def load_for_inference(cfg: ModelSpec, adapters: list[str], device) -> tuple[object, object]:
+def load_for_inference(cfg: ModelSpec, adapters: list[str], device,
+                       compared_with: list[str] = ()) -> tuple[object, object]:
     """(model, processor) to generate with: the base with `adapters` merged in order (`load_adapted_model`), e.g.
-    [stage-2] for a continued adapter, [stage-1, stage-2] for a new stage-2 adapter on the merged stage-1 model."""
-    model, _ = load_adapted_model(cfg, adapters, device)
+    [stage-2] for a continued adapter, [stage-1, stage-2] for a new stage-2 adapter on the merged stage-1 model.
+    The precision it runs in is the model's `stic_precision` attribute."""
+    model, precision = load_adapted_model(cfg, adapters, device, compared_with)
+    model.stic_precision = precision
     return model, load_processor(cfg)
 
 
@@ -363,12 +401,7 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
     if model_cfg.load_in_4bit:
         model_cfg = dataclasses.replace(model_cfg, load_in_4bit=False)  # merge into full-precision weights
     if dtype is None and model_cfg.dtype == "auto":  # the checkpoint's own precision, read before loading
-        from transformers import AutoConfig
-
-        stored = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code)
-        stored = getattr(stored, "dtype", None) or getattr(stored.get_text_config(), "dtype", None)
-        dtype = str(stored or "float32")
+        dtype = str(stored_dtype(model_cfg))
     elif dtype is None:
         dtype = model_cfg.dtype
     base = _float32_base(model_cfg, "cpu")
@@ -378,17 +411,18 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     report = {"adapter": adapter_dir, "base": model_cfg.name_or_path,
               **adapter_survival(peft_model, _DTYPES[dtype]),
-              "float16_kept": adapter_survival(peft_model, torch.float16)["kept"],
-              "bfloat16_kept": adapter_survival(peft_model, torch.bfloat16)["kept"]}
-    print(f"merge: {report['kept']:.2%} of the adapter's update survives {dtype} "
-          f"(bfloat16 {report['bfloat16_kept']:.2%}, float16 {report['float16_kept']:.2%}, float32 100%)")
-    if report["kept"] < SURVIVAL_FLOOR and not force:
-        raise MergeRefused(f"only {report['kept']:.2%} of the adapter's update survives {dtype} (< 99%); merge "
-                           "with --dtype float32 (or float16 if it keeps enough), or pass --force to write it anyway")
+              "float16_error": adapter_survival(peft_model, torch.float16)["error"],
+              "bfloat16_error": adapter_survival(peft_model, torch.bfloat16)["error"]}
+    print(f"merge: storing in {dtype} changes the adapter's update by {report['error']:.2%} (relative error; "
+          f"bfloat16 {report['bfloat16_error']:.2%}, float16 {report['float16_error']:.2%}, float32 0%)")
+    if report["error"] > MAX_UPDATE_ERROR and not force:
+        raise MergeRefused(f"{dtype} would change the adapter's update by {report['error']:.0%} (relative error, "
+                           f"limit {MAX_UPDATE_ERROR:.0%}); merge with --dtype float32 (or float16 if it keeps the "
+                           "update), or pass --force to write it anyway")
     merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
     out = Path(out_dir)
     merged.save_pretrained(out)
     load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
-    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["kept"] < SURVIVAL_FLOOR},
+    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["error"] > MAX_UPDATE_ERROR},
                                                       indent=2) + "\n")
     return out, report

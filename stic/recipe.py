@@ -289,6 +289,16 @@ class Recipe:
     dpo: DPOStageConfig | None = dataclasses.field(default_factory=DPOStageConfig)
     infuse_sft: InfuseSFTConfig | None = dataclasses.field(default_factory=InfuseSFTConfig)
     eval: EvalConfig | None = dataclasses.field(default_factory=EvalConfig)
+    # the checked keys of the sections left unbuilt, so that a command can read e.g. another stage's output_dir
+    unbuilt: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def setting(self, section: str, key: str) -> Any:
+        """A section's value of `key`, whether the section was built or only checked."""
+        built = getattr(self, section)
+        if built is not None:
+            return getattr(built, key)
+        values = self.unbuilt.get(section, {})
+        return values[key] if key in values else _field_default(SECTION_CLASSES[section], key)
 
 
 SECTION_CLASSES = {"model": ModelSpec, "generation": BackendConfig, "selfgen": SelfGenConfig, "dpo": DPOStageConfig,
@@ -329,7 +339,7 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
         checked[section] = checked_fields(cls, values, section)
         built = section in build or section in ("model", "generation")  # cheap and used by every stage
         parsed[section] = build_checked(cls, checked[section], section) if built else None
-    return Recipe(**parsed)
+    return Recipe(**parsed, unbuilt={k: v for k, v in checked.items() if parsed[k] is None})
 
 
 def _field_default(cls: type, name: str) -> Any:

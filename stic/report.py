@@ -250,7 +250,7 @@ def write_infused_data_report(out_dir: Path, skipped: list[dict], train_set, sam
 
 def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int, skipped: list[dict],
                         subset: list[dict], undescribed: list[str], trained_records: int, batch: dict,
-                        length_check: dict | None, seconds: float) -> dict:
+                        length_check: dict | None, seconds: float, precision: dict | None = None) -> dict:
     """run_summary.json, log_history.json and training_curves.png of a finished infuse-sft run; returns the
     summary. `model_cfg` is the stage-1 model the run trained on."""
     from stic.instructions import composition
@@ -272,6 +272,7 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
         "batch": batch,
         "max_length_check": length_check,
         "projector": projector_record(cfg),
+        "precision": precision,
         "global_step": trainer.state.global_step,
         "train_metrics": result.metrics,
         "seconds": round(seconds, 1),
@@ -343,7 +344,19 @@ def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
     table = results_table(summaries)
     if out_png:
         plot_comparison(summaries, out_png)
-    return table
+    warning = precision_warning(summaries)
+    return f"{warning}\n\n{table}" if warning else table
+
+
+def precision_warning(summaries: list[dict]) -> str | None:
+    """A line when the runs were evaluated in different precisions (or some without a record): the switch from
+    bf16 to float32 alone moves the logits by more than a stage-1 update does."""
+    dtypes = {s["run"]: (s.get("precision") or {}).get("dtype", "unrecorded") for s in summaries}
+    if len(set(dtypes.values())) <= 1:
+        return None
+    listed = ", ".join(f"{run}: {dtype}" for run, dtype in dtypes.items())
+    return (f"warning: these runs were evaluated in different precisions ({listed}); their differences mix the "
+            "training's effect with rounding. Rerun them in one precision (model.merged_dtype) to compare.")
 
 
 def plot_comparison(summaries: list[dict], out_png: str) -> None:

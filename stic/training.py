@@ -8,6 +8,9 @@ the check that `max_length` leaves room for a whole training sequence.
   parameter groups at `lr`, next to the LoRA (or language-model) parameters at `learning_rate`.
 - `check_max_length` refuses a `max_length` below image tokens + prompt tokens + answer tokens of the data,
   before any training: a cut sequence loses its answer, or its image tokens no longer match the image.
+- `trainer_class` also gives every trained parameter float32 master weights (`keep_trainable_in_float32`):
+  hub checkpoints are bf16/fp16, and a step of 2e-5 (or a LoRA step at lr 1e-7) is below half an ulp of most of
+  their weights, so an update applied in the checkpoint's dtype mostly rounds back to the old value.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+
+import torch
 
 from stic.errors import SticError
 
@@ -134,11 +139,126 @@ def with_projector_group(trainer_cls: type, projector_lr: float) -> type:
 
 
 def trainer_class(trainer_cls: type, cfg) -> type:
-    """The trainer class a stage uses: with the projector group when the stage trains the projector."""
+    """The trainer class a stage uses: float32 master weights, and the projector group when the stage trains the
+    projector."""
+    trainer_cls = type(trainer_cls.__name__, (Float32MasterWeightsMixin, trainer_cls), {})
     if not cfg.train_projector:
         return trainer_cls
     lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate
     return with_projector_group(trainer_cls, lr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Master weights: every trained parameter is stored and updated in float32
+#
+# PEFT upcasts LoRA weights to float32 but leaves `modules_to_save` (the trainable projector copy) in the model's
+# dtype, TRL casts a QLoRA adapter to bf16, and a full fine-tune trains the checkpoint's own bf16/fp16 tensors.
+# Single-process and DDP runs therefore upcast every trainable tensor here, after the trainer has built the PEFT
+# model and before it builds the optimizer. Compute stays in the run's precision: under autocast (bf16/fp16:
+# true) the matmuls cast the float32 weights down; without it, hooks on each upcast module cast its inputs up
+# and its output back to the input's dtype, so the frozen half-precision modules around it see what they expect.
+# FSDP and DeepSpeed keep their own float32 masters (accelerate's FSDP preparation upcasts trainable parameters
+# when mixed_precision is set; DeepSpeed's bf16/fp16 optimizers hold float32 copies), and ZeRO-3 cannot gather
+# mixed-dtype parameters, so there the trainer is left as it is and a half-precision run without mixed
+# precision is refused.
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+class MasterWeightsError(SticError, ValueError):
+    """Trainable half-precision weights that nothing would keep float32 master copies of."""
+
+
+def _cast_floats(value, dtype):
+    """`value` with its floating tensors (also inside tuples, lists and dicts) cast to `dtype`."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _first_float_dtype(values):
+    for v in values:
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v
+    return None
+
+
+def _upcast_inputs(module, args, kwargs):
+    first = _first_float_dtype([*args, *kwargs.values()])
+    module._stic_input_dtype = None
+    if first is None or first.dtype == torch.float32 or torch.is_autocast_enabled(first.device.type):
+        return None  # autocast chooses the compute dtype itself
+    module._stic_input_dtype = first.dtype
+    return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+
+
+def _restore_output(module, args, output):
+    dtype = getattr(module, "_stic_input_dtype", None)
+    return None if dtype is None else _cast_floats(output, dtype)
+
+
+def keep_trainable_in_float32(model, select=None) -> list[str]:
+    """Cast every trainable bf16/fp16 parameter of `model` (or, with `select(name)`, those it selects, trainable or
+    not) to float32 in place (the Parameter objects stay, so PEFT and the optimizer see the same tensors), with
+    casting hooks on the modules that own them. Returns the names of the parameters cast."""
+    cast = []
+    for module_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dtype in HALF and (
+            p.requires_grad if select is None else select(f"{module_name}.{n}"))]
+        if not own:
+            continue
+        for n, p in own:
+            p.data = p.data.float()
+            cast.append(f"{module_name}.{n}" if module_name else n)
+        if not getattr(module, "_stic_fp32_hooks", False):
+            module.register_forward_pre_hook(_upcast_inputs, with_kwargs=True)
+            module.register_forward_hook(_restore_output)
+            module._stic_fp32_hooks = True
+    return cast
+
+
+def trainable_dtypes(model) -> dict[str, int]:
+    """{dtype: number of trainable elements}, for the run summary."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = str(p.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + p.numel()
+    return counts
+
+
+def precision_record(model_cfg, loaded_dtype, trainer) -> dict:
+    """What run_summary.json says of precision: the recipe's model.dtype, the dtype the weights were loaded in,
+    the compute precision (mixed_precision: autocast) and who keeps the float32 master weights."""
+    return {"model_dtype": model_cfg.dtype, "loaded": str(loaded_dtype).removeprefix("torch."),
+            "mixed_precision": trainer.accelerator.mixed_precision,
+            "master_weights": getattr(trainer, "master_weights", None)}
+
+
+class Float32MasterWeightsMixin:
+    """Trainer mixin: float32 master weights for every trainable parameter (see above); what was done is in
+    `self.master_weights`, for the run summary."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model
+        half = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                       if p.requires_grad and p.dtype in HALF})
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            strategy = "FSDP" if getattr(self, "is_fsdp_enabled", False) else "DeepSpeed"
+            if half and self.accelerator.mixed_precision == "no":
+                raise MasterWeightsError(
+                    f"{strategy} without mixed precision would update the trainable {'/'.join(half)} weights in "
+                    f"{'/'.join(half)} (a small step rounds away); set bf16: true (or fp16: true) in the stage's "
+                    f"section so {strategy} mixed precision keeps float32 master weights, or model.dtype: float32")
+            self.master_weights = {"by": f"{strategy} mixed precision ({self.accelerator.mixed_precision})"}
+            return
+        cast = keep_trainable_in_float32(model)
+        self.master_weights = {"by": "stic", "cast_to_float32": len(cast), "trainable": trainable_dtypes(model)}
 
 
 # ---------------------------------------------------------------------------------------------------------

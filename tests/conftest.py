@@ -228,3 +228,47 @@ def stubs():
     yield make
     for s in made:
         s.close()
+
+
+def stored_like_the_hub(root: Path, family: str = "llava", dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A tiny model folder as hub checkpoints are: every Linear weight drawn at std 0.02 (the scale of 7B
+    weights, where a 2e-5 step is below half a bf16 ulp), stored in `dtype`, with the family's real names."""
+    import torch
+
+    from stic.config import ModelSpec
+    from stic.models import load_model, load_processor
+
+    out = root / f"{family}-{dtype}"
+    if (out / "config.json").exists():
+        return out
+    model = load_model(ModelSpec(name_or_path=f"tiny:{family}", dtype="float32"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    load_processor(ModelSpec(name_or_path=f"tiny:{family}"), raw=True).save_pretrained(out)
+    return out
+
+
+def stage1_sized_adapter(base_dir: Path, out: Path, delta_rms: float = 1e-5, seed: int = 0) -> Path:
+    """A LoRA adapter on `base_dir` whose weight deltas have rms `delta_rms`: what stage 1 at lr 1e-7 leaves."""
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from stic.config import ModelSpec
+    from stic.models import LoraOptions, load_model, lora_config
+
+    gen = torch.Generator().manual_seed(seed)
+    base = load_model(ModelSpec(name_or_path=str(base_dir), dtype="float32"))
+    peft_model = get_peft_model(base, lora_config(LoraOptions(lora_r=8, lora_alpha=16, lora_dropout=0.0), base))
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_B["default"].weight.normal_(0, 1, generator=gen)
+                delta = module.get_delta_weight("default")
+                module.lora_B["default"].weight.mul_(delta_rms / delta.pow(2).mean().sqrt())
+    peft_model.save_pretrained(out)
+    return out

@@ -205,10 +205,45 @@ def test_adapter_and_merged_folder_give_the_same_answers(tmp_path, eval_root):
     m = run_eval(r, str(tmp_path / "merged"), dar=False, benchmarks=["pope"])
     base = run_eval(r, "base", dar=False, benchmarks=["pope"])
     assert a["adapters"] == [str(tmp_path / "adapter")] and m["adapters"] == []
+    # summary.json records the precision each ran in
+    assert a["precision"]["dtype"] == m["precision"]["dtype"] == base["precision"]["dtype"] == "float32"
     read = lambda run: (tmp_path / "runs" / run / "pope" / "predictions.jsonl").read_text()
     assert read("adapter") == read("merged")
     assert read("adapter") != read("base")  # the adapter was applied
     assert base["run"] == "base"
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_base_and_stage1_are_evaluated_in_one_precision_that_keeps_the_update(tmp_path, stored):
+    """A stage-1-sized update (rms 1e-5) on a base stored as hub checkpoints are (std-0.02 weights in fp16 or bf16),
+    with the paper recipes' model.dtype bfloat16. The base->stage-1 logit change that eval sees must be the exact
+    one: in bf16 the update rounds away (or, on an fp16 base, drowns in rounding noise ~10x its size), and
+    switching precision between the two runs moves the logits by more than the adapter does."""
+    from peft import PeftModel
+
+    from stic.config import ModelSpec
+    from stic.evaluate import load_eval_model, resolve_model
+    from stic.models import load_model
+    from tests.conftest import stage1_sized_adapter, stored_like_the_hub
+    from tests.test_models import logits
+
+    base_dir = stored_like_the_hub(tmp_path, "llava", stored)
+    stage1_sized_adapter(base_dir, tmp_path / "dpo")
+    recipe = parse_recipe({"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"},
+                           "dpo": {"output_dir": str(tmp_path / "dpo")}, "eval": {"output_dir": str(tmp_path / "e")}},
+                          "base", dar=False)
+    seen = {}
+    for spec in ("base", "stage1"):
+        model_cfg, adapters, _ = resolve_model(recipe, spec)
+        model, processor = load_eval_model(recipe, model_cfg, adapters, "cpu")
+        seen[spec] = (logits(model, processor), model.stic_precision["dtype"])
+    exact32 = ModelSpec(name_or_path=str(base_dir), dtype="float32")
+    base32 = logits(load_model(exact32), processor)
+    exact = logits(PeftModel.from_pretrained(load_model(exact32), str(tmp_path / "dpo")).merge_and_unload(),
+                   processor) - base32
+    change = seen["stage1"][0] - seen["base"][0]
+    assert float((change - exact).norm() / exact.norm()) < 0.05
+    assert seen["base"][1] == seen["stage1"][1] == "float32"
 
 
 def test_eval_dar_prompts_exactly_as_stage2_trains(tmp_path, eval_root, monkeypatch):

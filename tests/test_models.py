@@ -171,9 +171,9 @@ def test_merged_weights_are_base_plus_the_lora_delta(tmp_path):
         else:
             assert torch.equal(weight, base[key]), key  # vision tower, projector, lm_head: untouched
     saved = json.loads((out / "merge_report.json").read_text())
-    assert saved["dtype"] == "float32" and saved["kept"] == 1.0 and saved["forced"] is False
+    assert saved["dtype"] == "float32" and saved["error"] < 1e-3 and saved["forced"] is False
     assert saved["tensors"] == len(expected) and saved["adapter"] == str(adapter)
-    assert report["kept"] == 1.0
+    assert report["error"] < 1e-3
     # the processor is saved as published (the raw template), so the folder is a standard checkpoint
     from transformers import AutoProcessor
 
@@ -230,15 +230,16 @@ def test_adapters_merge_in_order_and_the_run_dtype_is_kept_when_the_update_survi
 
     first = make_adapter(tmp_path / "a1")
     second = make_adapter(tmp_path / "a2", scale=0.05)
-    model, reports = load_adapted_model(TINY, [str(first), str(second)], "cpu")
-    assert [r["adapter"] for r in reports] == [str(first), str(second)]
+    model, precision = load_adapted_model(TINY, [str(first), str(second)], "cpu")
+    assert [r["adapter"] for r in precision["adapters"]] == [str(first), str(second)]
     processor = load_processor(TINY)
     stage1 = PeftModel.from_pretrained(load_model(TINY), str(first)).merge_and_unload()
     reference = PeftModel.from_pretrained(stage1, str(second)).eval()
     assert torch.allclose(logits(model, processor), logits(reference, processor), atol=1e-4)
     # an update of this size survives bf16: the adapted model runs in the recipe's bf16
-    bf16, reports = load_adapted_model(dataclasses.replace(TINY, dtype="bfloat16"), [str(first)], "cpu")
-    assert reports[0]["kept"] >= 0.99 and bf16.dtype == torch.bfloat16
+    bf16, precision = load_adapted_model(dataclasses.replace(TINY, dtype="bfloat16"), [str(first)], "cpu")
+    assert precision["adapters"][0]["error"] <= 0.03 and bf16.dtype == torch.bfloat16
+    assert precision["dtype"] == "bfloat16"
 
 
 def test_a_4bit_model_takes_one_adapter(tmp_path):
@@ -306,11 +307,12 @@ def test_survival_of_a_stage1_sized_update_per_dtype(realistic):
     base_dir, adapter = realistic
     peft_model = PeftModel.from_pretrained(load_model(ModelSpec(name_or_path=str(base_dir), dtype="float32")),
                                            str(adapter))
-    kept = {dt: adapter_survival(peft_model, dt)["kept"] for dt in (torch.bfloat16, torch.float16, torch.float32)}
-    # a delta of rms 1e-5 on bf16-grid weights of std 0.02: about 28% survives bf16, 97% fp16, all of it fp32
-    assert 0.2 < kept[torch.bfloat16] < 0.4
-    assert 0.95 < kept[torch.float16] < 0.99
-    assert kept[torch.float32] == 1.0
+    error = {dt: adapter_survival(peft_model, dt)["error"] for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    # a delta of rms 1e-5 on bf16-grid weights of std 0.02: bf16 rounds it away (about 28% of it would remain,
+    # error ~0.9), fp16's finer grid distorts it by ~20%, fp32 keeps it exactly
+    assert 0.7 < error[torch.bfloat16] < 1.2
+    assert 0.05 < error[torch.float16] < 0.5
+    assert error[torch.float32] < 1e-3  # only float32 rounding of the sum
 
 
 def test_naive_bf16_merge_loses_the_update(realistic, reference):
@@ -350,10 +352,10 @@ def test_dar_eval_and_stage2_describe_models_keep_the_update(realistic, referenc
 def test_merge_refuses_a_dtype_that_erases_the_update(realistic, tmp_path):
     base_dir, adapter = realistic
     cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
-    with pytest.raises(MergeRefused, match=r"survives bfloat16 \(< 99%\)"):
+    with pytest.raises(MergeRefused, match=r"bfloat16 would change the adapter's update by \d+% .*limit 3%"):
         merge_adapter(cfg16, str(adapter), str(tmp_path / "bf16"))
     assert not (tmp_path / "bf16").exists()
-    with pytest.raises(MergeRefused, match="survives float16"):  # ~97% is not enough either
+    with pytest.raises(MergeRefused, match="float16 would change"):  # fp16's rounding distorts it too
         merge_adapter(cfg16, str(adapter), str(tmp_path / "fp16"), dtype="float16")
 
 
@@ -372,14 +374,14 @@ def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path,
         main([*args, "-o", str(tmp_path / "bf16")])
     assert exit_.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stic:")]
-    assert len(err) == 1 and "survives bfloat16" in err[0] and "--dtype float32" in err[0]
+    assert len(err) == 1 and "bfloat16 would change the adapter's update" in err[0] and "--dtype float32" in err[0]
     assert not (tmp_path / "bf16").exists()
 
     with pytest.raises(SystemExit) as exit_:
         main([*args, "-o", str(tmp_path / "fp32"), "--dtype", "float32"])
     assert exit_.value.code == 0
     report = json.loads((tmp_path / "fp32" / "merge_report.json").read_text())
-    assert report["kept"] == 1.0 and 0.2 < report["bfloat16_kept"] < 0.4
+    assert report["error"] < 1e-3 and report["bfloat16_error"] > 0.7
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp32", dtype=torch.float32).eval()
     assert update_error(logits(merged, processor), base32, ref_delta) < 1e-3
     # the merged folder is loaded in its own precision by eval and stage 2, although the recipe says bf16
@@ -399,10 +401,10 @@ def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path,
     recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(base_dir), "dtype": "auto"}}))
     with pytest.raises(SystemExit) as exit_:
         main([*args, "-o", str(tmp_path / "auto")])
-    assert exit_.value.code == 2 and "survives bfloat16" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "bfloat16 would change" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_:
         main([*args, "-o", str(tmp_path / "forced"), "--force"])
     assert exit_.value.code == 0
     report = json.loads((tmp_path / "forced" / "merge_report.json").read_text())
-    assert report["dtype"] == "bfloat16" and report["forced"] and report["kept"] < 0.4
+    assert report["dtype"] == "bfloat16" and report["forced"] and report["error"] > 0.7

@@ -245,3 +245,17 @@ def test_eval_summary_and_compare_round_trip(tmp_path, capsys):
     assert (tmp_path / "cmp.png").read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(FileNotFoundError, match="summary.json does not exist"):
         report.compare_runs([str(tmp_path / "nowhere")])
+
+
+def test_compare_warns_when_runs_were_evaluated_in_different_precisions(tmp_path):
+    runs = [{**eval_summary("base", pope=("f1", 0.8)), "precision": {"dtype": "bfloat16"}},
+            {**eval_summary("stage1", pope=("f1", 0.85)), "precision": {"dtype": "float32"}},
+            {**eval_summary("stage2", pope=("f1", 0.86)), "precision": {"dtype": "float32"}}]
+    for summary in runs:
+        report.write_eval_summary(tmp_path / summary["run"], summary)
+    dirs = [str(tmp_path / s["run"]) for s in runs]
+    text = report.compare_runs(dirs)
+    assert text.splitlines()[0].startswith("warning: these runs were evaluated in different precisions "
+                                           "(base: bfloat16, stage1: float32, stage2: float32)")
+    assert text.endswith(report.results_table(runs))
+    assert report.compare_runs(dirs[1:]) == report.results_table(runs[1:])  # one precision: no warning
