@@ -119,6 +119,12 @@ def test_lora_targets_the_language_model_only_and_names_what_is_missing():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ModelSetupError, match="set lora_target_modules"):
         language_model_linear_regex(plain)
+    from transformers import LlamaConfig, LlamaModel
+
+    bare = LlamaModel(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=32))  # get_decoder() is the model itself
+    with pytest.raises(ModelSetupError, match="cannot find the language model .* set lora_target_modules"):
+        language_model_linear_regex(bare)
     with pytest.raises(ModelSetupError, match="no projector module"):
         projector_module(plain)
 
