@@ -28,7 +28,8 @@ from trl import DPOConfig
 
 from stic.config import ModelSpec
 from stic.errors import SticError, one_line
-from stic.models import ModelSetupError, lora_config, projector_module, require_cuda_for_4bit, training_device
+from stic.models import (ModelSetupError, language_model_name, lora_config, output_head_name, projector_module,
+                         require_cuda_for_4bit, training_device)
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
@@ -169,11 +170,13 @@ def mean_chosen_tokens(ds, processor, limit: int | None = 512) -> float:
 
 
 def freeze_for_full_finetune(model, train_projector: bool) -> None:
-    """Full fine-tuning trains the language model (and projector if asked); the vision tower stays frozen."""
-    projector = projector_module(model)
+    """Full fine-tuning trains the language model and lm_head (and projector if asked); the vision tower stays
+    frozen. The text model is found by structure: Idefics3 calls it `text_model`."""
+    trained = [language_model_name(model) + ".", (output_head_name(model) or "lm_head") + "."]
+    if train_projector:
+        trained.append(projector_module(model) + ".")
     for name, p in model.named_parameters():
-        in_lm = "language_model" in name or "lm_head" in name
-        p.requires_grad = in_lm or (train_projector and projector in name)
+        p.requires_grad = name.startswith(tuple(trained))
 
 
 def load_training_model(model_cfg: ModelSpec, cfg: DPOStageConfig):

@@ -133,8 +133,9 @@ def load_model(cfg: ModelSpec, device: torch.device | str | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
-            # the projector stays in full precision, so it can be trained (train_projector), as LLaVA keeps it
-            llm_int8_skip_modules=["lm_head", *PROJECTOR_NAMES],
+            # only the language model is quantised: the vision tower, projector (trainable: train_projector) and
+            # lm_head stay in full precision, as in LLaVA's QLoRA
+            llm_int8_skip_modules=model_skip_patterns(cfg),
         )
         kwargs["device_map"] = cfg.device_map or {"": device.index or 0}
     elif cfg.device_map:
@@ -213,16 +214,86 @@ class LoraOptions:
             parent()
 
 
+def _qualified_name(model, target) -> str | None:
+    return next((n for n, m in model.named_modules() if m is target), None) if target is not None else None
+
+
+def language_model_name(model) -> str:
+    """Qualified name of the text decoder, found by structure (`get_decoder()`), not by a name: `model.language_model`
+    (LLaVA, LLaVA-NeXT, Qwen2.5-VL), `model.text_model` (Idefics3/SmolVLM)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    name = _qualified_name(model, get_decoder()) if get_decoder is not None else None
+    if not name:  # none, or the whole model (transformers' fallback): the text model cannot be told apart
+        raise ModelSetupError(f"cannot find the language model of {type(model).__name__} (no get_decoder() "
+                              "submodule); set lora_target_modules in the recipe")
+    return name
+
+
+def output_head_name(model) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    return _qualified_name(model, get_head()) if get_head is not None else None
+
+
+def language_model_linears(model) -> list[str]:
+    """Qualified names of every nn.Linear inside the language model (never the output head)."""
+    prefix, head = language_model_name(model) + ".", output_head_name(model)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(prefix) and n != head]
+
+
 def language_model_linear_regex(model) -> str:
-    """A PEFT target regex for the language model's linear layers (not the vision tower, projector, lm_head)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "language_model" in name and "lm_head" not in name:
-            names.add(name.rsplit(".", 1)[-1])
-    if not names:
-        raise ModelSetupError(f"found no linear layer under a 'language_model' module in {type(model).__name__}; "
-                           "set lora_target_modules in the recipe")
-    return rf".*language_model.*\.({'|'.join(sorted(names))})"
+    """A PEFT target regex (PEFT fullmatches it against qualified names) selecting exactly the language model's
+    linear layers: not the vision tower, projector or lm_head."""
+    import re
+
+    linears = language_model_linears(model)
+    if not linears:
+        raise ModelSetupError(f"found no linear layer in the language model of {type(model).__name__}; "
+                              "set lora_target_modules in the recipe")
+    prefix = re.escape(language_model_name(model))
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    regex = rf"{prefix}\.(?:.*\.)?({'|'.join(map(re.escape, leaves))})"
+    if {n for n, _ in model.named_modules() if re.fullmatch(regex, n)} != set(linears):
+        # a non-linear module shares a leaf name with a linear one (PEFT would refuse it): list every layer
+        regex = "|".join(map(re.escape, linears))
+    return regex
+
+
+def quantization_skip_patterns(model_or_config, trust_remote_code: bool = False) -> list[str]:
+    """`llm_int8_skip_modules` that keep all but the language model out of 4-bit: every module beside the text
+    decoder on the way to it (vision tower, projector, lm_head), by qualified name.
+
+    transformers' bitsandbytes quantizer tests each module with `should_convert_module`, which matches a pattern
+    from the start of the qualified name or as its suffix, so a bare `multi_modal_projector` would not spare
+    `model.multi_modal_projector.linear_1`. A config is instantiated on the meta device to read the structure."""
+    model = model_or_config
+    if not isinstance(model, torch.nn.Module):
+        from transformers import AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(
+                model_or_config, trust_remote_code=trust_remote_code)
+    decoder = language_model_name(model)
+    patterns, path = [], ""
+    for part in decoder.split("."):  # each module on the way down: its other children stay unquantised
+        parent = model.get_submodule(path)
+        for child_name, child in parent.named_children():
+            if child_name != part and any(isinstance(m, torch.nn.Linear) for m in child.modules()):
+                patterns.append(f"{path}.{child_name}" if path else child_name)
+        path = f"{path}.{part}" if path else part
+    head = output_head_name(model)
+    if head and not any(head == p or head.startswith(p + ".") for p in patterns):
+        patterns.append(head)
+    return patterns
+
+
+def model_skip_patterns(cfg: ModelSpec) -> list[str]:
+    """`quantization_skip_patterns` of the model `cfg` names, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    return quantization_skip_patterns(config, trust_remote_code=cfg.trust_remote_code)
 
 
 PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger", "connector", "mm_projector")

@@ -18,6 +18,7 @@ from stic.dpo import (
     parse_recipe,
     run_dpo,
 )
+from stic.tiny import FAMILIES
 from tests.conftest import free_port, photo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,6 +143,34 @@ def test_full_finetune_uses_an_explicit_frozen_reference(tmp_path):
     assert any("language_model" in n for n in changed)
     assert any("multi_modal_projector" in n for n in changed)
     assert not any("vision_tower" in n for n in changed)
+
+
+# Each family's text model, projector and vision tower, by qualified name
+PARTS = {"llava": ("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+         "llava_next": ("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+         "qwen2_5_vl": ("model.language_model", "model.visual.merger", "model.visual"),
+         "idefics3": ("model.text_model", "model.connector", "model.vision_model")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("train_projector", [False, True])
+def test_full_finetune_trains_the_text_model_and_head_of_every_family(family, train_projector):
+    from stic.dpo import freeze_for_full_finetune
+    from stic.models import projector_module
+    from stic.tiny import build_tiny_model
+
+    model = build_tiny_model(family)[0]
+    text, projector, vision = PARTS[family]
+    assert projector_module(model) == projector
+    freeze_for_full_finetune(model, train_projector=train_projector)
+    for name, p in model.named_parameters():
+        if name.startswith((text + ".", "lm_head.")):
+            assert p.requires_grad, name
+        elif name.startswith(projector + "."):
+            assert p.requires_grad == train_projector, name
+        else:  # the vision tower (and LLaVA-NeXT's image_newline, as with LoRA)
+            assert not p.requires_grad, name
+    assert any(n.startswith(vision + ".") for n, _ in model.named_parameters())
 
 
 def test_train_projector_with_lora_saves_the_projector(tmp_path):

@@ -18,6 +18,7 @@ from stic.config import ModelSpec
 from stic.generation import BatchGenerator, Request
 from stic.models import (ModelSetupError, MergeRefused, adapter_survival, load_adapted_model, load_for_inference,
                          load_model, load_processor, merge_adapter, merged_folder_config)
+from stic.tiny import FAMILIES
 from tests.conftest import make_adapter, photo
 
 TINY = ModelSpec(name_or_path="tiny:llava", dtype="float32")
@@ -118,8 +119,74 @@ def test_lora_targets_the_language_model_only_and_names_what_is_missing():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ModelSetupError, match="set lora_target_modules"):
         language_model_linear_regex(plain)
+    from transformers import LlamaConfig, LlamaModel
+
+    bare = LlamaModel(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=32))  # get_decoder() is the model itself
+    with pytest.raises(ModelSetupError, match="cannot find the language model .* set lora_target_modules"):
+        language_model_linear_regex(bare)
     with pytest.raises(ModelSetupError, match="no projector module"):
         projector_module(plain)
+
+
+# Each family's text model, and the modules beside it that must stay out of LoRA and 4-bit (by qualified name)
+TEXT_MODEL = {"llava": "model.language_model", "llava_next": "model.language_model",
+              "qwen2_5_vl": "model.language_model", "idefics3": "model.text_model"}
+NOT_TEXT = {"llava": ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+            "llava_next": ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+            "qwen2_5_vl": ("model.visual", "lm_head"),  # the projector is model.visual.merger
+            "idefics3": ("model.vision_model", "model.connector", "lm_head")}
+
+
+def linears_under(model, prefixes) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantises_only_the_language_model(family, monkeypatch):
+    """The skip list load_model gives bitsandbytes, run through transformers' own selection
+    (`get_modules_to_not_convert`, then `should_convert_module` for each nn.Linear, as `replace_with_bnb_linear`
+    does): exactly the text model's linears become 4-bit. Loading in 4-bit itself needs a GPU."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from stic.tiny import build_tiny_model
+
+    model = build_tiny_model(family)[0]
+    seen = {}
+
+    def from_pretrained(path, **kwargs):  # load_model's arguments, without loading anything
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    load_model(ModelSpec(name_or_path=f"tiny:{family}", dtype="float32", load_in_4bit=True), "cuda")
+    skip = seen["quantization_config"].llm_int8_skip_modules
+    not_converted = HfQuantizer.get_modules_to_not_convert(model, skip, model._keep_in_fp32_modules)
+    converted = {n for n, m in model.named_modules()
+                 if type(m) is torch.nn.Linear and should_convert_module(n, not_converted)}
+    assert converted and converted == linears_under(model, [TEXT_MODEL[family]])
+    assert not converted & linears_under(model, NOT_TEXT[family])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_lora_adapts_exactly_the_language_models_linears(family):
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from stic.models import LoraOptions, lora_config, projector_module
+    from stic.tiny import build_tiny_model
+
+    model = build_tiny_model(family)[0]
+    text_linears = linears_under(model, [TEXT_MODEL[family]])
+    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8), model))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted and adapted == text_linears
+    assert not adapted & linears_under(peft_model.base_model.model, NOT_TEXT[family])
+    if family == "qwen2_5_vl":
+        assert projector_module(model) == "model.visual.merger"
 
 
 # -------------------------------------------------------------------------------------------------------------
