@@ -137,12 +137,35 @@ def load_model(cfg: ModelSpec, device: torch.device | str | None = None):
 # Processes and devices: CUDA where there is one, the CPU otherwise
 
 
+DIST_TIMEOUT_ENV = "STIC_DIST_TIMEOUT_S"
+
+
+def dist_timeout_kwargs() -> dict:
+    """{"timeout": timedelta} from $STIC_DIST_TIMEOUT_S (seconds a collective waits for the other processes before
+    the run fails; torch's default: 10 min under NCCL, 30 min under gloo), {} when unset. PartialState passes it
+    to init_process_group; it takes effect only in the call that creates the process group."""
+    import os
+    from datetime import timedelta
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if not raw:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ModelSetupError(f"{DIST_TIMEOUT_ENV}={raw!r}: give a positive number of seconds")
+    return {"timeout": timedelta(seconds=seconds)}
+
+
 def process_state():
     """accelerate's state of this process. Without CUDA a CPU one, so that processes started by `accelerate launch`
     (torchrun) on a GPU-less machine join over gloo."""
     from accelerate import PartialState
 
-    return PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    kwargs = dist_timeout_kwargs()
+    return PartialState(cpu=True, **kwargs) if not torch.cuda.is_available() else PartialState(**kwargs)
 
 
 def train_on_cpu_without_cuda(args) -> None:
