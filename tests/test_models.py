@@ -73,6 +73,21 @@ def test_without_cuda_training_runs_on_the_cpu_and_keeps_an_explicit_bf16(monkey
     assert args.use_cpu is False and args.bf16 is None  # with CUDA nothing changes
 
 
+def test_process_group_timeout_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from stic.models import dist_timeout_kwargs
+
+    monkeypatch.delenv("STIC_DIST_TIMEOUT_S", raising=False)
+    assert dist_timeout_kwargs() == {}  # torch's default
+    monkeypatch.setenv("STIC_DIST_TIMEOUT_S", "5400")
+    assert dist_timeout_kwargs() == {"timeout": timedelta(seconds=5400)}
+    for bad in ("ten", "0", "-3"):
+        monkeypatch.setenv("STIC_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ModelSetupError, match=f"STIC_DIST_TIMEOUT_S='{bad}': give a positive number"):
+            dist_timeout_kwargs()
+
+
 def test_auto_dtype_is_float32_on_the_cpu():
     from stic.models import torch_dtype
 
