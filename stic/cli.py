@@ -43,7 +43,9 @@ def _selfgen(args) -> int:
 
 def _dpo(args) -> int:
     from stic.dpo import parse_recipe, run_dpo
+    from stic.models import refuse_sharding_without_cuda
 
+    refuse_sharding_without_cuda()  # before the section is built: TrainingArguments sets up DeepSpeed itself
     run_dpo(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")))
     return 0
 
@@ -61,7 +63,9 @@ def _merge(args) -> int:
 
 def _infuse_sft(args) -> int:
     from stic.infuse import parse_recipe, run_infuse_sft
+    from stic.models import refuse_sharding_without_cuda
 
+    refuse_sharding_without_cuda()  # before the section is built: TrainingArguments sets up DeepSpeed itself
     run_infuse_sft(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft")))
     return 0
 

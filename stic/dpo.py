@@ -29,11 +29,11 @@ from trl import DPOConfig
 from stic.config import ModelSpec
 from stic.errors import SticError, one_line
 from stic.models import (ModelSetupError, language_model_name, lora_config, output_head_name, projector_module,
-                         require_cuda_for_4bit, training_device)
+                         refuse_sharding_without_cuda, require_cuda_for_4bit, training_device)
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
-from stic.training import precision_record, trainer_class
+from stic.training import has_text_only_rows, precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -185,7 +185,7 @@ def load_training_model(model_cfg: ModelSpec, cfg: DPOStageConfig):
     require_cuda_for_4bit(model_cfg)
     if model_cfg.load_in_4bit and not cfg.use_peft:
         raise ModelSetupError("a 4-bit model can only be trained with an adapter (dpo.use_peft: true)")
-    model = load_model(model_cfg, training_device(model_cfg))
+    model = load_model(model_cfg, training_device(model_cfg, cfg))
     if model_cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -203,6 +203,7 @@ def run_dpo(recipe: Recipe) -> dict:
     from stic.models import load_model, load_processor
 
     cfg, model_cfg = recipe.dpo, recipe.model
+    refuse_sharding_without_cuda(cfg)
     processor = load_processor(model_cfg)
     dataset = load_preference_dataset(cfg, extra_columns=("generation",))  # refuse bad data before the model loads
     setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check
@@ -227,9 +228,10 @@ def run_dpo(recipe: Recipe) -> dict:
         if not cfg.use_peft:
             freeze_for_full_finetune(model, cfg.train_projector)
             ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
-            ref_model = load_model(ref_cfg, "cpu")
-        trainer = trainer_class(DPOTrainer, cfg)(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset,
-                                                 processing_class=processor, peft_config=peft_config)
+            ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
+        trainer = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))(
+            model=model, ref_model=ref_model, args=cfg, train_dataset=dataset, processing_class=processor,
+            peft_config=peft_config)
     setup["precision"] = precision_record(model_cfg, loaded_dtype, trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
@@ -290,5 +292,5 @@ def _sft_positive_trainer(cfg: DPOStageConfig, model, processor, dataset, peft_c
     sft_args = SFTConfig(**shared, learning_rate=cfg.learning_rate)
     data = dataset.map(lambda r: {"completion": r["chosen"]},
                        remove_columns=[c for c in ("chosen", "rejected") if c in dataset.column_names])
-    return trainer_class(SFTTrainer, cfg)(model=model, args=sft_args, train_dataset=data, processing_class=processor,
-                                          peft_config=peft_config)
+    return trainer_class(SFTTrainer, cfg, has_text_only_rows(data))(
+        model=model, args=sft_args, train_dataset=data, processing_class=processor, peft_config=peft_config)

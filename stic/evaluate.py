@@ -198,6 +198,12 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
 
 
 def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] | None = None) -> dict | None:
+    """Generate every benchmark's answers over all processes, then score them on the main process alone.
+
+    Scoring comes last, after the processes' final synchronisation (the last benchmark's `run_sharded`): the
+    other ranks return as soon as generation is done, and nothing the main process does afterwards is a
+    collective. An LLM judge's hundreds of HTTP calls (MM-Vet: 218) would otherwise hold the other ranks at
+    the next barrier past the process group's timeout (NCCL's default: 10 min), killing the run."""
     from stic.models import process_state
 
     state = process_state()
@@ -209,6 +215,7 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     judge = Judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
     engine_cache: dict = {}
     summary = {"run": run_name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar, "benchmarks": {}}
+    answered = []
     for name in names:
         bench = get_benchmark(name)
         if bench.score is None and not judge.available:
@@ -219,19 +226,21 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
         items = load_items(cfg, name)
         out = run_dir / name
         predictions = answer_benchmark(recipe, model_cfg, adapters, name, out, dar, items, engine_cache)
-        if predictions is None:
-            continue
-        with open(out / "predictions.jsonl", "w") as fh:
-            fh.writelines(json.dumps(p) + "\n" for p in predictions)
-        scores = score_predictions(name, items, predictions, judge)
-        (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-        summary["benchmarks"][name] = benchmark_summary(bench.headline, scores)
-    state.wait_for_everyone()
+        if predictions is not None:  # the main process
+            with open(out / "predictions.jsonl", "w") as fh:
+                fh.writelines(json.dumps(p) + "\n" for p in predictions)
+            answered.append((name, items, predictions))
+            summary["benchmarks"][name] = None  # keeps the requested order
+    precision = engine_cache.get("precision")  # the dtype the model ran in, when this run loaded one
+    engine_cache.clear()  # the model is no longer needed on any process
     if not state.is_main_process:
         return None
+    for name, items, predictions in answered:  # no collective from here on
+        scores = score_predictions(name, items, predictions, judge)
+        (run_dir / name / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        summary["benchmarks"][name] = benchmark_summary(get_benchmark(name).headline, scores)
     previous = run_dir / "summary.json"  # a run whose answers were all resumed loaded no model this time
-    precision = engine_cache.get("precision") or (
-        json.loads(previous.read_text()).get("precision") if previous.exists() else None)
+    precision = precision or (json.loads(previous.read_text()).get("precision") if previous.exists() else None)
     if precision:
         summary["precision"] = precision
     write_eval_summary(run_dir, summary)

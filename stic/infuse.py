@@ -25,11 +25,12 @@ from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
 from stic.instructions import choose_subset, load_instructions
-from stic.models import ModelSetupError, lora_config, process_state, require_cuda_for_4bit, training_device
+from stic.models import (ModelSetupError, lora_config, process_state, refuse_sharding_without_cuda,
+                         require_cuda_for_4bit, training_device)
 from stic.recipe import DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import skip_reasons, write_infuse_report, write_infused_data_report
-from stic.training import precision_record, trainer_class
+from stic.training import has_text_only_rows, precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -189,9 +190,10 @@ def load_model_for_training(recipe: Recipe):
         if mcfg.load_in_4bit:
             raise ModelSetupError("adapter_mode: new on a 4-bit model: merge stage 1 first (stic merge) and set "
                                "infuse_sft.stage1_model to the merged folder")
-        model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter], "cpu")
+        model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter],
+                                      training_device(mcfg, cfg))
         return model, (lora_config(cfg, model) if cfg.use_peft else None)
-    model = load_model(mcfg, training_device(mcfg))
+    model = load_model(mcfg, training_device(mcfg, cfg))
     if cfg.adapter_mode == "continue":
         model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
         _adapter_in_float32(model, cfg.stage1_adapter)
@@ -252,6 +254,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     from stic.training import apply_global_batch, check_max_length
 
     cfg = recipe.infuse_sft
+    refuse_sharding_without_cuda(cfg)
     state = process_state()
     batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
@@ -275,8 +278,8 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
                     if cfg.max_length is not None else None)
     model, peft_config = load_model_for_training(recipe)
     loaded_dtype = model.dtype
-    trainer = trainer_class(SFTTrainer, cfg)(model=model, args=cfg, train_dataset=train_set,
-                                             processing_class=processor, peft_config=peft_config)
+    trainer = trainer_class(SFTTrainer, cfg, has_text_only_rows(train_set))(
+        model=model, args=cfg, train_dataset=train_set, processing_class=processor, peft_config=peft_config)
     resume_from = None
     if cfg.resume and Path(cfg.output_dir).is_dir():
         from transformers.trainer_utils import get_last_checkpoint

@@ -152,12 +152,35 @@ def load_model(cfg: ModelSpec, device: torch.device | str | None = None):
 # Processes and devices: CUDA where there is one, the CPU otherwise
 
 
+DIST_TIMEOUT_ENV = "STIC_DIST_TIMEOUT_S"
+
+
+def dist_timeout_kwargs() -> dict:
+    """{"timeout": timedelta} from $STIC_DIST_TIMEOUT_S (seconds a collective waits for the other processes before
+    the run fails; torch's default: 10 min under NCCL, 30 min under gloo), {} when unset. PartialState passes it
+    to init_process_group; it takes effect only in the call that creates the process group."""
+    import os
+    from datetime import timedelta
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if not raw:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ModelSetupError(f"{DIST_TIMEOUT_ENV}={raw!r}: give a positive number of seconds")
+    return {"timeout": timedelta(seconds=seconds)}
+
+
 def process_state():
     """accelerate's state of this process. Without CUDA a CPU one, so that processes started by `accelerate launch`
     (torchrun) on a GPU-less machine join over gloo."""
     from accelerate import PartialState
 
-    return PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    kwargs = dist_timeout_kwargs()
+    return PartialState(cpu=True, **kwargs) if not torch.cuda.is_available() else PartialState(**kwargs)
 
 
 def train_on_cpu_without_cuda(args) -> None:
@@ -174,11 +197,55 @@ def require_cuda_for_4bit(cfg: ModelSpec) -> None:
         raise ModelSetupError("QLoRA (model.load_in_4bit: true) needs a CUDA GPU; set it to false to train on CPU")
 
 
-def training_device(cfg: ModelSpec) -> torch.device | str:
-    """Where a model to be trained loads: a 4-bit one onto this process's GPU (it is quantised as it loads), any
-    other on the CPU, for the Trainer to place."""
+def distributed_strategy(args=None) -> str:
+    """How this training process runs: "fsdp", "zero3" (DeepSpeed ZeRO-3), "deepspeed" (ZeRO-1/2), "ddp" or
+    "single". From `accelerate launch`'s environment (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED,
+    ACCELERATE_DEEPSPEED_ZERO_STAGE, WORLD_SIZE) and, when given, the stage's TRL config (its own `fsdp` and
+    `deepspeed` keys). Read before any process group exists, so nothing is initialised here."""
+    import os
+
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or getattr(args, "fsdp", None):
+        return "fsdp"
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is not None:
+        return "zero3" if ds_config.is_zero3() else "deepspeed"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # unset with a deepspeed_config_file: assume 3
+        return "deepspeed" if stage in ("0", "1", "2") else "zero3"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def refuse_sharding_without_cuda(args=None) -> None:
+    """Refuse FSDP and DeepSpeed on a machine without CUDA, before anything loads. accelerate (1.15) turns a CPU
+    run's state into FSDP or DEEPSPEED only from a GPU state (`AcceleratorState.__init__`: MULTI_CPU never becomes
+    FSDP, and `use_cpu` skips DeepSpeed), so fsdp.yaml or zero3.yaml with `use_cpu` silently trains plain DDP over
+    gloo. Those strategies are checked on GPUs only."""
+    strategy = distributed_strategy(args)
+    if strategy in ("fsdp", "zero3", "deepspeed") and not torch.cuda.is_available():
+        name = "FSDP" if strategy == "fsdp" else "DeepSpeed"
+        raise ModelSetupError(f"{name} needs CUDA GPUs: without them accelerate would run plain DDP over gloo "
+                              "instead; launch with recipes/accelerate/ddp.yaml on this machine")
+
+
+def training_device(cfg: ModelSpec, args=None) -> torch.device | str:
+    """Where a model to be trained loads.
+
+    Straight onto this process's GPU where the strategy keeps a whole model per GPU (one process, DDP, ZeRO-1/2):
+    loading every rank's copy on the CPU first costs host memory per process (8 ranks x a 7B model in bf16:
+    ~120 GB) only for the Trainer to move it. The Trainer leaves a model already on its device in place
+    (`Trainer.__init__`: a one-device `hf_device_map` equal to args.device is not model parallel, and
+    `_move_model_to_device` skips a model with an `hf_device_map`). On the CPU for FSDP (its
+    cpu_ram_efficient_loading keeps real weights on rank 0 alone and shards them at prepare) and ZeRO-3 (which
+    partitions as it prepares, and refuses a device_map). A 4-bit model always loads on the GPU: it is quantised
+    as it loads. `args`, the stage's TRL config, gives the device (initialising the process group with the
+    recipe's ddp_timeout) and its own fsdp/deepspeed keys."""
     require_cuda_for_4bit(cfg)
-    return process_state().device if cfg.load_in_4bit else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if not cfg.load_in_4bit and distributed_strategy(args) in ("fsdp", "zero3"):
+        return "cpu"
+    return args.device if args is not None else process_state().device
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -196,6 +196,19 @@ def projector_record(cfg) -> dict:
     return {"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate}
 
 
+def distributed_record(trainer) -> dict:
+    """What run_summary.json says of the processes: the strategy accelerate ran (MULTI_GPU/MULTI_CPU = DDP, FSDP,
+    DEEPSPEED, NO) and, under DDP, find_unused_parameters as the DDP wrapper holds it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = getattr(trainer, "model_wrapped", None)
+    kind = trainer.accelerator.distributed_type
+    return {"distributed_type": getattr(kind, "value", str(kind)), "processes": trainer.accelerator.num_processes,
+            "ddp_find_unused_parameters": (wrapped.find_unused_parameters
+                                           if isinstance(wrapped, DistributedDataParallel) else None),
+            "find_unused_from": getattr(trainer, "find_unused_source", None)}
+
+
 def write_dpo_report(recipe, trainer, result, rows: int, mean_chosen_tokens: float, seconds: float, resumed_from,
                      setup: dict | None = None) -> dict:
     """run_summary.json, log_history.json and training_curves.png of a finished dpo run; returns the summary.
@@ -218,6 +231,7 @@ def write_dpo_report(recipe, trainer, result, rows: int, mean_chosen_tokens: flo
         **(setup or {}),
         "adapter": cfg.use_peft,
         "processes": trainer.accelerator.num_processes,
+        "distributed": distributed_record(trainer),
         "global_step": trainer.state.global_step,
         "resumed_from": resumed_from,
         "train_metrics": result.metrics,
@@ -269,6 +283,7 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
         "trained_records": trained_records,
         "template": cfg.template,
         "processes": trainer.accelerator.num_processes,
+        "distributed": distributed_record(trainer),
         "batch": batch,
         "max_length_check": length_check,
         "projector": projector_record(cfg),

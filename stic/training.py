@@ -138,10 +138,12 @@ def with_projector_group(trainer_cls: type, projector_lr: float) -> type:
     return type(trainer_cls.__name__, (ProjectorGroupMixin, trainer_cls), {"projector_lr": float(projector_lr)})
 
 
-def trainer_class(trainer_cls: type, cfg) -> type:
-    """The trainer class a stage uses: float32 master weights, and the projector group when the stage trains the
-    projector."""
-    trainer_cls = type(trainer_cls.__name__, (Float32MasterWeightsMixin, trainer_cls), {})
+def trainer_class(trainer_cls: type, cfg, text_only_rows: bool = True) -> type:
+    """The trainer class a stage uses: float32 master weights, DDP's find_unused_parameters resolved (see below),
+    and the projector group when the stage trains the projector. `text_only_rows`: whether any training row lacks
+    an image."""
+    trainer_cls = type(trainer_cls.__name__, (Float32MasterWeightsMixin, FindUnusedMixin, trainer_cls),
+                       {"recipe_find_unused": cfg.ddp_find_unused_parameters, "text_only_rows": text_only_rows})
     if not cfg.train_projector:
         return trainer_cls
     lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate
@@ -259,6 +261,60 @@ class Float32MasterWeightsMixin:
             return
         cast = keep_trainable_in_float32(model)
         self.master_weights = {"by": "stic", "cast_to_float32": len(cast), "trainable": trainable_dtypes(model)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDP's find_unused_parameters
+#
+# TRL's DPOTrainer and SFTTrainer set ddp_find_unused_parameters=True for every vision-language model (a text-only
+# row leaves the vision side without gradients), which costs DDP an extra traversal of the autograd graph every
+# step. It is needed only when a trainable parameter can miss its gradient in some batch: one outside the language
+# model (the projector, the vision tower) while some rows have no image. LoRA on the language model, or full
+# fine-tuning with the vision tower frozen, uses every trainable parameter in every forward; so does a trained
+# projector when every row has an image. Stage 2's instruction data can hold text-only records, so a projector
+# trained there keeps the search. A recipe that sets ddp_find_unused_parameters keeps its value.
+
+
+def find_unused_parameters(model, text_only_rows: bool) -> bool:
+    """Whether DDP must search for parameters without a gradient: some trainable parameter lies outside the
+    language model and its head (found by structure: Idefics3's is `text_model`) while some row has no image.
+    A model whose language model cannot be found keeps the search."""
+    from stic.models import ModelSetupError, language_model_name, output_head_name
+
+    if not text_only_rows:
+        return False
+    try:
+        used = (language_model_name(model) + ".", (output_head_name(model) or "lm_head") + ".")
+    except ModelSetupError:
+        return True
+    return any(p.requires_grad and not n.startswith(used) for n, p in model.named_parameters())
+
+
+def has_text_only_rows(ds) -> bool:
+    """Whether any row of a training dataset has no image (without decoding any)."""
+    import datasets
+
+    if "images" not in ds.column_names:
+        return True
+    raw = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))["images"]
+    return any(not images for images in raw)
+
+
+class FindUnusedMixin:
+    """Trainer mixin: ddp_find_unused_parameters from the model the trainer holds (PEFT-wrapped already) when the
+    recipe leaves it unset, in place of TRL's True. Where it came from is in `self.find_unused_source`."""
+
+    recipe_find_unused: bool | None = None
+    text_only_rows: bool = True
+
+    def _build_accelerator_args(self, **kwargs):  # called by Trainer.__init__ before the Accelerator exists
+        if self.recipe_find_unused is None:
+            self.args.ddp_find_unused_parameters = find_unused_parameters(self.model, self.text_only_rows)
+            self.find_unused_source = "stic"
+        else:
+            self.args.ddp_find_unused_parameters = self.recipe_find_unused
+            self.find_unused_source = "recipe"
+        return super()._build_accelerator_args(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------

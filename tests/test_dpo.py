@@ -321,6 +321,96 @@ def test_two_process_run_trains_and_saves_an_adapter(tmp_path):
     assert summary["processes"] == 2
     # global batch 8 = 2 processes x 2 per device x 2 accumulation steps (one process would accumulate 4)
     assert summary["batch"]["processes"] == 2 and summary["batch"]["gradient_accumulation_steps"] == 2
+    # DDP over gloo ran, and LoRA on the language model with an image in every row skips the unused search
+    assert summary["distributed"] == {"distributed_type": "MULTI_CPU", "processes": 2,
+                                      "ddp_find_unused_parameters": False, "find_unused_from": "stic"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-process settings: DDP's find_unused_parameters, and FSDP/DeepSpeed refused without GPUs
+
+
+def model_to_train(family="llava", use_peft=True, train_projector=False, vision=False):
+    from peft import get_peft_model
+
+    from stic.dpo import freeze_for_full_finetune
+    from stic.models import LoraOptions, load_model, lora_config
+
+    model = load_model(ModelSpec(name_or_path=f"tiny:{family}", dtype="float32"))
+    if use_peft:
+        model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, train_projector=train_projector), model))
+    else:
+        freeze_for_full_finetune(model, train_projector)
+    for n, p in model.named_parameters():
+        p.requires_grad |= vision and ("vision_tower" in n or "vision_model" in n)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])  # idefics3's language model is `text_model`
+@pytest.mark.parametrize("setup, text_only_rows, needed", [
+    ({}, True, False),  # LoRA on the language model: every trainable weight is used by every row
+    ({"use_peft": False}, True, False),  # full fine-tuning, vision tower frozen
+    ({"train_projector": True}, False, False),  # the projector, with an image in every row
+    ({"train_projector": True}, True, True),  # ... but a text-only row leaves it without a gradient
+    ({"use_peft": False, "train_projector": True}, True, True),
+    ({"vision": True}, True, True),
+    ({"vision": True}, False, False),
+])
+def test_ddp_searches_for_unused_parameters_only_when_a_row_can_leave_one_unused(family, setup, text_only_rows,
+                                                                                 needed):
+    from stic.training import find_unused_parameters
+
+    assert find_unused_parameters(model_to_train(family, **setup), text_only_rows) is needed
+
+
+def test_find_unused_parameters_set_in_the_recipe_wins_and_text_only_rows_are_found(tmp_path):
+    import datasets
+    from types import SimpleNamespace
+
+    from stic.training import has_text_only_rows, trainer_class
+
+    class Base:  # stands in for TRL's trainer: what Trainer.__init__ would hand the Accelerator
+        def __init__(self, model, args):
+            self.model, self.args = model, args
+            self.accelerator_args = self._build_accelerator_args()
+
+        def _build_accelerator_args(self, **kwargs):
+            return {"find_unused_parameters": self.args.ddp_find_unused_parameters}
+
+    model = torch.nn.Module()
+    model.multi_modal_projector = torch.nn.Linear(2, 2)  # trainable, outside the language model
+    for recipe_value, text_only, expected, source in [(None, True, True, "stic"), (None, False, False, "stic"),
+                                                      (False, True, False, "recipe"), (True, False, True, "recipe")]:
+        cfg = SimpleNamespace(ddp_find_unused_parameters=recipe_value, train_projector=False)
+        args = SimpleNamespace(ddp_find_unused_parameters=True)  # as TRL leaves it for a VLM
+        trainer = trainer_class(Base, cfg, text_only)(model, args)
+        assert trainer.accelerator_args == {"find_unused_parameters": expected}, (recipe_value, text_only)
+        assert trainer.find_unused_source == source
+    with_images = datasets.Dataset.from_list([{"images": [photo(0, (8, 8))]}, {"images": [photo(1, (8, 8))]}])
+    mixed = datasets.Dataset.from_list([{"images": [photo(0, (8, 8))]}, {"images": []}])
+    assert not has_text_only_rows(with_images.cast_column("images", datasets.List(datasets.Image())))
+    assert has_text_only_rows(mixed.cast_column("images", datasets.List(datasets.Image())))
+    assert has_text_only_rows(datasets.Dataset.from_list([{"prompt": "x"}]))  # no image column at all
+
+
+def test_fsdp_or_deepspeed_without_cuda_is_refused_in_one_line_before_loading(tmp_path):
+    """accelerate runs fsdp.yaml/zero*.yaml with use_cpu as plain DDP: refused rather than silently replaced."""
+    import os
+
+    data = make_dataset(tmp_path / "data", n=2)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny:llava@987", "dtype": "float32"},
+                                 "dpo": {"dataset": str(data), "output_dir": str(tmp_path / "o"),
+                                         "report_to": []}}))
+    for env, name in [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+                      ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed")]:
+        res = subprocess.run([sys.executable, "-m", "stic", "dpo", "--recipe", str(r)], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, **env, "CUDA_VISIBLE_DEVICES": ""})
+        lines = [line for line in res.stderr.splitlines() if line.startswith("stic: ")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert lines == [f"stic: error: {name} needs CUDA GPUs: without them accelerate would run plain DDP over "
+                         "gloo instead; launch with recipes/accelerate/ddp.yaml on this machine"]
+    assert not list(Path(os.environ["STIC_CACHE"]).rglob("*seed987*"))  # refused before the model was even built
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -26,9 +27,11 @@ def recipe_dict(root, out, **ev):
 
 class FakeJudge(BaseHTTPRequestHandler):
     calls = []
+    delay_s = 0.0  # seconds each answer takes (a slow judge)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(FakeJudge.delay_s)
         FakeJudge.calls.append({"auth": self.headers.get("Authorization"), "body": body})
         prompt = body["messages"][0]["content"]
         text = "0.6" if prompt.rstrip().endswith("Score:") else "8 6\nAssistant 2 is shorter."
@@ -43,7 +46,7 @@ def judge_server(monkeypatch):
     server = HTTPServer(("127.0.0.1", 0), FakeJudge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    FakeJudge.calls = []
+    FakeJudge.calls, FakeJudge.delay_s = [], 0.0
     monkeypatch.setenv("STIC_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
     monkeypatch.setenv("STIC_JUDGE_API_KEY", "sk-test-secret-123")
     yield server
@@ -181,6 +184,27 @@ def test_two_processes_give_the_same_predictions_and_scores(tmp_path, eval_root)
     assert two["benchmarks"] == json.loads(json.dumps(one["benchmarks"]))
     parts = list((tmp_path / "two" / "base" / "pope" / "generation" / "data").glob("*.parquet"))
     assert {p.name.split("-")[2] for p in parts} == {"r000", "r001"}
+
+
+def test_slow_judge_scoring_outlasts_the_process_group_timeout(tmp_path, eval_root, judge_server, monkeypatch):
+    """Scoring with the judge (hundreds of calls on MM-Vet) takes longer than a collective may wait: every benchmark
+    is generated first and only the main process scores, with no collective after, so the other ranks never wait
+    on it. Here the process-group timeout is 8 s and the judge's answer to the one MM-Vet item takes 12 s."""
+    from tests.test_selfgen import free_port
+
+    FakeJudge.delay_s = 12.0
+    monkeypatch.setenv("STIC_DIST_TIMEOUT_S", "8")
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe_dict(eval_root, tmp_path / "o", limit=2)))
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "recipes/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",
+                          str(free_port()), "eval/run.py", "--recipe", str(r), "--benchmarks", "mmvet", "pope"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / "base" / "summary.json").read_text())
+    assert summary["benchmarks"]["mmvet"]["value"] == pytest.approx(60.0)  # the fake judge's 0.6
+    assert summary["benchmarks"]["pope"]["value"] is not None
+    assert len(FakeJudge.calls) == 1  # asked by the main process only
 
 
 def test_eval_section_is_strict(tmp_path, eval_root):

@@ -74,6 +74,56 @@ def test_without_cuda_training_runs_on_the_cpu_and_keeps_an_explicit_bf16(monkey
     assert args.use_cpu is False and args.bf16 is None  # with CUDA nothing changes
 
 
+def test_process_group_timeout_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from stic.models import dist_timeout_kwargs
+
+    monkeypatch.delenv("STIC_DIST_TIMEOUT_S", raising=False)
+    assert dist_timeout_kwargs() == {}  # torch's default
+    monkeypatch.setenv("STIC_DIST_TIMEOUT_S", "5400")
+    assert dist_timeout_kwargs() == {"timeout": timedelta(seconds=5400)}
+    for bad in ("ten", "0", "-3"):
+        monkeypatch.setenv("STIC_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ModelSetupError, match=f"STIC_DIST_TIMEOUT_S='{bad}': give a positive number"):
+            dist_timeout_kwargs()
+
+
+STRATEGY_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "WORLD_SIZE")
+
+
+@pytest.mark.parametrize("env, args, strategy, on_gpu", [
+    ({}, {}, "single", True),
+    ({"WORLD_SIZE": "8"}, {}, "ddp", True),
+    ({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {},
+     "deepspeed", True),
+    ({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}, {}, "fsdp", False),
+    ({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, {},
+     "zero3", False),
+    ({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true"}, {}, "zero3", False),  # stage in a config file
+    ({"WORLD_SIZE": "8"}, {"fsdp": ["full_shard"]}, "fsdp", False),  # the recipe's own fsdp key
+    ({"WORLD_SIZE": "8"}, {"hf_deepspeed_config": SimpleNamespace(is_zero3=lambda: True)}, "zero3", False),
+    ({"WORLD_SIZE": "8"}, {"hf_deepspeed_config": SimpleNamespace(is_zero3=lambda: False)}, "deepspeed", True),
+])
+def test_a_model_to_train_loads_on_its_gpu_unless_fsdp_or_zero3_shard_it(monkeypatch, env, args, strategy, on_gpu):
+    """Host memory: every DDP rank loading a CPU copy first costs a whole model of RAM per process."""
+    from stic.models import distributed_strategy, training_device
+
+    for key in STRATEGY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank_gpu = torch.device("cuda", 3)
+    trl_args = SimpleNamespace(**{"device": rank_gpu, "fsdp": [], **args})
+    assert distributed_strategy(trl_args) == strategy
+    assert training_device(TINY, trl_args) == (rank_gpu if on_gpu else "cpu")
+    qlora = dataclasses.replace(TINY, load_in_4bit=True)
+    assert training_device(qlora, trl_args) == rank_gpu  # quantised as it loads, whatever the strategy
+    no_cuda(monkeypatch)
+    assert training_device(TINY, trl_args) == "cpu"
+
+
 def test_auto_dtype_is_float32_on_the_cpu():
     from stic.models import torch_dtype
 

@@ -133,7 +133,8 @@ def dpo_cfg(out, **kw):
 
 
 def fake_trainer(history, steps=5, processes=1):
-    return NS(state=NS(log_history=history, global_step=steps), accelerator=NS(num_processes=processes))
+    return NS(state=NS(log_history=history, global_step=steps),
+              accelerator=NS(num_processes=processes, distributed_type="NO"))
 
 
 def test_dpo_report(tmp_path):
