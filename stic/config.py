@@ -44,7 +44,9 @@ class ModelSpec:
     name_or_path: str = option("tiny:llava", help="hub id or local folder; tiny:<family>[@seed] builds a small "
                                                   "random model offline")
     revision: str | None = option(None, help="hub revision (branch, tag or commit)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="weights' dtype when loading")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="weights' dtype when loading; auto: the checkpoint's stored dtype where a GPU computes, "
+                     "float32 on a machine without CUDA")
     attn_implementation: str | None = option(
         None, help="sdpa | eager | flash_attention_2; None lets transformers choose")
     device_map: str | None = option(
@@ -52,9 +54,9 @@ class ModelSpec:
     load_in_4bit: bool = option(False, help="QLoRA: load the base weights in 4-bit NF4 (needs CUDA)")
     trust_remote_code: bool = option(False, help="allow the checkpoint's own modelling code")
     merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="dtype of a model run with trained adapters merged (eval, DaR, stage-2 descriptions). auto: "
-                     "`dtype` when it keeps >= 99% of the adapters' update, else float32 (stage 1's lr-1e-7 "
-                     "update mostly vanishes in bf16)")
+        "auto", help="the one dtype of a base and its adapted models in eval (and of DaR, the stage-2 "
+                     "descriptions). auto: `dtype` when every trained adapter's update survives it (relative error "
+                     "<= 3%), else float32 (stage 1's lr-1e-7 update mostly vanishes in bf16)")
     system_prompt: str | None = option(
         None, help="a system message before every conversation the toolkit generates from or trains on, for "
                    "models evaluated with one (LLaVA-1.5: the Vicuna prompt)")

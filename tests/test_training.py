@@ -63,6 +63,24 @@ def test_stage1_setup_holds_every_trainable_tensor_in_float32(hub_models, pairs,
     assert trainer.master_weights["by"] == "stic" and trainer.master_weights["cast_to_float32"] > 0
 
 
+def test_a_qlora_adapter_that_trl_casts_to_bf16_trains_in_float32(hub_models, pairs, tmp_path):
+    """TRL casts the trainable parameters of a 4-bit model to bf16 (QLoRA's recommendation), where a LoRA weight of
+    ~0.01 cannot take a step of 1e-7. 4-bit loading needs a GPU; TRL reads `is_loaded_in_4bit`, so the flag on a
+    bf16 model shows what it does."""
+    from trl import DPOTrainer
+
+    mcfg = ModelSpec(name_or_path=str(hub_models("llava", "bfloat16")), dtype="bfloat16")
+    cfg = dpo_cfg(tmp_path, pairs, lora_r=4, lora_alpha=8, learning_rate=LORA_LR)
+    dtypes = {}
+    for name, cls in (("trl", DPOTrainer), ("stic", trainer_class(DPOTrainer, cfg))):
+        model = load_model(mcfg)
+        model.is_loaded_in_4bit = True
+        trainer = cls(model=model, args=cfg, train_dataset=load_preference_dataset(cfg),
+                      processing_class=load_processor(mcfg), peft_config=lora_config(cfg, model))
+        dtypes[name] = {p.dtype for p in trainable(trainer.model).values()}
+    assert dtypes == {"trl": {torch.bfloat16}, "stic": {torch.float32}}
+
+
 @pytest.mark.parametrize("dtype,autocast", [("bfloat16", True), ("float16", False)])
 def test_stage1_steps_at_the_recipe_rates_move_the_whole_projector(hub_models, pairs, tmp_path, monkeypatch,
                                                                    dtype, autocast):
@@ -72,8 +90,8 @@ def test_stage1_steps_at_the_recipe_rates_move_the_whole_projector(hub_models, p
     seen = {}
     real = stic.dpo.trainer_class
 
-    def spying(cls, cfg):
-        class Spy(real(cls, cfg)):
+    def spying(cls, cfg, *rest):
+        class Spy(real(cls, cfg, *rest)):
             def train(self, *a, **k):
                 params = trainable(self.model)
                 seen["before"] = {n: p.detach().float().clone() for n, p in params.items()}
@@ -104,8 +122,8 @@ def test_full_finetune_at_lr_1e7_moves_the_language_model(hub_models, pairs, tmp
     seen = {}
     real = stic.dpo.trainer_class
 
-    def spying(cls, cfg):
-        class Spy(real(cls, cfg)):
+    def spying(cls, cfg, *rest):
+        class Spy(real(cls, cfg, *rest)):
             def train(self, *a, **k):
                 params = trainable(self.model)
                 seen["before"] = {n: p.detach().float().clone() for n, p in params.items()}
