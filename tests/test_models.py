@@ -2,7 +2,7 @@
 
 The precision tests reproduce a real stage 1's scale on a tiny LLaVA: real checkpoints hold bf16 weights of
 magnitude ~0.02; STIC's stage 1 (LoRA, lr 1e-7) changes them by ~1e-5, below half a bf16 ulp. The `realistic`
-fixture draws language-model weights at std 0.02, stores them in bf16, and makes a LoRA adapter whose weight
+fixture draws every Linear weight at std 0.02, stores them in bf16, and makes a LoRA adapter whose weight
 delta has rms 1e-5.
 """
 
@@ -372,32 +372,11 @@ def test_a_4bit_model_takes_one_adapter(tmp_path):
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
     """(bf16 base folder, adapter folder) at real-model weight and update scale."""
-    from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    from stic.models import LoraOptions, lora_config
+    from tests.conftest import stage1_sized_adapter, stored_like_the_hub
 
     root = tmp_path_factory.mktemp("precision")
-    gen = torch.Generator().manual_seed(0)
-    model = load_model(ModelSpec(name_or_path="tiny:llava", dtype="float32"))
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "language_model" in name:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
-    model.to(torch.bfloat16).save_pretrained(root / "base")
-    load_processor(ModelSpec(name_or_path="tiny:llava")).save_pretrained(root / "base")
-
-    cfg32 = ModelSpec(name_or_path=str(root / "base"), dtype="float32")
-    base = load_model(cfg32)
-    peft_model = get_peft_model(base, lora_config(LoraOptions(lora_r=8, lora_alpha=16, lora_dropout=0.0), base))
-    with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                module.lora_B["default"].weight.normal_(0, 1, generator=gen)
-                delta = module.get_delta_weight("default")
-                module.lora_B["default"].weight.mul_(DELTA_RMS / delta.pow(2).mean().sqrt())
-    peft_model.save_pretrained(root / "adapter")
-    return root / "base", root / "adapter"
+    base = stored_like_the_hub(root, "llava", "bfloat16")
+    return base, stage1_sized_adapter(base, root / "adapter", delta_rms=DELTA_RMS)
 
 
 def update_error(path_logits, base_logits, ref_delta) -> float:

@@ -37,6 +37,29 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def spy_on_training(monkeypatch) -> dict:
+    """Record run_dpo's trainable parameters before and after training (and the reference's dtypes)."""
+    import stic.dpo
+
+    seen = {}
+    real = stic.dpo.trainer_class
+
+    def spying(cls, cfg, *rest):
+        class Spy(real(cls, cfg, *rest)):
+            def train(self, *a, **k):
+                params = trainable(self.model)
+                seen["before"] = {n: p.detach().float().clone() for n, p in params.items()}
+                if self.ref_model is not None:
+                    seen["ref"] = {p.dtype for p in self.ref_model.parameters()}
+                out = super().train(*a, **k)
+                seen["after"] = {n: p.detach().clone() for n, p in params.items()}
+                return out
+        return Spy
+
+    monkeypatch.setattr(stic.dpo, "trainer_class", spying)
+    return seen
+
+
 def share_moved(before: dict, after: dict, names) -> float:
     moved = sum(int((after[n].float() != before[n]).sum()) for n in names)
     return moved / sum(before[n].numel() for n in names)
@@ -85,23 +108,7 @@ def test_a_qlora_adapter_that_trl_casts_to_bf16_trains_in_float32(hub_models, pa
 def test_stage1_steps_at_the_recipe_rates_move_the_whole_projector(hub_models, pairs, tmp_path, monkeypatch,
                                                                    dtype, autocast):
     """3 steps of run_dpo at the paper's rates: in the stored dtype only ~30% of the projector's elements move."""
-    import stic.dpo
-
-    seen = {}
-    real = stic.dpo.trainer_class
-
-    def spying(cls, cfg, *rest):
-        class Spy(real(cls, cfg, *rest)):
-            def train(self, *a, **k):
-                params = trainable(self.model)
-                seen["before"] = {n: p.detach().float().clone() for n, p in params.items()}
-                out = super().train(*a, **k)
-                seen["after"] = {n: p.detach().clone() for n, p in params.items()}
-                seen["summary_dtypes"] = self.master_weights
-                return out
-        return Spy
-
-    monkeypatch.setattr(stic.dpo, "trainer_class", spying)
+    seen = spy_on_training(monkeypatch)
     cfg = dpo_cfg(tmp_path, pairs, max_steps=3, per_device_train_batch_size=2, train_projector=True,
                   mm_projector_lr=PROJECTOR_LR, learning_rate=LORA_LR, lora_dropout=0.0, bf16=autocast,
                   lr_scheduler_type="constant", warmup_steps=0)
@@ -117,23 +124,7 @@ def test_stage1_steps_at_the_recipe_rates_move_the_whole_projector(hub_models, p
 
 def test_full_finetune_at_lr_1e7_moves_the_language_model(hub_models, pairs, tmp_path, monkeypatch):
     """A full fine-tune of bf16 weights at lr 1e-7 moved 0.11% of them in 3 steps before master weights."""
-    import stic.dpo
-
-    seen = {}
-    real = stic.dpo.trainer_class
-
-    def spying(cls, cfg, *rest):
-        class Spy(real(cls, cfg, *rest)):
-            def train(self, *a, **k):
-                params = trainable(self.model)
-                seen["before"] = {n: p.detach().float().clone() for n, p in params.items()}
-                seen["ref"] = {p.dtype for p in self.ref_model.parameters()}
-                out = super().train(*a, **k)
-                seen["after"] = {n: p.detach().clone() for n, p in params.items()}
-                return out
-        return Spy
-
-    monkeypatch.setattr(stic.dpo, "trainer_class", spying)
+    seen = spy_on_training(monkeypatch)
     cfg = dpo_cfg(tmp_path, pairs, max_steps=3, per_device_train_batch_size=2, use_peft=False, learning_rate=1e-7,
                   bf16=True, lr_scheduler_type="constant", warmup_steps=0)
     run_dpo(Recipe(model=ModelSpec(name_or_path=str(hub_models("llava", "bfloat16")), dtype="bfloat16"), dpo=cfg))
@@ -167,7 +158,7 @@ def test_stage2_continues_the_stage1_projector_in_float32(hub_models, tmp_path, 
     from stic.infuse import build_training_set, load_model_for_training
     from stic.instructions import load_instructions
     from stic.models import LoraOptions
-    from tests.test_infuse import llava_mix, stage2_cfg  # noqa: F401
+    from tests.test_infuse import stage2_cfg
 
     base = hub_models("llava", dtype)
     stage1 = load_model(ModelSpec(name_or_path=str(base), dtype="float32"))
