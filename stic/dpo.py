@@ -29,7 +29,8 @@ from trl import DPOConfig
 from stic.config import ModelSpec
 from stic.errors import SticError, one_line
 from stic.models import (ModelSetupError, language_model_name, lora_config, output_head_name, projector_module,
-                         refuse_sharding_without_cuda, require_cuda_for_4bit, training_device)
+                         record_trained_precision, refuse_sharding_without_cuda, require_cuda_for_4bit,
+                         training_device)
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
@@ -218,6 +219,8 @@ def run_dpo(recipe: Recipe) -> dict:
             print(f"dpo: resume requested but {cfg.output_dir} has no checkpoint; starting from step 0")
 
     peft_config = lora_config(cfg, model) if cfg.use_peft else None
+    if not cfg.use_peft:  # both modes: the vision tower stays frozen
+        freeze_for_full_finetune(model, cfg.train_projector)
     started = time.time()
     if cfg.mode == "sft_positive":
         trainer = _sft_positive_trainer(cfg, model, processor, dataset, peft_config)
@@ -226,7 +229,6 @@ def run_dpo(recipe: Recipe) -> dict:
 
         ref_model = None
         if not cfg.use_peft:
-            freeze_for_full_finetune(model, cfg.train_projector)
             ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
             ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
         trainer = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))(
@@ -238,6 +240,8 @@ def run_dpo(recipe: Recipe) -> dict:
     summary = None
     if trainer.accelerator.is_main_process:
         load_processor(model_cfg, raw=True).save_pretrained(cfg.output_dir)  # the template as published
+        if not cfg.use_peft:
+            record_trained_precision(trainer.model, cfg.output_dir)
         # with paper_alpha: the L its sft weight came from (every row); else a sample's
         mean_len = (setup["paper_alpha"]["mean_chosen_tokens"] if "paper_alpha" in setup
                     else mean_chosen_tokens(dataset, processor))

@@ -68,13 +68,30 @@ def comparison_adapters(recipe: Recipe) -> list[str]:
     return [a for a in dict.fromkeys(found) if a and (Path(a) / "adapter_config.json").exists()]
 
 
+def compared_adapters(recipe: Recipe, model_cfg: ModelSpec) -> list[str]:
+    """The adapters whose updates decide the precision of a run of `model_cfg`: the recipe's, on its own base."""
+    return comparison_adapters(recipe) if model_cfg.name_or_path == recipe.model.name_or_path else []
+
+
 def load_eval_model(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], device):
     """(model, processor) as eval runs them: on the recipe's own base, in the one precision of its comparison
     (the model's `stic_precision` says which)."""
     from stic.models import load_for_inference
 
-    compared = comparison_adapters(recipe) if model_cfg.name_or_path == recipe.model.name_or_path else []
-    return load_for_inference(model_cfg, adapters, device, compared)
+    return load_for_inference(model_cfg, adapters, device, compared_adapters(recipe, model_cfg))
+
+
+def _answers_of_another_comparison(folder: Path, run_config: dict) -> bool:
+    """Whether `folder` holds answers that differ from `run_config` only in the comparison they were made for (a
+    base evaluated before stage 1 existed): they may be in another precision, so they are made again."""
+    from stic.store import _canonical
+
+    path = folder / "run_config.json"
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text())
+    rest = lambda c: _canonical({k: v for k, v in c.items() if k != "comparison"})  # noqa: E731
+    return rest(old) == rest(run_config) and _canonical(old.get("comparison")) != _canonical(run_config["comparison"])
 
 
 def load_items(cfg: EvalConfig, name: str) -> list[Item]:
@@ -97,6 +114,7 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
                      dar: bool, items: list[Item], engine_cache: dict) -> list[dict] | None:
     """Generate (or resume) the answers of one benchmark; returns the ordered predictions on the main process."""
     from stic.images import ImageRef, decode_image
+    from stic.models import process_state
     from stic.store import ShardedOutput, run_sharded
 
     cfg = recipe.eval
@@ -146,15 +164,21 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
 
     refs = [ImageRef(id=it.id) for it in items]
     run_config = {"stage": "eval", "benchmark": name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar,
-                  "max_new_tokens": bench.max_new_tokens}
+                  "max_new_tokens": bench.max_new_tokens,
+                  # the adapters that decide the run's precision: when they change, the answers are made again
+                  "comparison": compared_adapters(recipe, model_cfg)}
     if dar:
         run_config["dar"] = {"describe": to_dict(stage2.describe), "template": stage2.template, "seed": stage2.seed}
     backend = run_identity(recipe.generation, model_name)
     if backend:
         run_config["generation"] = backend
+    again = _answers_of_another_comparison(out_dir / "generation", run_config)
+    if again and process_state().is_main_process:
+        print(f"note: {name}: the recipe's trained adapters changed since these answers were made ("
+              f"{', '.join(run_config['comparison']) or 'none now'}); answering again in this comparison's precision")
     job = run_sharded(name=name, out_dir=str(out_dir / "generation"), refs=refs, run_config=run_config,
                       load=lambda ref: load(by_id[ref.id]), make_worker=make_worker, features=prediction_features(),
-                      id_column="question_id", items_per_part=max(cfg.batch_size * 4, 16))
+                      id_column="question_id", items_per_part=max(cfg.batch_size * 4, 16), overwrite=again)
     if job is None:
         return None
     import pyarrow.parquet as pq

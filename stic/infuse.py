@@ -290,6 +290,10 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     summary = None
     if trainer.accelerator.is_main_process:
         load_processor(stage1_model_config(recipe), raw=True).save_pretrained(cfg.output_dir)  # as published
+        if not cfg.use_peft and cfg.adapter_mode != "continue":
+            from stic.models import record_trained_precision
+
+            record_trained_precision(trainer.model, cfg.output_dir)
         summary = write_infuse_report(
             cfg, stage1_model_config(recipe), trainer, result, usable_records=len(records), skipped=skipped,
             subset=subset, undescribed=undescribed, trained_records=len(train_set), batch=batch,

@@ -440,14 +440,30 @@ def adapter_survival(peft_model, dtype: torch.dtype) -> dict:
 
 
 def merged_folder_config(cfg: ModelSpec, path: str) -> ModelSpec:
-    """The model config for a model folder in place of `cfg`'s model. A folder written by `stic merge` is loaded in
-    the precision it was stored in (a float32 merge cast back to bf16 on loading would lose the update again) and
-    never quantised."""
+    """The model config for a model folder in place of `cfg`'s model. A folder written by `stic merge`, or by a full
+    fine-tune, is loaded in the precision it was stored or trained in (a float32 result cast back to bf16 on
+    loading would lose the update again) and never quantised."""
     cfg = dataclasses.replace(cfg, name_or_path=str(path))
-    report = Path(path) / "merge_report.json"
-    if report.exists():
-        cfg = dataclasses.replace(cfg, dtype=json.loads(report.read_text())["dtype"], load_in_4bit=False)
+    for record in (MERGE_REPORT, TRAINED_PRECISION):
+        if (Path(path) / record).exists():
+            return dataclasses.replace(cfg, dtype=json.loads((Path(path) / record).read_text())["dtype"],
+                                       load_in_4bit=False)
     return cfg
+
+
+MERGE_REPORT = "merge_report.json"
+# A full fine-tune keeps its trained weights in float32 (master weights) while config.json names the dtype of the
+# first parameter (the frozen bf16 vision tower): this file says which precision to load the folder in.
+TRAINED_PRECISION = "trained_precision.json"
+
+
+def record_trained_precision(model, out_dir: str) -> None:
+    """After a full fine-tune: the folder's weights are loaded back in float32 if any trained tensor is float32."""
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    if torch.float32 in trained:
+        (Path(out_dir) / TRAINED_PRECISION).write_text(json.dumps(
+            {"dtype": "float32", "why": "trained with float32 master weights; a bf16/fp16 load rounds the update "
+                                        "away"}, indent=2) + "\n")
 
 
 def _float32_base(cfg: ModelSpec, device):
@@ -494,9 +510,15 @@ def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
     model = _float32_base(cfg, device)
     reports = []
     for adapter in others:  # judged, not applied
+        originals = dict(model.named_modules())
         peft_model = PeftModel.from_pretrained(model, adapter)
         reports.append({"adapter": adapter, "applied": False, **adapter_survival(peft_model, target)})
         model = peft_model.unload()
+        # unload() hands back a trained modules_to_save copy (the projector) in place of the original: put the
+        # base's own modules back, so the adapter leaves nothing behind
+        for name, module in list(model.named_modules()):
+            if name and name in originals and originals[name] is not module:
+                model.set_submodule(name, originals[name])
     for adapter in adapters:
         peft_model = PeftModel.from_pretrained(model, adapter)
         reports.append({"adapter": adapter, **adapter_survival(peft_model, target)})
@@ -561,6 +583,6 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
     out = Path(out_dir)
     merged.save_pretrained(out)
     load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
-    (out / "merge_report.json").write_text(json.dumps({**report, "forced": force and report["error"] > MAX_UPDATE_ERROR},
+    (out / MERGE_REPORT).write_text(json.dumps({**report, "forced": force and report["error"] > MAX_UPDATE_ERROR},
                                                       indent=2) + "\n")
     return out, report

@@ -285,6 +285,22 @@ def test_sft_positive_mode_trains_on_preferred_answers(tmp_path):
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_sft_positive_full_finetune_keeps_the_vision_tower_frozen(tmp_path, monkeypatch):
+    import stic.dpo
+
+    seen = {}
+    real = stic.dpo._sft_positive_trainer
+
+    def spying(cfg, model, *a, **k):
+        seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
+        return real(cfg, model, *a, **k)
+
+    monkeypatch.setattr(stic.dpo, "_sft_positive_trainer", spying)
+    data = make_dataset(tmp_path / "data", n=2)
+    run_dpo(recipe("llava", dpo_cfg(tmp_path, data, mode="sft_positive", use_peft=False, max_steps=1)))
+    assert seen["trainable"] and not any("vision_tower" in n for n in seen["trainable"])
+
+
 def test_qlora_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path):
     """On a CPU the 4-bit recipe stops with a clear error; on a GPU it trains (NF4 base, LoRA adapter)."""
     data = make_dataset(tmp_path / "data", n=8)

@@ -270,6 +270,26 @@ def test_base_and_stage1_are_evaluated_in_one_precision_that_keeps_the_update(tm
     assert seen["base"][1] == seen["stage1"][1] == "float32"
 
 
+def test_a_base_evaluated_before_stage1_existed_is_answered_again_in_the_comparisons_precision(
+        tmp_path, eval_root, capsys):
+    from tests.conftest import stage1_sized_adapter, stored_like_the_hub
+
+    base_dir = stored_like_the_hub(tmp_path, "llava", "bfloat16")
+    data = {"model": {"name_or_path": str(base_dir), "dtype": "bfloat16"},
+            "dpo": {"output_dir": str(tmp_path / "dpo")},
+            "eval": {"data_root": str(eval_root), "output_dir": str(tmp_path / "runs"), "batch_size": 4, "limit": 2}}
+    first = run_eval(parse_recipe(data, "base", dar=False), "base", dar=False, benchmarks=["pope"])
+    assert first["precision"]["dtype"] == "bfloat16"  # nothing trained yet: the recipe's dtype
+    stage1_sized_adapter(base_dir, tmp_path / "dpo")
+    stage1 = run_eval(parse_recipe(data, "stage1", dar=False), "stage1", dar=False, benchmarks=["pope"])
+    assert stage1["precision"]["dtype"] == "float32"  # bf16 would erase the update
+    capsys.readouterr()
+    again = run_eval(parse_recipe(data, "base", dar=False), "base", dar=False, benchmarks=["pope"])
+    assert "answering again in this comparison's precision" in capsys.readouterr().out
+    assert again["precision"]["dtype"] == "float32"
+    assert "warning" not in compare_runs([str(tmp_path / "runs" / r) for r in ("base", "stage1")])
+
+
 def test_eval_dar_prompts_exactly_as_stage2_trains(tmp_path, eval_root, monkeypatch):
     """For one record, eval's DaR and stage-2 training build the same describe prompt and infused question."""
     from stic.generation import BatchGenerator

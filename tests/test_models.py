@@ -359,6 +359,31 @@ def test_adapters_merge_in_order_and_the_run_dtype_is_kept_when_the_update_survi
     assert precision["dtype"] == "bfloat16"
 
 
+def test_an_adapter_judged_for_the_comparison_leaves_the_base_as_stored(realistic, tmp_path):
+    """The base's eval judges stage 1's adapter without applying it; an adapter that trained the projector
+    (modules_to_save) must not leave its projector behind."""
+    from peft import get_peft_model
+
+    from stic.models import LoraOptions, lora_config
+
+    base_dir, _ = realistic
+    cfg32 = ModelSpec(name_or_path=str(base_dir), dtype="float32")
+    model = load_model(cfg32)
+    peft_model = get_peft_model(model, lora_config(LoraOptions(lora_r=4, lora_alpha=8, train_projector=True), model))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n or "lora_B" in n:
+                p.add_(0.01)
+    peft_model.save_pretrained(tmp_path / "stage1")
+    base = dict(load_model(cfg32).named_parameters())
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
+    judged, precision = load_adapted_model(cfg16, [], "cpu", compared_with=[str(tmp_path / "stage1")])
+    assert precision["adapters"][0]["applied"] is False and precision["dtype"] == "bfloat16"
+    params = dict(judged.named_parameters())
+    assert params.keys() == base.keys()
+    assert all(torch.equal(params[n].float(), base[n]) for n in base)  # the stored bf16 values, exactly
+
+
 def test_a_4bit_model_takes_one_adapter(tmp_path):
     qlora = dataclasses.replace(TINY, load_in_4bit=True)
     with pytest.raises(ModelSetupError, match="a 4-bit model takes one adapter"):

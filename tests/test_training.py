@@ -127,11 +127,21 @@ def test_full_finetune_at_lr_1e7_moves_the_language_model(hub_models, pairs, tmp
     seen = spy_on_training(monkeypatch)
     cfg = dpo_cfg(tmp_path, pairs, max_steps=3, per_device_train_batch_size=2, use_peft=False, learning_rate=1e-7,
                   bf16=True, lr_scheduler_type="constant", warmup_steps=0)
-    run_dpo(Recipe(model=ModelSpec(name_or_path=str(hub_models("llava", "bfloat16")), dtype="bfloat16"), dpo=cfg))
+    base = hub_models("llava", "bfloat16")
+    run_dpo(Recipe(model=ModelSpec(name_or_path=str(base), dtype="bfloat16"), dpo=cfg))
     linears = [n for n in seen["before"] if ".layers." in n and n.endswith("proj.weight")]
     assert linears and all(seen["after"][n].dtype == torch.float32 for n in seen["after"])
     assert share_moved(seen["before"], seen["after"], linears) >= 0.99
     assert seen["ref"] == {torch.bfloat16}  # the frozen reference stays as stored
+
+    # the saved folder (config.json says bf16: the vision tower's dtype) is evaluated in float32, update and all
+    from stic.evaluate import parse_recipe, resolve_model
+
+    model_cfg, _, _ = resolve_model(parse_recipe({"model": {"name_or_path": str(base), "dtype": "bfloat16"}}, "base",
+                                                 dar=False), cfg.output_dir)
+    assert model_cfg.dtype == "float32"
+    trained = dict(load_model(model_cfg).named_parameters())
+    assert share_moved(seen["before"], {n: trained[n] for n in linears}, linears) >= 0.99
 
 
 def test_upcast_modules_compute_with_the_frozen_half_precision_modules_around_them():
