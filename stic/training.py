@@ -175,10 +175,12 @@ def _cast_floats(value, dtype):
     """`value` with its floating tensors (also inside tuples, lists and dicts) cast to `dtype`."""
     if torch.is_tensor(value):
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_cast_floats(v, dtype) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_cast_floats(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, dict):  # a dict, or a ModelOutput (a dict whose fields are its keyword arguments)
+        return type(value)(**{k: _cast_floats(v, dtype) for k, v in value.items()})
     return value
 
 
@@ -309,7 +311,10 @@ class FindUnusedMixin:
 
     def _build_accelerator_args(self, **kwargs):  # called by Trainer.__init__ before the Accelerator exists
         if self.recipe_find_unused is None:
-            self.args.ddp_find_unused_parameters = find_unused_parameters(self.model, self.text_only_rows)
+            reentrant = (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+            # reentrant activation checkpointing fails with the search, so it stays off there (as TRL keeps it)
+            self.args.ddp_find_unused_parameters = (not reentrant
+                                                    and find_unused_parameters(self.model, self.text_only_rows))
             self.find_unused_source = "stic"
         else:
             self.args.ddp_find_unused_parameters = self.recipe_find_unused

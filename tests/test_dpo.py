@@ -398,10 +398,14 @@ def test_find_unused_parameters_set_in_the_recipe_wins_and_text_only_rows_are_fo
     for recipe_value, text_only, expected, source in [(None, True, True, "stic"), (None, False, False, "stic"),
                                                       (False, True, False, "recipe"), (True, False, True, "recipe")]:
         cfg = SimpleNamespace(ddp_find_unused_parameters=recipe_value, train_projector=False)
-        args = SimpleNamespace(ddp_find_unused_parameters=True)  # as TRL leaves it for a VLM
+        args = SimpleNamespace(ddp_find_unused_parameters=True, gradient_checkpointing_kwargs=None)  # TRL's, for a VLM
         trainer = trainer_class(Base, cfg, text_only)(model, args)
         assert trainer.accelerator_args == {"find_unused_parameters": expected}, (recipe_value, text_only)
         assert trainer.find_unused_source == source
+    # reentrant activation checkpointing fails with the search: it stays off, as TRL keeps it
+    args = SimpleNamespace(ddp_find_unused_parameters=None, gradient_checkpointing_kwargs={"use_reentrant": True})
+    cfg = SimpleNamespace(ddp_find_unused_parameters=None, train_projector=False)
+    assert trainer_class(Base, cfg, True)(model, args).accelerator_args == {"find_unused_parameters": False}
     with_images = datasets.Dataset.from_list([{"images": [photo(0, (8, 8))]}, {"images": [photo(1, (8, 8))]}])
     mixed = datasets.Dataset.from_list([{"images": [photo(0, (8, 8))]}, {"images": []}])
     assert not has_text_only_rows(with_images.cast_column("images", datasets.List(datasets.Image())))

@@ -156,6 +156,17 @@ def test_upcast_modules_compute_with_the_frozen_half_precision_modules_around_th
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the hooks leave the inputs alone
         assert lin(x).dtype == torch.bfloat16
 
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Returns(torch.nn.Linear):  # a module whose output is a ModelOutput keeps its type
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=super().forward(x))
+
+    wrapped = Returns(4, 4).to(torch.bfloat16)
+    keep_trainable_in_float32(wrapped)
+    out = wrapped(x)
+    assert isinstance(out, BaseModelOutput) and out.last_hidden_state.dtype == torch.bfloat16
+
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_stage2_continues_the_stage1_projector_in_float32(hub_models, tmp_path, dtype):
