@@ -201,7 +201,7 @@ def load_training_model(model_cfg: ModelSpec, cfg: DPOStageConfig):
 def run_dpo(recipe: Recipe) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from stic.models import load_model, load_processor
+    from stic.models import load_processor
 
     cfg, model_cfg = recipe.dpo, recipe.model
     refuse_sharding_without_cuda(cfg)
@@ -209,31 +209,14 @@ def run_dpo(recipe: Recipe) -> dict:
     dataset = load_preference_dataset(cfg, extra_columns=("generation",))  # refuse bad data before the model loads
     setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check
     dataset = dataset.remove_columns([c for c in ("generation",) if c in dataset.column_names])
-    model = load_training_model(model_cfg, cfg)
-    loaded_dtype = model.dtype
-
     resume_from = None
     if cfg.resume:
         resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
         if resume_from is None:
             print(f"dpo: resume requested but {cfg.output_dir} has no checkpoint; starting from step 0")
 
-    peft_config = lora_config(cfg, model) if cfg.use_peft else None
-    if not cfg.use_peft:  # both modes: the vision tower stays frozen
-        freeze_for_full_finetune(model, cfg.train_projector)
     started = time.time()
-    if cfg.mode == "sft_positive":
-        trainer = _sft_positive_trainer(cfg, model, processor, dataset, peft_config)
-    else:
-        from trl import DPOTrainer
-
-        ref_model = None
-        if not cfg.use_peft:
-            ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
-            ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
-        trainer = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))(
-            model=model, ref_model=ref_model, args=cfg, train_dataset=dataset, processing_class=processor,
-            peft_config=peft_config)
+    trainer, loaded_dtype = build_trainer(recipe, processor, dataset)
     setup["precision"] = precision_record(model_cfg, loaded_dtype, trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
@@ -249,6 +232,31 @@ def run_dpo(recipe: Recipe) -> dict:
                                    resume_from, setup)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def build_trainer(recipe: Recipe, processor, dataset):
+    """(trainer, dtype the model loaded in): the stage's model loaded, frozen and wrapped, its reference and its
+    TRL trainer, exactly as training runs them (preflight builds its batches through this too)."""
+    from stic.models import load_model
+
+    cfg, model_cfg = recipe.dpo, recipe.model
+    model = load_training_model(model_cfg, cfg)
+    loaded_dtype = model.dtype
+    peft_config = lora_config(cfg, model) if cfg.use_peft else None
+    if not cfg.use_peft:  # both modes: the vision tower stays frozen
+        freeze_for_full_finetune(model, cfg.train_projector)
+    if cfg.mode == "sft_positive":
+        return _sft_positive_trainer(cfg, model, processor, dataset, peft_config), loaded_dtype
+    from trl import DPOTrainer
+
+    ref_model = None
+    if not cfg.use_peft:
+        ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
+        ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
+    trainer = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))(
+        model=model, ref_model=ref_model, args=cfg, train_dataset=dataset, processing_class=processor,
+        peft_config=peft_config)
+    return trainer, loaded_dtype
 
 
 def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
