@@ -50,6 +50,18 @@ def _dpo(args) -> int:
     return 0
 
 
+def _preflight(args) -> int:
+    from stic.dpo import parse_recipe
+    from stic.preflight import FAIL, run_checks
+
+    checks = run_checks(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")),
+                        as_json=args.json)
+    failed = [c for c in checks if c.status == FAIL]
+    for c in failed:  # one line per failed check, naming the fix
+        print(f"stic: preflight: {c.name} failed: {c.detail}; fix: {c.fix}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def _merge(args) -> int:
     from stic.dpo import parse_recipe
     from stic.models import merge_adapter
@@ -266,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe YAML (stage 2 uses its model:, generation: and infuse_sft: sections; all are checked)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. infuse_sft.subset.size=100")
     p.set_defaults(func=_infuse_sft)
+
+    p = stage_parser(sub, "preflight", ("dpo", "model"),
+                     help="check that stage 1 is wired right on the recipe's data, model and trainer, before a run")
+    p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
+    p.add_argument("--stage", choices=["dpo"], default="dpo", help="the stage to check (stage 1 for now)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.max_length=2048")
+    p.set_defaults(func=_preflight)
 
     p = sub.add_parser("dar", help="describe-and-respond: describe the image, then answer with the description")
     p.add_argument("--recipe", required=True, help="recipe whose model: is the base and infuse_sft: the template")

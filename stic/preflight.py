@@ -1,0 +1,351 @@
+"""`stic preflight`: is stage 1 wired right, before the GPU-hours are spent?
+
+The faults of VLM preference training are silent: the run trains, the loss falls, and the result is wrong (image
+inputs that never reach the forward, image tokens cut by `max_length`, answers without EOS, a projector updated
+in bf16, a reference that is not the base). Preflight loads what stage 1 loads through the stage's own code
+(`stic.dpo.build_trainer`), collates the recipe's longest rows (by text and by image size) with TRL's own
+collator, and runs forward passes on that batch on this process's device:
+
+  image_tokens   each sequence holds every image token its image expands to (none cut by max_length), and the
+                 model accepts them (placeholders = features)
+  model_inputs   every input the processor produces for the rows that the model's forward takes reaches it, with
+                 per-image and per-sequence shapes that agree
+  tokens         BOS once at the start where the template starts with it, EOS closing every trained answer, and
+                 the loss mask on answer tokens only
+  parameters     what trains, how many, in which dtype (float32 master weights); quantised modules outside the
+                 language model
+  reference      the step-0 DPO log-ratio (policy against reference) is 0
+  image_used     log p(answer | image) - log p(answer | blank image), chosen and rejected: a model answering
+                 without looking scores 0
+  update         the share of one step at the stage's learning rates that its trainable tensors can hold
+
+    stic preflight --recipe recipes/X.yaml [--json]
+
+Each check passes, warns or fails; `stic preflight` exits 2 on a fail, with one line per fail naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+
+import torch
+
+from stic.errors import one_line
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+    numbers: dict = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batch: the longest rows, through the stage's collator
+
+
+def longest_rows(dataset, k: int = 2) -> list[int]:
+    """The rows with the most text (prompt + both answers) and with the largest images."""
+    from stic.training import sample_rows
+
+    def chars(row_messages):
+        return sum(len(m["content"]) for m in row_messages if isinstance(m.get("content"), str))
+
+    lengths = [chars(p) + chars(c) + chars(r)
+               for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+    return sample_rows(dataset, lengths, k)
+
+
+def blank_copy(example: dict) -> dict:
+    """The example with each image replaced by a mid-grey one of the same size."""
+    from PIL import Image
+
+    out = copy.deepcopy(example)
+    out["images"] = [Image.new("RGB", im.size, (128, 128, 128)) for im in example["images"]]
+    return out
+
+
+def collate(trainer, examples: list[dict]) -> dict:
+    batch = trainer.data_collator([copy.deepcopy(e) for e in examples])  # the collator edits its examples
+    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tensor:
+    """Summed log-probabilities of each sequence's completion, as TRL's DPO loss computes them."""
+    if reference:
+        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+        return torch.cat([chosen, rejected]).float()
+    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad(), trainer.accelerator.autocast():
+        out = trainer.model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+    mask = batch["completion_mask"][..., 1:]
+    return out.log_probs[:, -mask.size(1):].sum(dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checks
+
+
+def check_image_tokens(trainer, processor, examples, batch, forward_error: str | None) -> Check:
+    from stic.training import image_token_id, prompt_token_counts
+
+    if forward_error is not None:
+        return Check("image_tokens", FAIL, f"the forward refused the batch: {forward_error}",
+                     "the image placeholders do not match the image features: check max_length and the processor")
+    tid = image_token_id(processor)
+    if tid is None:
+        return Check("image_tokens", PASS, "the processor has no image token")
+    got = (batch["input_ids"] == tid).sum(dim=1).tolist()
+    want = [prompt_token_counts(processor, e["prompt"], e["images"])[0] for e in examples] * 2  # chosen, rejected
+    cut = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    numbers = {"image_tokens_per_sequence": got, "expected": want}
+    if cut:
+        return Check("image_tokens", FAIL, f"sequences {cut} hold {[got[i] for i in cut]} image tokens of "
+                     f"{[want[i] for i in cut]}", "raise dpo.max_length (or null) so no image token is cut", numbers)
+    return Check("image_tokens", PASS, f"{min(got)}-{max(got)} image tokens per sequence, none cut", numbers=numbers)
+
+
+def forward_arguments(model, batch: dict) -> tuple[dict, str | None]:
+    """{name: shape} of the tensors that reach the HF model's forward on `batch`, and a forward error if any."""
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    seen: dict = {}
+
+    def spy(module, args, kwargs):
+        seen.update({k: tuple(v.shape) for k, v in kwargs.items() if torch.is_tensor(v)})
+
+    handle = inner.register_forward_pre_hook(spy, with_kwargs=True)
+    kwargs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    try:
+        with torch.no_grad():
+            model(**kwargs, use_cache=False)
+        error = None
+    except Exception as err:  # noqa: BLE001  (any forward error is a finding, reported by the checks)
+        error = one_line(err)
+    finally:
+        handle.remove()
+    return seen, error
+
+
+def check_model_inputs(processor, model, examples, seen: dict) -> Check:
+    """What the processor produces for the rows (and the model's forward takes) against what reached the forward."""
+    import inspect
+
+    from peft import PeftModel
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    accepted = set(inspect.signature(inner.forward).parameters)
+    texts, images = [], []
+    for e in examples:
+        conv = {"prompt": prepare_multimodal_messages(copy.deepcopy(e["prompt"]), images=e["images"])}
+        texts.append(apply_chat_template(conv, processor)["prompt"])
+        images.append(e["images"])
+    produced = processor(images=images, text=texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    needed = {k for k in produced if k in accepted}
+    missing = sorted(needed - set(seen))
+    n_images = 2 * sum(len(i) for i in images)  # the collator repeats each row's images for chosen and rejected
+    rows = 2 * len(examples)
+    problems = []
+    for key in ("image_sizes", "image_grid_thw"):
+        if key in seen and seen[key][0] != n_images:
+            problems.append(f"{key} has {seen[key][0]} rows for {n_images} images")
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in seen and seen[key][0] != rows:
+            problems.append(f"{key} has {seen[key][0]} rows for {rows} sequences")
+    numbers = {"reached_forward": sorted(seen), "processor_produced": sorted(produced)}
+    if missing:
+        return Check("model_inputs", FAIL, f"{', '.join(missing)} produced by the processor never reach the forward",
+                     "the collator drops these inputs: update trl, or pass them through the collator", numbers)
+    if problems:
+        return Check("model_inputs", FAIL, "; ".join(problems), "the batch's image inputs do not match its images",
+                     numbers)
+    return Check("model_inputs", PASS, f"{', '.join(sorted(needed))} reach the forward", numbers=numbers)
+
+
+def check_tokens(processor, examples, batch) -> Check:
+    tok = processor.tokenizer
+    from stic.models import _PROBE
+
+    eos_ids = {tok.eos_token_id}
+    problems = []
+    rendered = tok.apply_chat_template(_PROBE, chat_template=processor.chat_template, tokenize=False)
+    template_bos = tok.bos_token is not None and rendered.startswith(tok.bos_token)
+    answers = [e["chosen"][-1]["content"] for e in examples] + [e["rejected"][-1]["content"] for e in examples]
+    for i, (ids, attn, mask) in enumerate(zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
+                                              batch["completion_mask"].tolist())):
+        real = [t for t, a in zip(ids, attn) if a]
+        if template_bos and (real[:1] != [tok.bos_token_id] or real[1:2] == [tok.bos_token_id]):
+            problems.append(f"sequence {i} does not start with exactly one BOS")
+        answer = [t for t, m in zip(ids, mask) if m]
+        ends = [j for j, t in enumerate(answer) if t in eos_ids]
+        # EOS closes the answer; only whitespace may follow (LLaVA-1.6-Mistral's template adds a space after </s>)
+        if not ends or tok.decode(answer[ends[-1] + 1:]).strip():
+            problems.append(f"sequence {i}'s answer does not end with EOS")
+            continue
+        text = tok.decode(answer[:ends[-1]], skip_special_tokens=False).strip()
+        if text != answers[i].strip():
+            problems.append(f"sequence {i}'s loss mask covers {text[:40]!r}, not its answer")
+    if problems:
+        return Check("tokens", FAIL, "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+                     "the chat template must close each assistant turn with EOS (stic.models.trained_chat_template)")
+    return Check("tokens", PASS, f"{'one BOS first, ' if template_bos else ''}EOS closes all {len(answers)} answers, "
+                 "loss on answer tokens only")
+
+
+def check_parameters(trainer) -> Check:
+    from stic.models import ModelSetupError, language_model_name, output_head_name, projector_module
+
+    model = trainer.model
+    try:
+        lm = language_model_name(model) + "."
+    except ModelSetupError:
+        lm = None
+    try:
+        projector = projector_module(model) + "."
+    except ModelSetupError:
+        projector = None
+    head = (output_head_name(model) or "lm_head") + "."
+
+    def group(name: str) -> str:
+        if lm and name.startswith(lm):
+            return "language_model"
+        if projector and name.startswith(projector):
+            return "projector"
+        return "lm_head" if name.startswith(head) else "vision/other"
+
+    counts: dict = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = f"{group(name)} {str(p.dtype).removeprefix('torch.')}"
+            counts[key] = counts.get(key, 0) + p.numel()
+    quantised = sorted({group(n) for n, m in model.named_modules() if "4bit" in type(m).__name__
+                        or "8bit" in type(m).__name__})
+    half = [k for k in counts if not k.endswith("float32")]
+    numbers = {"trainable": counts, "quantised_groups": quantised}
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if half and not sharded:
+        return Check("parameters", FAIL, f"trainable tensors held in half precision: {', '.join(half)}",
+                     "train every parameter with float32 master weights (stic.training.keep_trainable_in_float32)",
+                     numbers)
+    if set(quantised) - {"language_model"}:
+        return Check("parameters", FAIL, f"quantised outside the language model: {', '.join(quantised)}",
+                     "keep the vision tower, projector and lm_head out of 4-bit (stic.models.quantization_skip_patterns)",
+                     numbers)
+    summary = ", ".join(f"{k}: {v:,}" for k, v in sorted(counts.items()))
+    return Check("parameters", PASS, summary or "nothing trains", numbers=numbers)
+
+
+def check_reference(trainer, batch, tolerance: float = 1e-3) -> Check:
+    policy, reference = sequence_logps(trainer, batch), sequence_logps(trainer, batch, reference=True)
+    ratio = (policy - reference).abs()
+    tokens = batch["completion_mask"].sum(dim=1).clamp(min=1).float()
+    per_token = float((ratio / tokens).max())
+    numbers = {"max_abs_log_ratio": float(ratio.max()), "max_per_token": per_token}
+    if per_token > tolerance:
+        return Check("reference", FAIL, f"step-0 log-ratio up to {float(ratio.max()):.4f} nats "
+                     f"({per_token:.2e} per token)", "the reference must be the base the policy starts from "
+                     "(adapter disabled, or dpo.ref_model = the base)", numbers)
+    return Check("reference", PASS, f"step-0 log-ratio {float(ratio.max()):.2e} nats at most", numbers=numbers)
+
+
+def image_margin(trainer, examples, batch) -> torch.Tensor:
+    """log p(answer | image) - log p(answer | blank image) per sequence (chosen rows, then rejected rows)."""
+    return sequence_logps(trainer, batch) - sequence_logps(trainer, collate(trainer, [blank_copy(e) for e in examples]))
+
+
+def check_image_used(trainer, examples, batch) -> Check:
+    margin = image_margin(trainer, examples, batch)
+    n = len(examples)
+    numbers = {"chosen": [round(float(x), 4) for x in margin[:n]], "rejected": [round(float(x), 4) for x in margin[n:]],
+               "mean": float(margin.mean())}
+    detail = (f"log p(answer | image) - log p(answer | blank): chosen {float(margin[:n].mean()):+.3f}, "
+              f"rejected {float(margin[n:].mean()):+.3f} nats")
+    if float(margin.abs().max()) < 1e-6:
+        return Check("image_used", FAIL, detail + ": the answers do not depend on the image at all",
+                     "the pixels never reach the model: check pixel_values in the collator and the forward", numbers)
+    if float(margin.mean()) <= 0:
+        return Check("image_used", WARN, detail + ": the model answers without looking", numbers=numbers)
+    return Check("image_used", PASS, detail, numbers=numbers)
+
+
+def check_update(trainer) -> Check:
+    """The share of each trainable tensor's elements that one step at its group's learning rate (Adam moves an
+    element by about lr) changes in the dtype the tensor is held in."""
+    held = total = 0
+    lrs = {}
+    optimizer = trainer.create_optimizer()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            w = p.detach()
+            step = torch.full_like(w, group["lr"])
+            moved = ((w + step) != w) | (w.abs() == 0)
+            held, total = held + int(moved.sum()), total + w.numel()
+            lrs[group["lr"]] = lrs.get(group["lr"], 0) + w.numel()
+    trainer.optimizer = None  # the stage builds its own
+    share = held / max(1, total)
+    numbers = {"share_moved": share, "elements_by_lr": {str(k): v for k, v in lrs.items()}}
+    if share < 0.99:
+        return Check("update", FAIL, f"one step moves {share:.1%} of the trainable elements",
+                     "keep float32 master weights for every trained tensor", numbers)
+    return Check("update", PASS, f"one step moves {share:.1%} of the trainable elements", numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def preflight_dpo(recipe, rows: int = 2) -> list[Check]:
+    """Stage 1's checks on the recipe's own data, model and trainer (nothing is written to its output_dir)."""
+    from stic.dpo import build_trainer, load_preference_dataset, prepare_stage
+    from stic.models import load_processor
+    from stic.training import TrainingSetupError
+
+    scratch = tempfile.mkdtemp(prefix="stic-preflight-")
+    cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False)
+    recipe = dataclasses.replace(recipe, dpo=cfg)
+    processor = load_processor(recipe.model)
+    dataset = load_preference_dataset(cfg)
+    checks = []
+    try:
+        prepare_stage(cfg, processor, dataset)
+    except TrainingSetupError as err:
+        checks.append(Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)"))
+        return checks
+    trainer, _ = build_trainer(recipe, processor, dataset)
+    trainer.model.eval()  # no dropout in the measurements
+    examples = [dataset[i] for i in longest_rows(dataset, rows)]
+    batch = collate(trainer, examples)
+    seen, error = forward_arguments(trainer.model, batch)
+    checks.append(check_image_tokens(trainer, processor, examples, batch, error))
+    checks.append(check_model_inputs(processor, trainer.model, examples, seen))
+    checks.append(check_tokens(processor, examples, batch))
+    checks.append(check_parameters(trainer))
+    if error is None:
+        checks.append(check_reference(trainer, batch))
+        checks.append(check_image_used(trainer, examples, batch))
+    checks.append(check_update(trainer))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{c.name:<{width}}  {c.status:<4}  {c.detail}" for c in checks)
+
+
+def run_checks(recipe, as_json: bool = False) -> list[Check]:
+    """Every check of stage 1, printed as a table (or JSON)."""
+    import json
+
+    checks = preflight_dpo(recipe)
+    print(json.dumps([dataclasses.asdict(c) for c in checks], indent=1, default=str) if as_json
+          else format_table(checks))
+    return checks
