@@ -13,7 +13,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo clean
+.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ bench-selfgen: $(STAMP)
 
 bench-dpo: $(STAMP)
 	$(BIN)/python -m stic.bench.dpo $(ARGS)
+
+# make preflight RECIPE=recipes/X.yaml: stage 1's wiring checked on the recipe's data and model, before a run
+preflight: $(STAMP)
+	$(BIN)/stic preflight --recipe $(RECIPE) $(ARGS)
+
+# the mutation matrix: each fault preflight guards against, injected, and the check that catches it
+preflight-report: $(STAMP)
+	$(BIN)/python -m stic.bench.preflight $(ARGS)
 
 clean:
 	rm -rf outputs .cache

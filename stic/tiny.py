@@ -277,3 +277,21 @@ def tiny_model_path(spec: str) -> Path:
     family, _, seed = body.partition("@")
     cache = Path(os.environ.get("STIC_CACHE", Path.home() / ".cache" / "stic")) / "tiny"
     return save_tiny_model(family, cache / f"{family}-seed{seed or 0}-v{BUILD_VERSION}", seed=int(seed or 0))
+
+
+def hub_shaped_model(family: str, dtype: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny model folder stored as hub checkpoints are: every Linear weight drawn at std 0.02 (the scale of 7B
+    weights, where a 2e-5 step is below half a bf16 ulp), saved in `dtype` ("bfloat16", "float16"), with the
+    family's real module names. Tiny fp32 models hide the precision faults that these show."""
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    model, processor = build_tiny_model(family)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -231,25 +231,10 @@ def stubs():
 
 
 def stored_like_the_hub(root: Path, family: str = "llava", dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """A tiny model folder as hub checkpoints are: every Linear weight drawn at std 0.02 (the scale of 7B
-    weights, where a 2e-5 step is below half a bf16 ulp), stored in `dtype`, with the family's real names."""
-    import torch
+    """A tiny model folder as hub checkpoints are (stic.tiny.hub_shaped_model), under `root`."""
+    from stic.tiny import hub_shaped_model
 
-    from stic.config import ModelSpec
-    from stic.models import load_model, load_processor
-
-    out = root / f"{family}-{dtype}"
-    if (out / "config.json").exists():
-        return out
-    model = load_model(ModelSpec(name_or_path=f"tiny:{family}", dtype="float32"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
-    model.to(getattr(torch, dtype)).save_pretrained(out)
-    load_processor(ModelSpec(name_or_path=f"tiny:{family}"), raw=True).save_pretrained(out)
-    return out
+    return hub_shaped_model(family, dtype, root / f"{family}-{dtype}", seed)
 
 
 def stage1_sized_adapter(base_dir: Path, out: Path, delta_rms: float = 1e-5, seed: int = 0) -> Path:
