@@ -184,6 +184,21 @@ def build_checked(cls: type, kwargs: dict, section: str) -> Any:
         raise RecipeError(f"{section}: {err}") from err
 
 
+def refuse_unknown_keys(data: dict, known: collections.abc.Iterable[str], section: str) -> None:
+    """RecipeError naming the keys of `data` not in `known`, with close matches and the known keys."""
+    known = sorted(known)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        import difflib
+
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=2, cutoff=0.6)]
+        raise RecipeError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}"
+            + (f" (did you mean {', '.join(f'{section}.{h}' for h in close)}?)" if close else "")
+            + f"; known keys of {section}: {', '.join(known)}"
+        )
+
+
 def checked_fields(cls: type, data: dict, section: str) -> dict:
     """`data` as the keyword arguments of dataclass `cls`, after refusing unknown keys and wrong types; `cls`
     itself is not built (nor its checks run)."""
@@ -191,16 +206,7 @@ def checked_fields(cls: type, data: dict, section: str) -> dict:
         raise RecipeError(f"{section}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        import difflib
-
-        hints = [m for k in unknown for m in difflib.get_close_matches(k, fields, n=2, cutoff=0.6)]
-        raise RecipeError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}"
-            + (f" (did you mean {', '.join(f'{section}.{h}' for h in hints)}?)" if hints else "")
-            + f"; known keys of {section}: {', '.join(sorted(fields))}"
-        )
+    refuse_unknown_keys(data, fields, section)
     return {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
 
 

@@ -253,8 +253,13 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     from stic.models import load_processor
     from stic.training import apply_global_batch, check_max_length
 
+    from stic.store import check_output_dir
+
     cfg = recipe.infuse_sft
     refuse_sharding_without_cuda(cfg)
+    check_output_dir(cfg.output_dir, "infuse_sft.output_dir")
+    if cfg.descriptions_dir:
+        check_output_dir(cfg.descriptions_dir, "infuse_sft.descriptions_dir")
     state = process_state()
     batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
