@@ -26,8 +26,8 @@ from typing import Any, Literal
 from trl import DPOConfig, SFTConfig
 
 from stic.benchmarks import PAPER_BENCHMARKS, check_known, load_plugins
-from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, build_checked, checked_fields,
-                         option, to_dict)
+from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, _coerce, build_checked,
+                         checked_fields, option, plain, to_dict)
 from stic.generation import SamplingConfig
 from stic.images import ImageSourceConfig
 from stic.instructions import InstructionDataConfig, SubsetConfig
@@ -338,10 +338,7 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
             f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             f"known sections: {', '.join(SECTIONS)}"
         )
-    for key in ("name", "description"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise RecipeError(f"{key}: expected a string, got {data[key]!r}")
-    parsed: dict[str, Any] = {"name": data.get("name"), "description": data.get("description")}
+    parsed: dict[str, Any] = {key: _coerce(data.get(key), str | None, key) for key in ("name", "description")}
     checked: dict[str, dict] = {}
     for section, cls in SECTION_CLASSES.items():
         values = data.get(section) or {}
@@ -350,7 +347,7 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
                 source_section, source_key = source.split(".")
                 default = checked[source_section].get(
                     source_key, _field_default(SECTION_CLASSES[source_section], source_key))
-                if key == "stage1_adapter" and values.get("stage1_model"):
+                if key == "stage1_adapter" and plain(values.get("stage1_model")):
                     default = None  # a merged stage-1 model holds its adapter already
                 values = {**values, key: default}
         checked[section] = checked_fields(cls, values, section)

@@ -330,3 +330,62 @@ def test_benchmark_record_missing_fields(name, word, tmp_path, capsys):
     bench = name.split("_turns")[0]
     one_line(["score", "--benchmark", bench, "--predictions", tmp_path / "pred.jsonl", "--data-root", tmp_path],
              capsys, word)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# new-user friction: help and recipe typos without torch; overrides typed by their key
+
+
+def test_help_and_a_recipe_typo_do_not_import_torch(tmp_path):
+    """`stic --help`, `stic dpo --help` and an unknown recipe key come back without importing torch (5-15 s of
+    imports): help and key lists come from stic.recipe_cache, which any earlier parse fills."""
+    from stic.recipe import SECTION_CLASSES
+    from stic.recipe_cache import recipe_keys_help, remember_keys
+
+    remember_keys(SECTION_CLASSES)
+    recipe_keys_help(["dpo", "model"])
+    recipe = recipe_file(tmp_path, {"model": TINY, "dpo": {"learning_rat": 1e-4}})
+    script = ("import sys\nfrom stic.cli import main\ncodes = []\n"
+              f"for argv in (['--help'], ['dpo', '--help'], ['dpo', '--recipe', {str(recipe)!r}]):\n"
+              "    try:\n        main(argv)\n    except SystemExit as e:\n        codes.append(e.code)\n"
+              "print(codes, 'torch' in sys.modules, 'trl' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 2] False False", done.stdout[-500:] + done.stderr[-2000:]
+    assert "dpo.learning_rat (did you mean dpo.learning_rate?)" in done.stderr
+    assert "dpo.lora_r (int, default 128)" in done.stdout  # the stage's recipe keys, from the cache
+
+
+@pytest.mark.parametrize("override,attr,expected", [
+    ("dpo.learning_rate=1e-7", ("dpo", "learning_rate"), 1e-7),
+    ("dpo.save_strategy=no", ("dpo", "save_strategy"), "no"),
+    ("model.revision=1.0", ("model", "revision"), "1.0"),
+    ("dpo.output_dir=2024", ("dpo", "output_dir"), "2024"),
+    ("name=yes", ("name",), "yes"),
+    ("dpo.resume=yes", ("dpo", "resume"), True),
+    ("dpo.max_samples=null", ("dpo", "max_samples"), None),
+])
+def test_override_value_is_read_by_the_key_type(override, attr, expected):
+    from stic.config import load_recipe_dict
+    from stic.dpo import parse_recipe
+
+    value = parse_recipe(load_recipe_dict(None, [override]))
+    for name in attr:
+        value = getattr(value, name)
+    assert value == expected and isinstance(value, type(expected))  # "no" not False, "1.0" not 1.0
+
+
+def test_recipe_file_number_without_a_dot_is_a_float(tmp_path):
+    """PyYAML reads `1e-7` as a string (YAML 1.1 wants a dot); a float key takes it."""
+    from stic.config import load_recipe_dict
+    from stic.dpo import parse_recipe
+
+    (tmp_path / "r.yaml").write_text("dpo:\n  learning_rate: 1e-7\n  beta: 5E-2\n")
+    dpo = parse_recipe(load_recipe_dict(tmp_path / "r.yaml")).dpo
+    assert (dpo.learning_rate, dpo.beta) == (1e-7, 0.05)
+
+
+@pytest.mark.parametrize("override,word", [("dpo.learning_rate=fast", "dpo.learning_rate: expected a number, got 'fast'"),
+                                           ("dpo.per_device_train_batch_size=1e3", "expected an integer, got '1e3'"),
+                                           ("dpo.resume=maybe", "dpo.resume: expected true or false")])
+def test_override_of_the_wrong_type_is_one_line(override, word, tmp_path, capsys, no_model):
+    one_line(["dpo", "--recipe", recipe_file(tmp_path, {"model": TINY}), override], capsys, "stic: recipe error", word)
