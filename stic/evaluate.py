@@ -150,7 +150,7 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
             if dar:
                 pairs = describe_and_respond(engine, images, prompts, keys=[i for i, _ in batch],
                                              describe=stage2.describe, template=stage2.template, seed=stage2.seed,
-                                             answer_sampling=answer_sampling)
+                                             answer_sampling=answer_sampling, on_batch=on_batch)
                 descriptions, outs = [d for d, _ in pairs], [a for _, a in pairs]
             else:
                 outs = engine.generate([Request(im, p) for im, p in zip(images, prompts)], answer_sampling,

@@ -389,3 +389,37 @@ def test_recipe_file_number_without_a_dot_is_a_float(tmp_path):
                                            ("dpo.resume=maybe", "dpo.resume: expected true or false")])
 def test_override_of_the_wrong_type_is_one_line(override, word, tmp_path, capsys, no_model):
     one_line(["dpo", "--recipe", recipe_file(tmp_path, {"model": TINY}), override], capsys, "stic: recipe error", word)
+
+
+def test_library_noise_is_silenced_at_its_source():
+    """The deprecation FutureWarning PEFT/TRL trigger and transformers' "mtime may not be reliable" are dropped
+    by stic's filters; their neighbours still show. (A subprocess: pytest resets warning filters per test.)"""
+    script = (
+        "import logging, warnings, stic\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+        "    warnings.warn('`other_thing` is deprecated', FutureWarning)\n"
+        "logging.basicConfig(format='%(message)s')\n"
+        "log = logging.getLogger('transformers.trainer_utils')\n"
+        "log.warning('mtime may not be reliable on this filesystem, falling back to numerical ordering')\n"
+        "log.warning('another trainer_utils warning')\n"
+        "print([str(w.message) for w in seen])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.stdout.strip() == "['`other_thing` is deprecated']", done.stdout + done.stderr
+    assert done.stderr.strip() == "another trainer_utils warning", done.stderr
+
+
+def test_dar_reports_the_tokens_it_generates(monkeypatch):
+    """DaR's progress bar showed tok_s=0.0: both of its passes now report their tokens."""
+    from stic.generation import Output
+    from stic.infuse import describe_and_respond
+
+    class Engine:
+        def generate(self, requests, sampling, on_batch=None):
+            if on_batch:
+                on_batch(len(requests), 7 * len(requests))
+            return [Output("a red cube", "eos", 7) for _ in requests]
+
+    seen = []
+    describe_and_respond(Engine(), [None, None], ["q1", "q2"], on_batch=lambda n, tokens: seen.append(tokens))
+    assert seen == [14, 14]
