@@ -80,11 +80,11 @@ class ShardedOutput:
         """Create or check the folder. Returns True when earlier work is being resumed."""
         config_path = self.root / "run_config.json"
         resumed = False
-        # a folder whose run stopped before any row or ledger line (a model that failed to load) holds no work:
-        # its config is replaced, so the corrected rerun is not refused as a different configuration
-        if config_path.exists() and (self.part_files() or self.ledger()):
+        if config_path.exists():
             old = json.loads(config_path.read_text())
-            if _canonical(old) != _canonical(run_config) and not overwrite:
+            # a folder whose run stopped before any row or ledger line (a model that failed to load, was killed
+            # loading) holds no work: another config replaces it, so the corrected rerun is not refused
+            if _canonical(old) != _canonical(run_config) and not overwrite and (self.part_files() or self.ledger()):
                 a, b = _flatten(old), _flatten(run_config)
                 changed = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
                 raise OutputConflict(
@@ -92,7 +92,7 @@ class ShardedOutput:
                     f"{', '.join(changed)}). Use another output directory, or pass --overwrite to delete it and "
                     "start over."
                 )
-            resumed = not overwrite
+            resumed = not overwrite and _canonical(old) == _canonical(run_config)
         if overwrite:
             for name in ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", "preview.html",
                          "run_config.json"):

@@ -121,7 +121,7 @@ def test_failed_start_does_not_block_the_corrected_rerun(tmp_path):
 
     out = tmp_path / "out"
     ShardedOutput(out).prepare({"model": {"name_or_path": "wrong"}})
-    assert ShardedOutput(out).prepare({"model": {"name_or_path": "right"}}) is False  # not refused, not a resume
+    assert ShardedOutput(out).prepare({"model": {"name_or_path": "right"}}) is False  # not refused, nothing resumed
     assert json.loads((out / "run_config.json").read_text())["model"]["name_or_path"] == "right"
     ShardedOutput(out).log([{"id": "a", "status": "dropped"}])
     with pytest.raises(OutputConflict, match="differs in: model.name_or_path"):
