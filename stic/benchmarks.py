@@ -78,6 +78,8 @@ def load_scienceqa(root: Path) -> list[Item]:
     d = root / "scienceqa"
     questions = read_json(d / "llava_test_CQM-A.json")
     problems = read_json(d / "problems.json")
+    if not isinstance(questions, list) or not isinstance(problems, dict):
+        raise BenchmarkFileError(f"{d}: llava_test_CQM-A.json must hold a list and problems.json an object")
     items = []
     for i, rec in enumerate(questions):
         where = f"{d / 'llava_test_CQM-A.json'} record {i}"
@@ -89,7 +91,11 @@ def load_scienceqa(root: Path) -> list[Item]:
         pid = str(rec["id"])
         if pid not in problems:
             raise BenchmarkFileError(f"{where}: id {pid} is not in problems.json")
-        text = rec["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+        turns = rec["conversations"]
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or "value" not in turns[0]:
+            raise BenchmarkFileError(f"{where}: conversations must be a list whose first turn has a value")
+        _need(problems[pid], ["choices", "answer"], f"{d / 'problems.json'} problem {pid}")
+        text = turns[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
         prob = problems[pid]
         items.append(Item(pid, str(d / "images" / "test" / rec["image"]), text + MULTIPLE_CHOICE,
                           {"n_choices": len(prob["choices"]), "answer": prob["answer"]}))
@@ -119,6 +125,8 @@ def load_textvqa(root: Path) -> list[Item]:
     annotations = read_json(d / "TextVQA_0.5.1_val.json")
     if not isinstance(annotations, dict) or "data" not in annotations:
         raise BenchmarkFileError(f"{d / 'TextVQA_0.5.1_val.json'}: expected an object with a 'data' list")
+    for i, a in enumerate(annotations["data"]):
+        _need(a, ["image_id", "question", "answers"], f"{d / 'TextVQA_0.5.1_val.json'} data[{i}]")
     by_key = {(a["image_id"], a["question"].lower()): a["answers"] for a in annotations["data"]}
     items = []
     for n, q in enumerate(questions, start=1):
@@ -221,7 +229,10 @@ def load_chartqa(root: Path) -> list[Item]:
     items = []
     for split in ("human", "augmented"):
         path = d / f"test_{split}.json"
-        for i, rec in enumerate(read_json(path)):
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise BenchmarkFileError(f"{path}: expected a list of records")
+        for i, rec in enumerate(records):
             _need(rec, ["imgname", "query", "label"], f"{path} record {i}")
             items.append(Item(f"{split}/{i}", str(d / "png" / rec["imgname"]), rec["query"] + CHARTQA_SUFFIX,
                               {"split": split, "label": str(rec["label"])}))
@@ -243,6 +254,8 @@ def score_chartqa(items, answers):
 def load_mathvista(root: Path) -> list[Item]:
     d = root / "mathvista"
     problems = read_json(d / "testmini.json")
+    if not isinstance(problems, dict):
+        raise BenchmarkFileError(f"{d / 'testmini.json'}: expected an object of problems by id")
     queries = read_json(d / "query.json") if (d / "query.json").exists() else {}
     items = []
     for pid, prob in problems.items():
@@ -267,8 +280,13 @@ def score_mathvista(items, answers):
 def load_llava_bench(root: Path) -> list[Item]:
     d = root / "llava-bench-in-the-wild"
     questions = read_jsonl(d / "questions.jsonl")
-    contexts = {c["image"]: c for c in read_jsonl(d / "context.jsonl")}
-    references = {a["question_id"]: a["text"] for a in read_jsonl(d / "answers_gpt4.jsonl")}
+    context_recs, answer_recs = read_jsonl(d / "context.jsonl"), read_jsonl(d / "answers_gpt4.jsonl")
+    for n, c in enumerate(context_recs, start=1):
+        _need(c, ["image"], f"{d / 'context.jsonl'} line {n}")
+    for n, a in enumerate(answer_recs, start=1):
+        _need(a, ["question_id", "text"], f"{d / 'answers_gpt4.jsonl'} line {n}")
+    contexts = {c["image"]: c for c in context_recs}
+    references = {a["question_id"]: a["text"] for a in answer_recs}
     items = []
     for n, q in enumerate(questions, start=1):
         _need(q, ["question_id", "image", "text", "category"], f"{d / 'questions.jsonl'} line {n}")
@@ -283,6 +301,8 @@ def load_llava_bench(root: Path) -> list[Item]:
 def load_mmvet(root: Path) -> list[Item]:
     d = root / "mm-vet"
     data = read_json(d / "mm-vet.json")
+    if not isinstance(data, dict):
+        raise BenchmarkFileError(f"{d / 'mm-vet.json'}: expected an object of items by id")
     items = []
     for key, rec in data.items():
         _need(rec, ["imagename", "question", "answer"], f"{d / 'mm-vet.json'} item {key}")

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Callable
 
-from stic.config import RecipeError, load_recipe_dict, parse_override
+from stic.config import RecipeError, parse_override
 from stic.errors import SticError, one_line
 
 EVAL_DESCRIPTION = """Evaluate a model on the paper's benchmarks (and POPE), with or without describe-and-respond.
@@ -33,20 +33,33 @@ See stic/evaluate.py for what is written where.
 """
 
 
+def load_recipe_dict(path, overrides, default_section: str) -> dict:
+    """The recipe mapping with its overrides, its unknown keys refused before the stage's heavy imports (from
+    stic.recipe_cache's key lists, when present)."""
+    from stic.config import load_recipe_dict as load
+    from stic.recipe_cache import refuse_unknown
+
+    data = load(path, overrides, default_section=default_section)
+    refuse_unknown(data)
+    return data
+
+
 def _selfgen(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="selfgen")
     from stic.selfgen import parse_recipe, run_selfgen
 
-    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="selfgen"))
+    recipe = parse_recipe(data)
     run_selfgen(recipe, overwrite=args.overwrite)
     return 0
 
 
 def _dpo(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="dpo")
     from stic.dpo import parse_recipe, run_dpo
     from stic.models import refuse_sharding_without_cuda
 
     refuse_sharding_without_cuda()  # before the section is built: TrainingArguments sets up DeepSpeed itself
-    run_dpo(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")))
+    run_dpo(parse_recipe(data))
     return 0
 
 
@@ -63,10 +76,11 @@ def _preflight(args) -> int:
 
 
 def _merge(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="dpo")
     from stic.dpo import parse_recipe
     from stic.models import merge_adapter
 
-    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"))
+    recipe = parse_recipe(data)
     adapter = args.adapter or recipe.dpo.output_dir
     out, report = merge_adapter(recipe.model, adapter, args.output, dtype=args.dtype, force=args.force)
     print(f"merged {adapter} into {recipe.model.name_or_path} ({report['dtype']}): {out}")
@@ -74,15 +88,17 @@ def _merge(args) -> int:
 
 
 def _infuse_sft(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft")
     from stic.infuse import parse_recipe, run_infuse_sft
     from stic.models import refuse_sharding_without_cuda
 
     refuse_sharding_without_cuda()  # before the section is built: TrainingArguments sets up DeepSpeed itself
-    run_infuse_sft(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft")))
+    run_infuse_sft(parse_recipe(data))
     return 0
 
 
 def _dar(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft")
     import torch
 
     from stic.generation import BatchGenerator, SamplingConfig
@@ -90,7 +106,7 @@ def _dar(args) -> int:
     from stic.infuse import default_dar_adapters, describe_and_respond, parse_recipe, stage1_model_config
     from stic.models import load_for_inference
 
-    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="infuse_sft"))
+    recipe = parse_recipe(data)
     adapters = [] if args.base else (args.adapter or default_dar_adapters(recipe))
     if not args.base and not args.adapter:  # stage 2's adapters go on the model it trained on
         recipe.model = stage1_model_config(recipe)
@@ -113,12 +129,12 @@ def _dar(args) -> int:
 def _score(args) -> int:
     from pathlib import Path
 
-    from stic.evaluate import EvalConfig, load_items, score_predictions
+    from stic.evaluate import EvalConfig, load_items, read_predictions, score_predictions
     from stic.judge import Judge, JudgeConfig
 
     cfg = EvalConfig(data_root=args.data_root, benchmarks=[args.benchmark], plugins=args.plugin)
     items = load_items(cfg, args.benchmark)
-    predictions = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
+    predictions = read_predictions(args.predictions)
     known = {it.id for it in items}
     predictions = [p for p in predictions if p["question_id"] in known]
     judge = Judge(JudgeConfig(), Path(args.predictions).parent / "judge_cache.jsonl")
@@ -135,12 +151,15 @@ class StageParser(argparse.ArgumentParser):
     (they import the training stages' TRL configs)."""
 
     recipe_sections: tuple[str, ...] = ()
+    late_epilog: Callable[[], str] | None = None  # another epilog built only for --help (its imports are heavy)
 
     def format_help(self) -> str:
         if self.recipe_sections and not self.epilog:
-            from stic.recipe import recipe_keys_help
+            from stic.recipe_cache import recipe_keys_help
 
             self.epilog = recipe_keys_help(list(self.recipe_sections))
+        elif self.late_epilog and not self.epilog:
+            self.epilog = self.late_epilog()
         return super().format_help()
 
 
@@ -191,10 +210,11 @@ def parse_eval_args(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 def run_eval_command(args: argparse.Namespace, run: Callable | None = None) -> None:
     """Read the recipe (importing its eval.plugins), refuse unknown --benchmarks, then evaluate with `run`
     (default stic.evaluate.run_eval; eval/run.py passes its own name for it, which its tests replace)."""
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="eval")
     from stic.benchmarks import check_known
     from stic.evaluate import parse_recipe, run_eval
 
-    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="eval"), args.model, args.dar)
+    recipe = parse_recipe(data, args.model, args.dar)
     check_known(args.benchmarks or [])
     (run or run_eval)(recipe, args.model, args.dar, args.benchmarks)
 
@@ -255,6 +275,12 @@ def _corrupt(args) -> int:
     out.save(args.output)
     print(json.dumps(record))
     return 0
+
+
+def _corruption_kinds() -> str:
+    from corruptions import REGISTRY
+
+    return "corruption kinds: " + ", ".join(sorted(REGISTRY))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,11 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny_model)
 
-    from corruptions import REGISTRY
-
+    # the kinds are listed by `stic corrupt --help` only (the registry imports torchvision); corrupt() refuses an
+    # unknown kind in one line
     p = sub.add_parser("corrupt", help="preview one image corruption")
+    p.late_epilog = _corruption_kinds
     p.add_argument("image")
-    p.add_argument("--kind", required=True, choices=sorted(REGISTRY))
+    p.add_argument("--kind", required=True, help="a corruption name (see the list below)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a corruption setting, e.g. hue=0.1")
@@ -382,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     except RecipeError as err:
         print(f"stic: recipe error: {one_line(err)}", file=sys.stderr)
         code = 2
-    except (SticError, FileNotFoundError) as err:  # the toolkit's errors: one line, no traceback
+    except (SticError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        # the toolkit's errors, and folders the user cannot write: one line, no traceback
         print(f"stic: error: {one_line(err)}", file=sys.stderr)
         code = 2
     sys.exit(code)

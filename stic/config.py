@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import enum
+import re
 import types
 import typing
 from pathlib import Path
@@ -99,12 +100,45 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclasses.dataclass(frozen=True)
+class OverrideText:
+    """A command-line override's scalar: its YAML 1.1 reading and the text typed. The key's type decides which
+    is meant (`_coerce`): `dpo.save_strategy=no` is the string "no", not YAML 1.1's False."""
+
+    raw: str
+    value: Any
+
+
+def plain(value: Any) -> Any:
+    """`value` with every OverrideText replaced by its YAML reading (for keys without a type to decide by)."""
+    if isinstance(value, OverrideText):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+# a number as YAML 1.2 writes it; PyYAML (YAML 1.1) reads `1e-7` (no dot) as a string
+_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; convert only where it is lossless (int -> float)."""
+    """Check `value` against the annotation `tp`; convert only where it is lossless (int -> float, a number
+    written as text -> float)."""
+    if isinstance(value, OverrideText):
+        try:
+            return _coerce(value.value, tp, key)
+        except RecipeError as err:
+            try:  # the text as typed: a string key takes `no`, `1.0`, `2024`
+                return _coerce(value.raw, tp, key)
+            except RecipeError:
+                raise err from None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return plain(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -153,6 +187,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
         raise RecipeError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -160,15 +196,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise RecipeError(f"{key}: expected a string, got {value!r}")
     if tp is dict:
         if isinstance(value, dict):
-            return value
+            return plain(value)
         raise RecipeError(f"{key}: expected a mapping, got {value!r}")
     if tp is list:
         if isinstance(value, list):
-            return value
+            return plain(value)
         raise RecipeError(f"{key}: expected a list, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return value
+    return plain(value)
 
 
 def from_dict(cls: type, data: dict, section: str) -> Any:
@@ -184,6 +220,21 @@ def build_checked(cls: type, kwargs: dict, section: str) -> Any:
         raise RecipeError(f"{section}: {err}") from err
 
 
+def refuse_unknown_keys(data: dict, known: collections.abc.Iterable[str], section: str) -> None:
+    """RecipeError naming the keys of `data` not in `known`, with close matches and the known keys."""
+    known = sorted(known)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        import difflib
+
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=2, cutoff=0.6)]
+        raise RecipeError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}"
+            + (f" (did you mean {', '.join(f'{section}.{h}' for h in close)}?)" if close else "")
+            + f"; known keys of {section}: {', '.join(known)}"
+        )
+
+
 def checked_fields(cls: type, data: dict, section: str) -> dict:
     """`data` as the keyword arguments of dataclass `cls`, after refusing unknown keys and wrong types; `cls`
     itself is not built (nor its checks run)."""
@@ -191,16 +242,7 @@ def checked_fields(cls: type, data: dict, section: str) -> dict:
         raise RecipeError(f"{section}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        import difflib
-
-        hints = [m for k in unknown for m in difflib.get_close_matches(k, fields, n=2, cutoff=0.6)]
-        raise RecipeError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}"
-            + (f" (did you mean {', '.join(f'{section}.{h}' for h in hints)}?)" if hints else "")
-            + f"; known keys of {section}: {', '.join(sorted(fields))}"
-        )
+    refuse_unknown_keys(data, fields, section)
     return {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
 
 
@@ -244,7 +286,10 @@ def apply_overrides(data: dict, overrides: list[str], default_section: str | Non
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {text!r}: {part} is not a section")
-        node[path[-1]] = value
+        raw = text.partition("=")[2].strip()
+        # a scalar YAML 1.1 reads as other than the text typed keeps both; the key's type chooses (`_coerce`)
+        node[path[-1]] = (OverrideText(raw, value) if not isinstance(value, (dict, list, str)) and raw
+                          else value)
     return data
 
 

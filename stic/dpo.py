@@ -203,8 +203,11 @@ def run_dpo(recipe: Recipe) -> dict:
 
     from stic.models import load_processor
 
+    from stic.store import check_output_dir
+
     cfg, model_cfg = recipe.dpo, recipe.model
     refuse_sharding_without_cuda(cfg)
+    check_output_dir(cfg.output_dir, "dpo.output_dir")
     processor = load_processor(model_cfg)
     dataset = load_preference_dataset(cfg, extra_columns=("generation",))  # refuse bad data before the model loads
     setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check

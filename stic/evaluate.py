@@ -150,7 +150,7 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
             if dar:
                 pairs = describe_and_respond(engine, images, prompts, keys=[i for i, _ in batch],
                                              describe=stage2.describe, template=stage2.template, seed=stage2.seed,
-                                             answer_sampling=answer_sampling)
+                                             answer_sampling=answer_sampling, on_batch=on_batch)
                 descriptions, outs = [d for d, _ in pairs], [a for _, a in pairs]
             else:
                 outs = engine.generate([Request(im, p) for im, p in zip(images, prompts)], answer_sampling,
@@ -200,6 +200,28 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
     return ordered
 
 
+def read_predictions(path: str | Path) -> list[dict]:
+    """A predictions JSONL file ({question_id, text, ...} per line); a line that is not such an object raises
+    BenchmarkFileError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkFileError(f"predictions file {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkFileError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("question_id"), (str, int)):
+            raise BenchmarkFileError(f"{path} line {n}: expected an object with a question_id (a string)")
+        if not isinstance(rec.get("text", ""), str):
+            raise BenchmarkFileError(f"{path} line {n}: text must be a string, got {rec['text']!r}")
+        out.append(rec)
+    return out
+
+
 def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None) -> dict:
     """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`.
     Items without a prediction make the file invalid, except for benchmarks whose official scorer counts them as
@@ -230,8 +252,11 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     the next barrier past the process group's timeout (NCCL's default: 10 min), killing the run."""
     from stic.models import process_state
 
+    from stic.store import check_output_dir
+
     state = process_state()
     cfg = recipe.eval
+    check_output_dir(cfg.output_dir, "eval.output_dir")
     model_cfg, adapters, run_name = resolve_model(recipe, model_spec)
     run_name += "+dar" if dar else ""
     run_dir = Path(cfg.output_dir) / run_name

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
@@ -253,8 +254,13 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     from stic.models import load_processor
     from stic.training import apply_global_batch, check_max_length
 
+    from stic.store import check_output_dir
+
     cfg = recipe.infuse_sft
     refuse_sharding_without_cuda(cfg)
+    check_output_dir(cfg.output_dir, "infuse_sft.output_dir")
+    if cfg.descriptions_dir:
+        check_output_dir(cfg.descriptions_dir, "infuse_sft.descriptions_dir")
     state = process_state()
     batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
@@ -316,17 +322,19 @@ def default_dar_adapters(recipe: Recipe) -> list[str]:
 
 def describe_and_respond(engine: BatchGenerator, images, questions: list[str], *, keys: list[str] | None = None,
                          describe: DescribeConfig | None = None, template: str = DEFAULT_TEMPLATE, seed: int = 42,
-                         answer_sampling: SamplingConfig | None = None) -> list[tuple[str, Output]]:
+                         answer_sampling: SamplingConfig | None = None,
+                         on_batch: Callable[[int, int], None] | None = None) -> list[tuple[str, Output]]:
     """For each (image, question): describe the image (with the image), then answer the question infused with
     that description (with the image again). `describe`, `template` and `seed` are the recipe's stage-2 settings
     (`infuse_sft.describe`, `.template`, `.seed`), so DaR prompts exactly as stage 2 trained; `keys` name the
-    images for the per-image describe prompt. Returns [(description, answer output)]."""
+    images for the per-image describe prompt. `on_batch(n, new_tokens)` counts both passes' tokens (progress
+    bars). Returns [(description, answer output)]."""
     describe = describe or DescribeConfig()
     keys = keys if keys is not None else [str(i) for i in range(len(images))]
     answer_sampling = answer_sampling or SamplingConfig(max_new_tokens=128)
     descriptions = engine.generate([Request(img, describe.prompt_for(k, seed), stable_seed(seed, k))
-                                    for img, k in zip(images, keys)], describe.sampling)
+                                    for img, k in zip(images, keys)], describe.sampling, on_batch=on_batch)
     infused = [Request(img, infuse_instruction(q, d.text, template), stable_seed(seed, k, "answer"))
                for img, q, d, k in zip(images, questions, descriptions, keys)]
-    answers = engine.generate(infused, answer_sampling)
+    answers = engine.generate(infused, answer_sampling, on_batch=on_batch)
     return [(d.text, a) for d, a in zip(descriptions, answers)]

@@ -57,6 +57,10 @@ class SubsetConfig:
     prefer_informative: bool = option(
         False, help="balanced: within each source, take the records that mention the most concept words first")
 
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"size must be at least 1, got {self.size}")
+
 
 def resolve_image(folder: str | None, rel: str) -> str:
     if folder == "sample_photos":

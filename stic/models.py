@@ -26,7 +26,27 @@ def resolve_model_path(name_or_path: str) -> str:
         from stic.tiny import tiny_model_path
 
         return str(tiny_model_path(name_or_path))
+    check_model_source(name_or_path)
     return name_or_path
+
+
+def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """Refuse a model that is neither a folder nor a hub id that can resolve, before transformers fails on it
+    with a traceback. Online, a hub id is left to the hub (its own error names it)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelSetupError(f"{key} {name_or_path} is a file, not a model folder or hub id")
+    parts = name_or_path.split("/")
+    hub_like = (not name_or_path.startswith((".", "/", "~")) and 1 <= len(parts) <= 2 and all(parts))
+    if not hub_like:
+        raise ModelSetupError(f"{key} {name_or_path}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise ModelSetupError(f"{key} {name_or_path}: no such folder, and not in the hub cache (HF_HUB_OFFLINE "
+                              "is set, so it cannot be downloaded)")
 
 
 def stored_dtype(cfg: ModelSpec) -> torch.dtype:
@@ -270,6 +290,9 @@ class LoraOptions:
                    "learning_rate")
 
     def __post_init__(self):
+        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_r must be at least 1, lora_alpha positive and lora_dropout in [0, 1), got "
+                             f"{self.lora_r}, {self.lora_alpha} and {self.lora_dropout}")
         if self.mm_projector_lr is not None:
             if not self.train_projector:
                 raise ValueError("mm_projector_lr is set but train_projector is false; set train_projector: true "

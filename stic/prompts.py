@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from stic.config import option
+from stic.errors import SticError
 
 DESCRIBE_STEP_BY_STEP = """\
 Look at the image carefully and describe it step by step, mentioning only what you can actually see.
@@ -123,6 +124,10 @@ class PromptSets:
     hallucination: tuple[str, ...]
 
 
+class PromptFileError(SticError, ValueError):
+    """A prompt file that is empty or not a list of strings."""
+
+
 @functools.lru_cache(maxsize=16)  # stage 2 and DaR draw a prompt per image from the same file
 def read_pool(path: str, what: str) -> tuple[str, ...]:
     p = Path(path)
@@ -133,14 +138,14 @@ def read_pool(path: str, what: str) -> tuple[str, ...]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{what} file {p}: not a valid JSON list ({err.msg})") from None
-        if not all(isinstance(x, str) for x in items):
-            raise ValueError(f"{what} file {p}: the JSON list must hold strings")
+            raise PromptFileError(f"{what} file {p}: not a valid JSON list ({err.msg})") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise PromptFileError(f"{what} file {p}: the JSON list must hold strings")
     else:
         items = text.splitlines()
     pool = tuple(x.strip() for x in items if x.strip())
     if not pool:
-        raise ValueError(f"{what} file {p} holds no prompt")
+        raise PromptFileError(f"{what} file {p} holds no prompt")
     return pool
 
 
@@ -152,7 +157,7 @@ def load_prompts(cfg: PromptsConfig) -> PromptSets:
             raise FileNotFoundError(f"good prompt file {p} does not exist")
         good = p.read_text().strip()
         if not good:
-            raise ValueError(f"good prompt file {p} is empty")
+            raise PromptFileError(f"good prompt file {p} is empty")
     caption = read_pool(cfg.caption_prompts_file, "caption prompts") if cfg.caption_prompts_file else None
     hallu = (read_pool(cfg.hallucination_prompts_file, "hallucination prompts")
              if cfg.hallucination_prompts_file else None)

@@ -26,15 +26,16 @@ from typing import Any, Literal
 from trl import DPOConfig, SFTConfig
 
 from stic.benchmarks import PAPER_BENCHMARKS, check_known, load_plugins
-from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, build_checked, checked_fields,
-                         option, to_dict)
+from stic.config import (SECTIONS, BackendConfig, ModelSpec, RecipeError, _coerce, build_checked,
+                         checked_fields, option, plain, to_dict)
 from stic.generation import SamplingConfig
 from stic.images import ImageSourceConfig
 from stic.instructions import InstructionDataConfig, SubsetConfig
 from stic.judge import JudgeConfig
 from stic.models import LoraOptions, train_on_cpu_without_cuda
 from stic.prompts import CAPTION_PROMPTS, PromptsConfig
-from stic.training import check_global_batch
+from stic.recipe_cache import remember_keys
+from stic.training import check_global_batch, check_training_numbers
 
 # ---------------------------------------------------------------------------------------------------------
 # selfgen
@@ -147,6 +148,7 @@ class DPOStageConfig(LoraOptions, DPOConfig):
             self.sft_weight = None  # set by apply_paper_alpha once the dataset is loaded
         elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
             self.sft_weight = 1.0
+        check_training_numbers(self)
         check_global_batch(self)
         if self.sft_weight is not None:
             if "sft" in losses:
@@ -191,6 +193,15 @@ class DescribeConfig:
                                       help="sampling of the descriptions")
     batch_size: int = option(8, help="images per generation batch")
     images_per_part: int = option(64, help="descriptions per parquet part: the unit of work lost to a kill")
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.images_per_part < 1:
+            raise ValueError(f"batch_size and images_per_part must be at least 1, got "
+                             f"{self.batch_size} and {self.images_per_part}")
+        if self.prompt is None and self.caption_prompts_file:
+            from stic.prompts import read_pool
+
+            read_pool(self.caption_prompts_file, "caption prompts")  # empty or missing: refused now, not mid-run
 
     def prompt_for(self, key: str, seed: int) -> str:
         """The describe prompt of one image (stage 2) or one benchmark item (DaR)."""
@@ -240,6 +251,7 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
             raise ValueError("set stage1_adapter or stage1_model, not both")
         if self.adapter_mode == "continue" and not self.stage1_adapter:
             raise ValueError("adapter_mode: continue needs stage1_adapter")
+        check_training_numbers(self)
         check_global_batch(self)
         train_on_cpu_without_cuda(self)
         super().__post_init__()
@@ -268,6 +280,10 @@ class EvalConfig:
     judge: JudgeConfig = option(factory=JudgeConfig, help="the GPT judge of LLaVA-Bench and MM-Vet")
 
     def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 (or null for every item), got {self.limit}")
         load_plugins(self.plugins)
         check_known(self.benchmarks)
 
@@ -315,16 +331,14 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
     Only the sections in `build` are built; the others are checked for unknown keys and wrong types and left as
     None. Building a TRL section runs TrainingArguments' setup (bf16 support, accelerate's process state, tf32,
     a DeepSpeed config), which must not happen in a command that does not train with it (selfgen, eval)."""
+    remember_keys(SECTION_CLASSES)  # for the next command's early check of unknown keys (stic.recipe_cache)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise RecipeError(
             f"unknown recipe section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             f"known sections: {', '.join(SECTIONS)}"
         )
-    for key in ("name", "description"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise RecipeError(f"{key}: expected a string, got {data[key]!r}")
-    parsed: dict[str, Any] = {"name": data.get("name"), "description": data.get("description")}
+    parsed: dict[str, Any] = {key: _coerce(data.get(key), str | None, key) for key in ("name", "description")}
     checked: dict[str, dict] = {}
     for section, cls in SECTION_CLASSES.items():
         values = data.get(section) or {}
@@ -333,7 +347,7 @@ def parse_recipe(data: dict, build: tuple[str, ...] = ALL_SECTIONS) -> Recipe:
                 source_section, source_key = source.split(".")
                 default = checked[source_section].get(
                     source_key, _field_default(SECTION_CLASSES[source_section], source_key))
-                if key == "stage1_adapter" and values.get("stage1_model"):
+                if key == "stage1_adapter" and plain(values.get("stage1_model")):
                     default = None  # a merged stage-1 model holds its adapter already
                 values = {**values, key: default}
         checked[section] = checked_fields(cls, values, section)

@@ -250,7 +250,14 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     from stic.models import load_model, load_processor
     from stic.store import run_sharded
 
+    from stic.store import check_output_dir
+
     cfg = recipe.selfgen
+    check_output_dir(cfg.output_dir, "selfgen.output_dir")
+    if recipe.generation.backend == "local":
+        from stic.models import resolve_model_path
+
+        resolve_model_path(recipe.model.name_or_path)  # a missing model: refused before the folder is prepared
     prompts = load_prompts(cfg.prompts)
     _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
     refs = list_images(cfg.images)

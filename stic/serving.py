@@ -203,7 +203,11 @@ class OpenAIGenerator:
             ep = self._pick()
             ep.in_flight += 1
             try:
-                resp = await clients[ep.url].chat.completions.create(model=self.model, messages=messages, **params)
+                try:
+                    resp = await clients[ep.url].chat.completions.create(model=self.model, messages=messages,
+                                                                         **params)
+                except ValueError as err:  # the client parses a 200's body as JSON and lets the decode error out
+                    raise EndpointError(f"{ep.url} sent a reply that is not valid JSON ({one_line(err)})") from None
                 out, tokens = parse_completion(resp, ep.url)
             except openai.APIError as err:  # the client's errors (anything else is a bug): sorted by retry_kind
                 kind = retry_kind(err)
@@ -233,14 +237,18 @@ def parse_completion(resp, url: str) -> tuple[Output, int]:
     (transformers serve, vLLM); the local engine's num_tokens does not, so one is taken off for "stop"."""
     try:
         choice = resp.choices[0]
-    except (AttributeError, IndexError, TypeError):
+        choice.finish_reason
+    except (AttributeError, IndexError, KeyError, TypeError):
         raise EndpointError(f"{url} sent a reply without choices") from None
+    content = getattr(getattr(choice, "message", None), "content", None)
+    if getattr(choice, "message", None) is None or not isinstance(content, (str, type(None))):
+        raise EndpointError(f"{url} sent a choice without a message (or with a non-text content)")
     if choice.finish_reason not in FINISH_REASONS:
         raise EndpointError(f"{url} stopped with finish_reason {choice.finish_reason!r}; expected stop or length")
     finish = FINISH_REASONS[choice.finish_reason]
     usage = getattr(resp, "usage", None)
     generated = usage.completion_tokens if usage is not None and usage.completion_tokens is not None else None
-    text = (choice.message.content or "").strip()
+    text = (content or "").strip()
     if generated is None:  # no usage reported: the count is unknown, recorded as -1 rather than guessed
         return Output(text, finish, -1), 0
     return Output(text, finish, max(generated - (finish == "eos"), 0)), generated

@@ -27,11 +27,28 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
-from stic.errors import SticError
+from stic.errors import SticError, one_line
 
 
 class OutputConflict(SticError, RuntimeError):
     """The output folder holds a run made with a different configuration."""
+
+
+class OutputDirError(SticError, ValueError):
+    """An output folder that cannot be written: a file, under a file, or read-only."""
+
+
+def check_output_dir(path: str | os.PathLike, key: str) -> None:
+    """Refuse `path` (the recipe's `key`) before any model loads when it cannot become a writable folder;
+    nothing is created here."""
+    p = Path(path)
+    nearest = next(a for a in (p, *p.parents) if a.exists() or a == Path(a.anchor) or str(a) == ".")
+    if not nearest.is_dir():
+        where = "is a file" if nearest == p else f"cannot be created: {nearest} is a file"
+        raise OutputDirError(f"{key} {p} {where}, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{key} {p} is not writable ({nearest} is read-only)"
+                             if nearest == p else f"{key} {p} cannot be created: {nearest} is read-only")
 
 
 def _canonical(obj) -> str:
@@ -65,7 +82,9 @@ class ShardedOutput:
         resumed = False
         if config_path.exists():
             old = json.loads(config_path.read_text())
-            if _canonical(old) != _canonical(run_config) and not overwrite:
+            # a folder whose run stopped before any row or ledger line (a model that failed to load, was killed
+            # loading) holds no work: another config replaces it, so the corrected rerun is not refused
+            if _canonical(old) != _canonical(run_config) and not overwrite and (self.part_files() or self.ledger()):
                 a, b = _flatten(old), _flatten(run_config)
                 changed = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
                 raise OutputConflict(
@@ -73,7 +92,7 @@ class ShardedOutput:
                     f"{', '.join(changed)}). Use another output directory, or pass --overwrite to delete it and "
                     "start over."
                 )
-            resumed = not overwrite
+            resumed = not overwrite and _canonical(old) == _canonical(run_config)
         if overwrite:
             for name in ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", "preview.html",
                          "run_config.json"):
@@ -91,9 +110,17 @@ class ShardedOutput:
         return sorted(self.data_dir.glob("*.parquet")) if self.data_dir.exists() else []
 
     def row_ids(self, id_column: str) -> list[str]:
+        import pyarrow as pa
+
         ids: list[str] = []
         for part in self.part_files():
-            ids.extend(pq.read_table(part, columns=[id_column]).column(id_column).to_pylist())
+            try:
+                ids.extend(pq.read_table(part, columns=[id_column]).column(id_column).to_pylist())
+            except (pa.ArrowException, OSError, KeyError) as err:
+                # parts appear whole (renamed into place), so this one was damaged afterwards (a cut copy, a full
+                # disk); resuming past it would lose or repeat its items
+                raise OutputConflict(f"{part} is not a readable Parquet part, truncated or corrupt "
+                                     f"({one_line(err)}); delete it and rerun to redo its items") from None
         return ids
 
     def ledger(self) -> list[dict]:

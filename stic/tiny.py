@@ -16,8 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "idefics3")
 BUILD_VERSION = 2  # bump when a builder changes, so cached tiny models are rebuilt
 
@@ -239,6 +237,8 @@ def build_tiny_model(family: str, seed: int = 0):
     """Return (model, processor) for a family, with weights drawn from `seed`."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown tiny-model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    import torch  # here, not at the top: `stic --help` lists FAMILIES without loading torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, processor = _BUILDERS[family]()

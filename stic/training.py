@@ -53,6 +53,20 @@ def gradient_accumulation_for(global_batch_size: int, per_device_train_batch_siz
     return global_batch_size // per_step
 
 
+def check_training_numbers(cfg) -> None:
+    """Parse-time refusal of sizes and rates TRL would take and fail on (or train nonsense with) only after the
+    model has loaded."""
+    low = [f"{key} must be at least 1, got {getattr(cfg, key)}" for key in
+           ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+           if getattr(cfg, key) < 1]
+    if cfg.learning_rate <= 0:
+        low.append(f"learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
+        low.append(f"num_train_epochs must be positive (or max_steps set), got {cfg.num_train_epochs}")
+    if low:
+        raise ValueError("; ".join(low))
+
+
 def check_global_batch(cfg) -> None:
     """Parse-time part of the check (independent of the number of processes)."""
     if cfg.global_batch_size is None:
