@@ -155,9 +155,14 @@ class StageParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         if self.recipe_sections and not self.epilog:
-            from stic.recipe_cache import recipe_keys_help
+            from stic.recipe_cache import cached_help
 
-            self.epilog = recipe_keys_help(list(self.recipe_sections))
+            def render(sections):  # imports TRL: only when the cache lacks this help
+                from stic.recipe import recipe_keys_help
+
+                return recipe_keys_help(sections)
+
+            self.epilog = cached_help(list(self.recipe_sections), render)
         elif self.late_epilog and not self.epilog:
             self.epilog = self.late_epilog()
         return super().format_help()

@@ -98,13 +98,12 @@ def refuse_unknown(data: dict) -> None:
         walk(data.get(section), tree, section)
 
 
-def recipe_keys_help(sections: list[str]) -> str:
-    """stic.recipe.recipe_keys_help, from the cache when it holds it."""
+def cached_help(sections: list[str], render) -> str:
+    """`render(sections)` (stic.recipe.recipe_keys_help, passed in by the caller so this module stays below
+    stic.recipe), from the cache when it holds it."""
     key = ",".join(sections)
     cached = _load().get("help", {})
     if key not in cached:
-        from stic.recipe import recipe_keys_help as render
-
         cached = {**cached, key: render(sections)}
         _store(help=cached)
     return cached[key]

@@ -283,6 +283,8 @@ def hub_shaped_model(family: str, dtype: str, out_dir: str | os.PathLike, seed: 
     """A tiny model folder stored as hub checkpoints are: every Linear weight drawn at std 0.02 (the scale of 7B
     weights, where a 2e-5 step is below half a bf16 ulp), saved in `dtype` ("bfloat16", "float16"), with the
     family's real module names. Tiny fp32 models hide the precision faults that these show."""
+    import torch
+
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out

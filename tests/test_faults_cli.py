@@ -339,11 +339,11 @@ def test_benchmark_record_missing_fields(name, word, tmp_path, capsys):
 def test_help_and_a_recipe_typo_do_not_import_torch(tmp_path):
     """`stic --help`, `stic dpo --help` and an unknown recipe key come back without importing torch (5-15 s of
     imports): help and key lists come from stic.recipe_cache, which any earlier parse fills."""
-    from stic.recipe import SECTION_CLASSES
-    from stic.recipe_cache import recipe_keys_help, remember_keys
+    from stic.recipe import SECTION_CLASSES, recipe_keys_help
+    from stic.recipe_cache import cached_help, remember_keys
 
     remember_keys(SECTION_CLASSES)
-    recipe_keys_help(["dpo", "model"])
+    cached_help(["dpo", "model"], recipe_keys_help)
     recipe = recipe_file(tmp_path, {"model": TINY, "dpo": {"learning_rat": 1e-4}})
     script = ("import sys\nfrom stic.cli import main\ncodes = []\n"
               f"for argv in (['--help'], ['dpo', '--help'], ['dpo', '--recipe', {str(recipe)!r}]):\n"
