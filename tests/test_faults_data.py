@@ -159,16 +159,30 @@ def merge_argv(tmp_path, out, *extra):
     return ["merge", "--recipe", recipe, "--adapter", str(tmp_path / "adapter"), "-o", str(out), *extra]
 
 
+def locked(folder: str, make_argv):
+    """A row whose output folder another process is writing."""
+    def setup(t, hold):
+        hold(t / folder)
+        return make_argv(t), t
+    return setup
+
+
+def cut_config(t: Path) -> Path:
+    out = selfgen_folder(t)
+    (out / "run_config.json").write_text("{cut")
+    return out
+
+
 # (row name, set-up(tmp_path, held) -> (argv, folder that must stay unchanged), words the line must hold)
 REFUSALS = [
     ("selfgen_folder_locked_by_another_run",
-     lambda t, h: (h(t / "out") and None) or (selfgen_argv(t, t / "out"), t),
+     locked("out", lambda t: selfgen_argv(t, t / "out")),
      ["is being written by another run", "pid", "started", "-c"]),
     ("dpo_output_locked_by_another_run",
-     lambda t, h: (h(t / "run") and None) or (dpo_argv(t, t / "run", dataset=t / "nodata"), t),
+     locked("run", lambda t: dpo_argv(t, t / "run", dataset=t / "nodata")),
      ["run is being written by another run", "pid"]),
     ("infuse_sft_output_locked_by_another_run",
-     lambda t, h: (h(t / "run") and None) or (infuse_argv(t, t / "run"), t),
+     locked("run", lambda t: infuse_argv(t, t / "run")),
      ["run is being written by another run", "pid"]),
     ("overwrite_refuses_a_users_folder",
      lambda t, h: (selfgen_argv(t, user_folder(t), "--overwrite"), t / "out"),
@@ -180,8 +194,7 @@ REFUSALS = [
      lambda t, h: (selfgen_argv(t, selfgen_folder(t, stage="describe"), "--overwrite"), t / "out"),
      ["another stage (describe, not selfgen)", "--overwrite deletes only a selfgen output"]),
     ("overwrite_refuses_an_unreadable_run_config",
-     lambda t, h: ((selfgen_folder(t) / "run_config.json").write_text("{cut"),
-                   (selfgen_argv(t, t / "out", "--overwrite"), t / "out"))[1],
+     lambda t, h: (selfgen_argv(t, cut_config(t), "--overwrite"), t / "out"),
      ["run_config.json is not valid JSON"]),
     ("dpo_refuses_duplicate_image_ids",
      lambda t, h: (dpo_argv(t, t / "run"), t / "out"),
@@ -196,7 +209,7 @@ REFUSALS = [
      lambda t, h: (merge_argv(t, complete_merge(t)), t / "merged"),
      ["already holds a merged model", "--overwrite"]),
     ("merge_output_locked_by_another_merge",
-     lambda t, h: (h(t / "merged") and None) or (merge_argv(t, t / "merged"), t),
+     locked("merged", lambda t: merge_argv(t, t / "merged")),
      ["merged is being written by another run"]),
 ]
 
@@ -223,6 +236,17 @@ stic.cli.main(sys.argv[1:])
 """
 
 
+def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path, capsys, held):
+    holder = held(tmp_path / "out")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with pytest.raises(SystemExit) as exit_info:
+        main(selfgen_argv(tmp_path, tmp_path / "out"))
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert sorted(selfgen_rows(tmp_path / "out")["image_id"]) == ["img000.png", "img001.png"]
+
+
+@pytest.mark.slow  # two warm `stic selfgen` processes: about 15 s of CPU, more than the fast suite allows
 def test_two_selfgen_runs_on_one_folder_then_kill_and_resume(tmp_path, capsys):
     from stic.models import load_processor
     from stic.config import ModelSpec
