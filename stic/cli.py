@@ -82,7 +82,8 @@ def _merge(args) -> int:
 
     recipe = parse_recipe(data)
     adapter = args.adapter or recipe.dpo.output_dir
-    out, report = merge_adapter(recipe.model, adapter, args.output, dtype=args.dtype, force=args.force)
+    out, report = merge_adapter(recipe.model, adapter, args.output, dtype=args.dtype, force=args.force,
+                                overwrite=args.overwrite)
     print(f"merged {adapter} into {recipe.model.name_or_path} ({report['dtype']}): {out}")
     return 0
 
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage_parser(sub, "selfgen", ("selfgen", "model", "generation"), help="build STIC preference pairs from unlabeled images")
     p.add_argument("--recipe", required=True, help="recipe YAML (selfgen uses its model:, generation: and selfgen: sections; all are checked)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output folder and start over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier selfgen output in the folder (only the toolkit's files) and start over")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. selfgen.batch_size=4 model.dtype=float32")
     p.set_defaults(func=_selfgen)
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="stored precision (default: model.dtype, or the checkpoint's own)")
     p.add_argument("--force", action="store_true", help="write it even if the dtype keeps < 99%% of the update")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge in the output folder")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_merge)
 

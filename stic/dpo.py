@@ -34,7 +34,7 @@ from stic.models import (ModelSetupError, language_model_name, lora_config, outp
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
-from stic.training import has_text_only_rows, precision_record, trainer_class
+from stic.training import has_text_only_rows, is_main_rank, last_complete_checkpoint, precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -89,6 +89,22 @@ def _check_parquet_parts(folder: Path, full: bool = False) -> None:
                                f"({one_line(err)}); remove or replace it") from None
 
 
+def _refuse_duplicate_images(ds, folder: Path) -> None:
+    """selfgen writes one pair per image: an image_id twice means two runs wrote the folder (or parts were copied
+    in twice), and training on it would weigh those images double."""
+    if "image_id" not in ds.column_names:
+        return
+    from collections import Counter
+
+    counts = Counter(ds["image_id"])
+    extra = {k: n for k, n in counts.items() if n > 1}
+    if extra:
+        example, n = next(iter(extra.items()))
+        raise DatasetError(f"dataset {folder} holds {sum(extra.values()) - len(extra)} duplicate rows over "
+                           f"{len(extra)} image_id(s) (e.g. {example!r} {n} times); two runs wrote one folder? "
+                           "Regenerate it into a new output directory")
+
+
 def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] = ()):
     """Load, check and trim the dataset to the columns DPOTrainer reads (and `extra_columns` where the dataset
     has them). Problems raise DatasetError."""
@@ -103,6 +119,7 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
         except datasets.exceptions.DatasetGenerationError:
             _check_parquet_parts(path, full=True)  # a part damaged inside, its footer intact
             raise
+        _refuse_duplicate_images(ds, path)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         ds = ds[cfg.dataset_split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -199,24 +216,25 @@ def load_training_model(model_cfg: ModelSpec, cfg: DPOStageConfig):
 
 
 def run_dpo(recipe: Recipe) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from stic.models import load_processor
+    from stic.store import main_process_lock
 
     from stic.store import check_output_dir
 
+    refuse_sharding_without_cuda(recipe.dpo)
+    check_output_dir(recipe.dpo.output_dir, "dpo.output_dir")
+    with main_process_lock(recipe.dpo.output_dir, is_main_rank()):  # one run at a time writes the folder
+        return _train(recipe)
+
+
+def _train(recipe: Recipe) -> dict:
+    from stic.models import load_processor
+
     cfg, model_cfg = recipe.dpo, recipe.model
-    refuse_sharding_without_cuda(cfg)
-    check_output_dir(cfg.output_dir, "dpo.output_dir")
     processor = load_processor(model_cfg)
     dataset = load_preference_dataset(cfg, extra_columns=("generation",))  # refuse bad data before the model loads
     setup = prepare_stage(cfg, processor, dataset)  # sft weight from paper_alpha, global batch, max_length check
     dataset = dataset.remove_columns([c for c in ("generation",) if c in dataset.column_names])
-    resume_from = None
-    if cfg.resume:
-        resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if resume_from is None:
-            print(f"dpo: resume requested but {cfg.output_dir} has no checkpoint; starting from step 0")
+    resume_from = last_complete_checkpoint(cfg.output_dir, "dpo") if cfg.resume else None
 
     started = time.time()
     trainer, loaded_dtype = build_trainer(recipe, processor, dataset)

@@ -249,12 +249,7 @@ def sft_sequence_need(train_set, processor) -> dict:
 
 
 def run_infuse_sft(recipe: Recipe) -> dict | None:
-    from trl import SFTTrainer
-
-    from stic.models import load_processor
-    from stic.training import apply_global_batch, check_max_length
-
-    from stic.store import check_output_dir
+    from stic.store import check_output_dir, main_process_lock
 
     cfg = recipe.infuse_sft
     refuse_sharding_without_cuda(cfg)
@@ -262,6 +257,17 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     if cfg.descriptions_dir:
         check_output_dir(cfg.descriptions_dir, "infuse_sft.descriptions_dir")
     state = process_state()
+    with main_process_lock(recipe.infuse_sft.output_dir, state.is_main_process):  # one run at a time writes it
+        return _train(recipe, state)
+
+
+def _train(recipe: Recipe, state) -> dict | None:
+    from trl import SFTTrainer
+
+    from stic.models import load_processor
+    from stic.training import apply_global_batch, check_max_length, last_complete_checkpoint
+
+    cfg = recipe.infuse_sft
     batch = apply_global_batch(cfg)  # refused here, before any description is written, if it cannot divide
     records, skipped = load_instructions(cfg.data)
     if not records:
@@ -286,11 +292,7 @@ def run_infuse_sft(recipe: Recipe) -> dict | None:
     loaded_dtype = model.dtype
     trainer = trainer_class(SFTTrainer, cfg, has_text_only_rows(train_set))(
         model=model, args=cfg, train_dataset=train_set, processing_class=processor, peft_config=peft_config)
-    resume_from = None
-    if cfg.resume and Path(cfg.output_dir).is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(cfg.output_dir)
+    resume_from = last_complete_checkpoint(cfg.output_dir, "infuse_sft") if cfg.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
     summary = None

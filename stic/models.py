@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -572,13 +574,36 @@ class MergeRefused(SticError, RuntimeError):
 
 
 def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: str | None = None,
-                  force: bool = False) -> tuple[Path, dict]:
+                  force: bool = False, overwrite: bool = False) -> tuple[Path, dict]:
     """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
 
     The merge is done in float32. `dtype` is the stored precision (default: `model.dtype`, or the checkpoint's
     own dtype when that is `auto`). The share of the update that survives it is reported in
     `merge_report.json`; below 99% the merge is refused unless `force`, since a bf16 copy of a stage-1 model
-    trained at lr 1e-7 is mostly the base model again."""
+    trained at lr 1e-7 is mostly the base model again.
+
+    The folder is written beside `out_dir` and renamed into place with its report, so it exists whole or not at
+    all. An existing `out_dir` is replaced only if it is an earlier complete merge and `overwrite` is set."""
+    from stic.store import output_lock
+
+    out = Path(out_dir)
+    with output_lock(out):  # one merge at a time writes out_dir and its partial sibling
+        _check_merge_target(out, overwrite)
+        return _merge(model_cfg, adapter_dir, out, dtype, force)
+
+
+def _check_merge_target(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / MERGE_REPORT).is_file():
+        raise MergeRefused(f"{out} exists and is not a complete merge (no {MERGE_REPORT}); nothing was written: "
+                           "choose another --output, or move it away")
+    if not overwrite:
+        raise MergeRefused(f"{out} already holds a merged model; pass --overwrite to replace it, or choose another "
+                           "--output")
+
+
+def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None, force: bool) -> tuple[Path, dict]:
     from peft import PeftModel
 
     if model_cfg.load_in_4bit:
@@ -603,9 +628,15 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
                            f"limit {MAX_UPDATE_ERROR:.0%}); merge with --dtype float32 (or float16 if it keeps the "
                            "update), or pass --force to write it anyway")
     merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
-    out = Path(out_dir)
-    merged.save_pretrained(out)
-    load_processor(model_cfg, raw=True).save_pretrained(out)  # the template as published: the folder is standard
-    (out / MERGE_REPORT).write_text(json.dumps({**report, "forced": force and report["error"] > MAX_UPDATE_ERROR},
-                                                      indent=2) + "\n")
+    partial, replaced = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.replaced"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a merge killed while writing
+    merged.save_pretrained(partial)
+    load_processor(model_cfg, raw=True).save_pretrained(partial)  # the template as published: the folder is standard
+    (partial / MERGE_REPORT).write_text(json.dumps(
+        {**report, "forced": force and report["error"] > MAX_UPDATE_ERROR}, indent=2) + "\n")
+    if out.exists():  # an earlier merge (checked above) or an empty folder: moved aside, then dropped
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(out, replaced)
+    os.replace(partial, out)
+    shutil.rmtree(replaced, ignore_errors=True)
     return out, report

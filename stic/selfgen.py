@@ -247,8 +247,8 @@ class PairGenerator:
 
 def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     """Run the stage; returns the manifest on the main process."""
-    from stic.models import load_model, load_processor
-    from stic.store import run_sharded
+    from stic.models import load_model, load_processor, process_state
+    from stic.store import main_process_lock
 
     from stic.store import check_output_dir
 
@@ -270,6 +270,14 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
             recipe.model.system_prompt))
         return PairGenerator(engine, cfg, prompts, model_name)
 
+    with main_process_lock(cfg.output_dir, process_state().is_main_process):  # the manifest too
+        return _generate(recipe, refs, prompts, make_worker, overwrite)
+
+
+def _generate(recipe: Recipe, refs, prompts, make_worker, overwrite: bool) -> dict | None:
+    from stic.store import run_sharded
+
+    cfg = recipe.selfgen
     job = run_sharded(
         name="selfgen", out_dir=cfg.output_dir, refs=refs, run_config=run_config(recipe, prompts),
         load=ImageLoader(cfg.images), make_worker=make_worker, features=features(), id_column=ID_COLUMN,

@@ -8,6 +8,10 @@ Layout (OUT is what `datasets.load_dataset("parquet", data_dir=OUT)` reads):
                                     is what the parquet loader keys its split on, so it skips the JSON files
     OUT/.ledger/<run>-r<rank>.jsonl items finished without a row (dropped pairs, unreadable images)
     OUT/manifest.json               counts, timings, rejects (written by the main process at the end)
+    .OUT.stic-lock                  beside OUT: held (flock) by the run writing OUT; names its holder
+
+An output folder is written by one run at a time: the run's main process holds its lock file (an flock the
+kernel drops when the process dies, so a killed run leaves no stale lock) and a second run is refused.
 
 An item is done when its id is in a part file or in a ledger. Rows are written before their ledger lines,
 so a crash between the two at worst repeats the ledger's items, never a row. Each process of an
@@ -16,10 +20,15 @@ so a crash between the two at worst repeats the ledger's items, never a row. Eac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +60,67 @@ def check_output_dir(path: str | os.PathLike, key: str) -> None:
                              if nearest == p else f"{key} {p} cannot be created: {nearest} is read-only")
 
 
+class OutputLocked(SticError, RuntimeError):
+    """Another run is writing the output folder."""
+
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file of an output folder: a hidden sibling, so that taking the lock creates nothing in (or of) the
+    folder, and a refused or failed run leaves no empty folder behind."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}.stic-lock"
+
+
+# what a sharded output folder is made of: all that --overwrite deletes
+TOOLKIT_ENTRIES = ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", "preview.html", "run_config.json")
+_held: dict[str, object] = {}  # lock file -> its open handle: a process that holds a lock may take it again
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, lock_file: str | os.PathLike | None = None):
+    """Hold the exclusive lock of an output folder for the block; OutputLocked names the holder if another run
+    has it. flock belongs to the open file, so the kernel releases it when the holder dies (kill -9 included).
+    The lock file is left in place: deleting it would let two runs lock two different files."""
+    folder = Path(folder)
+    path = Path(lock_file) if lock_file else lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _held:  # this process already holds it (e.g. the stage around its sharded writer)
+        yield
+        return
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        text = fh.read()
+        fh.close()
+        try:
+            h = json.loads(text)
+            holder = f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "holder not yet recorded"
+        raise OutputLocked(f"{folder} is being written by another run ({holder}); wait for it to finish, or use "
+                           "another output directory") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}) + "\n")
+    fh.flush()
+    _held[key] = fh
+    try:
+        yield
+    finally:
+        del _held[key]
+        fh.close()  # releases the flock
+
+
+def main_process_lock(folder: str | os.PathLike, is_main: bool):
+    """The run's lock, taken by its main process only: the ranks of one `accelerate launch` run share the folder."""
+    return output_lock(folder) if is_main else contextlib.nullcontext()
+
+
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
@@ -77,14 +147,37 @@ class ShardedOutput:
     # -- set-up (main process only) ---------------------------------------------------------------------
 
     def prepare(self, run_config: dict, overwrite: bool = False) -> bool:
-        """Create or check the folder. Returns True when earlier work is being resumed."""
+        """Create or check the folder. Returns True when earlier work is being resumed.
+
+        Only a folder whose run_config.json marks it as this stage's output is resumed or (with `overwrite`)
+        deleted, and then only the toolkit's own files: anything else in it is never touched."""
         config_path = self.root / "run_config.json"
-        resumed = False
+        stage = run_config.get("stage")
+        old = None
         if config_path.exists():
-            old = json.loads(config_path.read_text())
+            try:
+                old = json.loads(config_path.read_text())
+            except ValueError:
+                raise OutputConflict(f"{config_path} is not valid JSON, so {self.root} cannot be checked; use another "
+                                     "output directory, or delete it yourself") from None
+        if old is None:
+            foreign = self._foreign_entries()
+            if foreign:
+                raise OutputConflict(
+                    f"{self.root} holds files the toolkit did not write ({', '.join(foreign)}) and no "
+                    f"run_config.json; nothing there is {'deleted' if overwrite else 'touched'}: use a new or empty "
+                    "output directory")
+        elif not isinstance(old, dict) or old.get("stage") != stage:
+            other = old.get("stage") if isinstance(old, dict) else None
+            raise OutputConflict(f"{self.root} holds the output of another stage ({other or 'unknown'}, not {stage}); "
+                                 f"{'--overwrite deletes only a ' + str(stage) + ' output' if overwrite else 'it is kept'}"
+                                 ": use another output directory")
+        resumed = False
+        if old is not None:
             # a folder whose run stopped before any row or ledger line (a model that failed to load, was killed
             # loading) holds no work: another config replaces it, so the corrected rerun is not refused
-            if _canonical(old) != _canonical(run_config) and not overwrite and (self.part_files() or self.ledger()):
+            has_work = bool(self.part_files() or self.ledger())
+            if _canonical(old) != _canonical(run_config) and not overwrite and has_work:
                 a, b = _flatten(old), _flatten(run_config)
                 changed = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
                 raise OutputConflict(
@@ -93,16 +186,25 @@ class ShardedOutput:
                     "start over."
                 )
             resumed = not overwrite and _canonical(old) == _canonical(run_config)
-        if overwrite:
-            for name in ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", "preview.html",
-                         "run_config.json"):
+        if overwrite and old is not None:
+            for name in TOOLKIT_ENTRIES:
                 path = self.root / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # half-written parts of a killed run
+        self.root.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str) + "\n")
         for d in (self.data_dir, self.ledger_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str) + "\n")
         return resumed
+
+    def _foreign_entries(self) -> list[str]:
+        """What a folder without run_config.json holds besides the lock and the empty folders of a start cut short."""
+        if not self.root.is_dir():
+            return []
+        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in self.root.iterdir()
+                         if not (e.is_dir() and e.name in ("data", ".ledger", ".tmp")
+                                                         and not any(e.iterdir())))
+        return foreign[:5] + ([f"{len(foreign) - 5} more"] if len(foreign) > 5 else [])
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -188,15 +290,25 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
     """
     import datasets
     import transformers
-    from accelerate.utils import gather_object
 
-    from stic.images import ImageRejected
     from stic.models import process_state
-    from stic.progress import live, progress_bar
 
     datasets.disable_progress_bars()  # one bar for the job, not one per parquet part
     transformers.logging.disable_progress_bar()
     state = process_state()  # without a GPU, `accelerate launch` processes join over gloo on the CPU
+    with main_process_lock(out_dir, state.is_main_process):  # held until every rank has finished
+        return _run_sharded(state, name=name, out_dir=out_dir, refs=refs, run_config=run_config, load=load,
+                            make_worker=make_worker, features=features, id_column=id_column,
+                            items_per_part=items_per_part, overwrite=overwrite)
+
+
+def _run_sharded(state, *, name, out_dir, refs, run_config, load, make_worker, features, id_column, items_per_part,
+                 overwrite) -> JobResult | None:
+    from accelerate.utils import gather_object
+
+    from stic.images import ImageRejected
+    from stic.progress import live, progress_bar
+
     store = ShardedOutput(out_dir, rank=state.process_index)
     if state.is_main_process:
         store.prepare(run_config, overwrite=overwrite)
@@ -204,6 +316,9 @@ def run_sharded(*, name: str, out_dir: str, refs: Sequence, run_config: dict, lo
 
     done = store.done_ids(id_column)
     todo = [r for r in refs if r.id not in done]
+    if done and state.is_main_process:
+        print(f"{name}: resuming in {out_dir}: {len(refs) - len(todo)} of {len(refs)} items already done, "
+              f"{len(todo)} to go")
     mine = todo[state.process_index::state.num_processes]  # the same order on every process: disjoint shards
     started = time.time()
     stats = {"images": 0, "rows": 0, "tokens": 0}

@@ -11,6 +11,7 @@ the check that `max_length` leaves room for a whole training sequence.
 - `trainer_class` also gives every trained parameter float32 master weights (`keep_trainable_in_float32`):
   hub checkpoints are bf16/fp16, and a step of 2e-5 (or a LoRA step at lr 1e-7) is below half an ulp of most of
   their weights, so an update applied in the checkpoint's dtype mostly rounds back to the old value.
+- `last_complete_checkpoint` picks what a resumed stage starts from, skipping a checkpoint cut short by a kill.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -26,6 +29,62 @@ from stic.errors import SticError
 
 class TrainingSetupError(SticError, ValueError):
     """A stage setting that cannot work with this data or this number of processes; the message has the numbers."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def is_main_rank() -> bool:
+    """Whether this is the run's main process (rank 0 of an `accelerate launch`), read without setting anything up."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_gaps(folder: Path) -> list[str]:
+    """What a Trainer checkpoint folder lacks to be resumed from (empty when complete). Trainer writes the weights,
+    then the optimizer, then trainer_state.json, straight into the folder: a kill in between leaves it partial.
+    DeepSpeed keeps weights and optimizer in global_step*/, FSDP in *_fsdp_* / optimizer_* folders."""
+    names = {p.name: p for p in folder.iterdir()}
+    sharded = any(n.startswith("global_step") for n in names)
+    gaps = []
+    try:
+        json.loads(names["trainer_state.json"].read_text())["global_step"]
+    except (KeyError, ValueError, TypeError, OSError):
+        gaps.append("trainer_state.json")
+    if not sharded and not any(n in names and names[n].stat().st_size > 0 for n in _WEIGHTS) \
+            and not any("fsdp" in n for n in names):
+        gaps.append("model weights")
+    if not sharded and not any(n.startswith("optimizer") and (names[n].is_dir() or names[n].stat().st_size > 0)
+                               for n in names):
+        gaps.append("optimizer state")
+    return gaps
+
+
+def last_complete_checkpoint(output_dir: str, stage: str) -> str | None:
+    """The newest checkpoint-N of `output_dir` that is whole, for `resume: true`; the console says which one, and
+    which newer ones were skipped as partial. None (and a line saying so) when there is none."""
+    folder = Path(output_dir)
+    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    skipped = []
+    chosen = None
+    for _step, path in reversed(found):
+        gaps = checkpoint_gaps(path)
+        if not gaps:
+            chosen = path
+            break
+        skipped.append(f"{path.name} (partial, no {' or '.join(gaps)})")
+    if is_main_rank():
+        note = f"; skipped {', '.join(skipped)}" if skipped else ""
+        if chosen is not None:
+            print(f"{stage}: resuming from {chosen}{note}")
+        else:
+            print(f"{stage}: resume requested but {output_dir} has no complete checkpoint{note}; starting from step 0")
+    return str(chosen) if chosen is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
