@@ -584,7 +584,7 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
 
     The folder is written beside `out_dir` and renamed into place with its report, so it exists whole or not at
     all. An existing `out_dir` is replaced only if it is an earlier complete merge and `overwrite` is set."""
-    from stic.store import output_lock
+    from stic.locks import output_lock
 
     out = Path(out_dir)
     with output_lock(out):  # one merge at a time writes out_dir and its partial sibling

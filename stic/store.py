@@ -20,15 +20,10 @@ so a crash between the two at worst repeats the ledger's items, never a row. Eac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import fcntl
 import json
 import os
 import shutil
-import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow.parquet as pq
 
 from stic.errors import SticError, one_line
+from stic.locks import OutputLocked, lock_path, main_process_lock, output_lock  # noqa: F401  (re-exported)
 
 
 class OutputConflict(SticError, RuntimeError):
@@ -60,65 +56,8 @@ def check_output_dir(path: str | os.PathLike, key: str) -> None:
                              if nearest == p else f"{key} {p} cannot be created: {nearest} is read-only")
 
 
-class OutputLocked(SticError, RuntimeError):
-    """Another run is writing the output folder."""
-
-
-def lock_path(folder: str | os.PathLike) -> Path:
-    """The lock file of an output folder: a hidden sibling, so that taking the lock creates nothing in (or of) the
-    folder, and a refused or failed run leaves no empty folder behind."""
-    folder = Path(folder).resolve()
-    return folder.parent / f".{folder.name}.stic-lock"
-
-
 # what a sharded output folder is made of: all that --overwrite deletes
 TOOLKIT_ENTRIES = ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", "preview.html", "run_config.json")
-_held: dict[str, object] = {}  # lock file -> its open handle: a process that holds a lock may take it again
-
-
-@contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, lock_file: str | os.PathLike | None = None):
-    """Hold the exclusive lock of an output folder for the block; OutputLocked names the holder if another run
-    has it. flock belongs to the open file, so the kernel releases it when the holder dies (kill -9 included).
-    The lock file is left in place: deleting it would let two runs lock two different files."""
-    folder = Path(folder)
-    path = Path(lock_file) if lock_file else lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = str(path.resolve())
-    if key in _held:  # this process already holds it (e.g. the stage around its sharded writer)
-        yield
-        return
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        text = fh.read()
-        fh.close()
-        try:
-            h = json.loads(text)
-            holder = f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
-        except (ValueError, KeyError, TypeError):
-            holder = "holder not yet recorded"
-        raise OutputLocked(f"{folder} is being written by another run ({holder}); wait for it to finish, or use "
-                           "another output directory") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}) + "\n")
-    fh.flush()
-    _held[key] = fh
-    try:
-        yield
-    finally:
-        del _held[key]
-        fh.close()  # releases the flock
-
-
-def main_process_lock(folder: str | os.PathLike, is_main: bool):
-    """The run's lock, taken by its main process only: the ranks of one `accelerate launch` run share the folder."""
-    return output_lock(folder) if is_main else contextlib.nullcontext()
 
 
 def _canonical(obj) -> str:

@@ -366,6 +366,9 @@ def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path
     generation = out / "base" / "pope" / "generation"
     generation.mkdir(parents=True)
     (generation / "run_config.json").write_text(json.dumps({"stage": "eval", "benchmark": "pope", "dar": True}))
+    from stic.store import ShardedOutput
+
+    ShardedOutput(generation).log([{"id": "q0", "status": "rejected"}])  # it holds work (a folder without is reused)
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe_dict(eval_root, out)))
     res = subprocess.run([sys.executable, "eval/run.py", "--recipe", str(r), "--benchmarks", "pope"], cwd=REPO,
