@@ -368,6 +368,7 @@ def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path
     (generation / "run_config.json").write_text(json.dumps({"stage": "eval", "benchmark": "pope", "dar": True}))
     from stic.store import ShardedOutput
 
+    (generation / ".ledger").mkdir()
     ShardedOutput(generation).log([{"id": "q0", "status": "rejected"}])  # it holds work (a folder without is reused)
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe_dict(eval_root, out)))
