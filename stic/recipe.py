@@ -34,7 +34,7 @@ from stic.instructions import InstructionDataConfig, SubsetConfig
 from stic.judge import JudgeConfig
 from stic.models import LoraOptions, train_on_cpu_without_cuda
 from stic.prompts import CAPTION_PROMPTS, PromptsConfig
-from stic.training import check_global_batch
+from stic.training import check_global_batch, check_training_length
 
 # ---------------------------------------------------------------------------------------------------------
 # selfgen
@@ -147,7 +147,12 @@ class DPOStageConfig(LoraOptions, DPOConfig):
             self.sft_weight = None  # set by apply_paper_alpha once the dataset is loaded
         elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
             self.sft_weight = 1.0
+        if self.sft_weight is not None and self.sft_weight < 0:  # a negative weight trains away from the answers
+            raise ValueError(f"sft_weight must be at least 0, got {self.sft_weight}")
+        if self.beta <= 0:  # 0 leaves DPO without gradient, a negative value prefers the rejected answers
+            raise ValueError(f"beta must be positive, got {self.beta}")
         check_global_batch(self)
+        check_training_length(self)
         if self.sft_weight is not None:
             if "sft" in losses:
                 raise ValueError("set either sft_weight or an 'sft' entry in loss_type, not both "
@@ -241,6 +246,7 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
         if self.adapter_mode == "continue" and not self.stage1_adapter:
             raise ValueError("adapter_mode: continue needs stage1_adapter")
         check_global_batch(self)
+        check_training_length(self)
         train_on_cpu_without_cuda(self)
         super().__post_init__()
 
@@ -268,6 +274,10 @@ class EvalConfig:
     judge: JudgeConfig = option(factory=JudgeConfig, help="the GPT judge of LLaVA-Bench and MM-Vet")
 
     def __post_init__(self):
+        if self.limit is not None and self.limit < 1:  # a negative limit would slice items off the end
+            raise ValueError(f"limit must be at least 1 (null: every item), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         load_plugins(self.plugins)
         check_known(self.benchmarks)
 

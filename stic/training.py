@@ -62,6 +62,16 @@ def check_global_batch(cfg) -> None:
     gradient_accumulation_for(cfg.global_batch_size, cfg.per_device_train_batch_size, 1)
 
 
+def check_training_length(cfg) -> None:
+    """Refuse a run that would train nothing: with max_steps unset (<= 0) the length is num_train_epochs, and 0
+    epochs gives 0 steps, then saves the untrained adapter as if it had trained."""
+    if cfg.max_steps > 0:
+        return
+    if not cfg.num_train_epochs > 0:
+        raise ValueError(f"num_train_epochs must be positive when max_steps is unset (max_steps {cfg.max_steps}), "
+                         f"got {cfg.num_train_epochs}: nothing would be trained")
+
+
 def apply_global_batch(cfg, processes: int | None = None) -> dict:
     """Set cfg.gradient_accumulation_steps from cfg.global_batch_size (when set); returns the batch record
     for run_summary.json."""
