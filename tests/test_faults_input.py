@@ -135,3 +135,122 @@ def test_nonsense_recipe_value_is_refused_at_parse_time(row, tmp_path, capsys):
     line = refused(argv, capsys)
     assert line.startswith("stic: recipe error: ") and message in line, line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A. The endpoint timeout is a deadline; C. the key never leaves the process
+
+
+class Server:
+    """A loopback endpoint with one behaviour: "echo401" refuses the key, quoting the Authorization header back
+    (as some proxies do); "trickle" answers 200 and then one byte every 0.2 s, never finishing."""
+
+    def __init__(self, mode: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits, self.times, self.stop = 0, [], threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.hits += 1
+                server.times.append(time.monotonic())
+                if mode == "echo401":
+                    body = json.dumps({"error": {"message": f"bad header {self.headers['Authorization']}"}}).encode()
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    while not server.stop.wait(0.2):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                except OSError:  # the client gave up
+                    pass
+
+            def log_message(self, *a):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_port}/v1"
+
+    def close(self):
+        self.stop.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def server():
+    made = []
+    yield lambda mode: made.append(Server(mode)) or made[-1]
+    for s in made:
+        s.close()
+
+
+def served_selfgen_recipe(tmp_path, photo_dir, url, **generation) -> Path:
+    return recipe_file(tmp_path, {
+        "model": {"name_or_path": "tiny:llava"},
+        "generation": {"backend": "openai", "endpoints": [url], "model": "m", "max_concurrency": 1, **generation},
+        "selfgen": {"output_dir": str(tmp_path / "out"), "images": {"type": "folder", "path": str(photo_dir)},
+                    "images_per_part": 1}})
+
+
+def test_trickling_endpoint_is_given_up_at_the_deadline(tmp_path, photo_dir, server, capsys, monkeypatch):
+    monkeypatch.setattr("stic.serving.backoff_seconds", lambda attempt: 0.01)
+    slow = server("trickle")
+    recipe = served_selfgen_recipe(tmp_path, photo_dir, slow.url, timeout=1, max_retries=1, max_endpoint_failures=5)
+    line = refused(["selfgen", "--recipe", recipe], capsys)
+    took = time.monotonic() - slow.times[0]  # from the first request: the imports before it are not the point
+    assert line.startswith("stic: error: a request failed 2 times") and "generation.timeout (1 s)" in line, line
+    assert slow.hits == 2 and took < 1 * (1 + 1) + 3, took
+
+
+def test_trickling_endpoint_is_dropped_under_the_failure_rule(tmp_path, photo_dir, server, capsys, monkeypatch):
+    monkeypatch.setattr("stic.serving.backoff_seconds", lambda attempt: 0.01)
+    slow = server("trickle")
+    recipe = served_selfgen_recipe(tmp_path, photo_dir, slow.url, timeout=1, max_retries=5, max_endpoint_failures=2)
+    line = refused(["selfgen", "--recipe", recipe], capsys)
+    assert line.startswith("stic: error: no generation endpoint left") and "generation.timeout" in line, line
+    assert slow.hits == 2
+
+
+def test_api_key_echoed_by_the_server_is_redacted(tmp_path, photo_dir, server, capsys, monkeypatch):
+    secret = "sk-echoed-back-9876"
+    monkeypatch.setenv("MY_FLEET_KEY", secret)
+    echo = server("echo401")
+    recipe = served_selfgen_recipe(tmp_path, photo_dir, echo.url, api_key_env="MY_FLEET_KEY")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["selfgen", "--recipe", str(recipe)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("stic: ")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("stic: error: ") and "refused the key" in lines[0] and "<$MY_FLEET_KEY>" in lines[0]
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert secret not in err and secret not in written
+
+
+def test_judge_redacts_an_echoed_key_and_keeps_its_deadline(tmp_path, server, monkeypatch):
+    from stic.judge import Judge, JudgeConfig, JudgeUnavailable
+
+    secret = "sk-judge-echoed-5555"
+    monkeypatch.setenv("STIC_JUDGE_API_KEY", secret)
+    monkeypatch.setattr("stic.serving.backoff_seconds", lambda attempt: 0.01)
+    monkeypatch.setenv("STIC_JUDGE_BASE_URL", server("echo401").url)
+    with pytest.raises(JudgeUnavailable) as info:
+        Judge(JudgeConfig(), tmp_path / "cache.jsonl").ask("q", 0.0)
+    assert "refused the key" in str(info.value) and secret not in str(info.value)
+    assert "<$STIC_JUDGE_API_KEY>" in str(info.value)
+    trickle = server("trickle")
+    monkeypatch.setenv("STIC_JUDGE_BASE_URL", trickle.url)
+    with pytest.raises(JudgeUnavailable, match=r"failed 2 tries; last: no complete reply within eval.judge.timeout_s"):
+        Judge(JudgeConfig(timeout_s=1, max_retries=2), tmp_path / "cache.jsonl").ask("q", 0.0)
+    assert trickle.hits == 2 and time.monotonic() - trickle.times[0] < 1 * 2 + 3
