@@ -108,6 +108,9 @@ class DPOStageConfig(LoraOptions, DPOConfig):
                                 "STIC-style JSON/JSONL file of records, or a Hugging Face dataset id")
     dataset_split: str = option("train", help="the split of a dataset")
     image_folder: str | None = option(None, help="where a JSON/JSONL dataset's relative image paths live")
+    allow_outside_image_folder: bool = option(
+        False, help="a JSON/JSONL dataset: read image paths that lead outside image_folder (default: the file's "
+                    "folder), absolute or ../; false refuses them")
     max_samples: int | None = option(None, help="train on the first N pairs only")
     mode: Literal["dpo", "sft_positive"] = option(
         "dpo", help="dpo: DPO + alpha * SFT (STIC stage 1); sft_positive: plain SFT on the preferred answers only, "
