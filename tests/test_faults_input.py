@@ -254,3 +254,159 @@ def test_judge_redacts_an_echoed_key_and_keeps_its_deadline(tmp_path, server, mo
     with pytest.raises(JudgeUnavailable, match=r"failed 2 tries; last: no complete reply within eval.judge.timeout_s"):
         Judge(JudgeConfig(timeout_s=1, max_retries=2), tmp_path / "cache.jsonl").ask("q", 0.0)
     assert trickle.hits == 2 and time.monotonic() - trickle.times[0] < 1 * 2 + 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# B. Data that used to train silently, or fail at step 0
+
+
+def stic_record(image):
+    turn = lambda text: [{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": text}]
+    return {"image": image, "chosen": turn("A car."), "rejected": turn("A boat.")}
+
+
+def dpo_refused(tmp_path, capsys, dataset, *overrides) -> str:
+    recipe = recipe_file(tmp_path)
+    return refused(["dpo", "--recipe", recipe, f"dpo.dataset={dataset}", f"dpo.output_dir={tmp_path / 'o'}",
+                    "dpo.report_to=[]", *overrides], capsys)
+
+
+def test_dpo_rows_without_an_image_are_refused_with_their_count(tmp_path, capsys):
+    photo(0).save(tmp_path / "a.jpg")
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "Describe."}], "chosen": [{"role": "assistant", "content": "A"}],
+             "rejected": [{"role": "assistant", "content": "B"}], "images": [str(tmp_path / "a.jpg")] if i else []}
+            for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = dpo_refused(tmp_path, capsys, data)
+    assert line.startswith(f"stic: error: dataset {data}: 1 of 3 rows have no image (first: row 0)"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_dpo_parquet_part_missing_a_column_is_named_at_load(tmp_path, capsys):
+    import pandas as pd
+
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    row = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "A"}],
+           "rejected": [{"role": "assistant", "content": "B"}]}
+    pd.DataFrame([row]).to_parquet(tmp_path / "ds" / "data" / "train-0.parquet")
+    pd.DataFrame([{k: v for k, v in row.items() if k != "rejected"}]).to_parquet(
+        tmp_path / "ds" / "data" / "train-1.parquet")
+    line = dpo_refused(tmp_path, capsys, tmp_path / "ds")
+    assert line.startswith(f"stic: error: dataset part {tmp_path / 'ds' / 'data' / 'train-1.parquet'} has other "
+                           "columns than train-0.parquet: lacks rejected"), line
+
+
+def instruction_file(tmp_path, records) -> Path:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    photo(0).save(tmp_path / "img" / "a.jpg")
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+MALFORMED = {
+    "image_twice": (conv("<image>\nQ?", "A", "<image>\nAgain?", "B"), "<image> 2 times"),
+    "human_after_human": ([{"from": "human", "value": "<image>\nQ?"}, {"from": "human", "value": "Q2?"},
+                           {"from": "gpt", "value": "A"}], "turns do not alternate (turn 2 is human again)"),
+    "gpt_first": ([{"from": "gpt", "value": "A"}, {"from": "human", "value": "<image>\nQ?"},
+                   {"from": "gpt", "value": "B"}], "the first turn is gpt, not human"),
+    "final_human_turn": (conv("<image>\nQ?", "A", "And?"), "the last turn is human"),
+    "image_in_gpt_turn": (conv("<image>\nQ?", "It is <image>"), "<image> in a gpt turn"),
+}
+
+
+def test_malformed_llava_records_are_skipped_with_their_reason(tmp_path):
+    from stic.instructions import InstructionDataConfig, load_instructions
+
+    records = [{"id": name, "image": "a.jpg", "conversations": turns} for name, (turns, _) in MALFORMED.items()]
+    records.append({"id": "good", "image": "a.jpg", "conversations": conv("<image>\nQ?", "A", "More?", "B")})
+    cfg = InstructionDataConfig(path=str(instruction_file(tmp_path, records)), image_folder=str(tmp_path / "img"))
+    usable, skipped = load_instructions(cfg)
+    assert [r["id"] for r in usable] == ["good"]
+    reasons = {s["id"]: s["reason"] for s in skipped}
+    for name, (_, reason) in MALFORMED.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+
+
+def test_infuse_sft_with_only_malformed_records_says_why(tmp_path, capsys):
+    records = [{"id": name, "image": "a.jpg", "conversations": turns} for name, (turns, _) in MALFORMED.items()]
+    data = instruction_file(tmp_path, records)
+    recipe = recipe_file(tmp_path)
+    line = refused(["infuse-sft", "--recipe", recipe, f"infuse_sft.output_dir={tmp_path / 's2'}",
+                    f"infuse_sft.data.path={data}", f"infuse_sft.data.image_folder={tmp_path / 'img'}"], capsys)
+    assert line.startswith(f"stic: error: no usable record in {data} (5 skipped: ") and "<image> in a gpt turn" in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# D. Image paths stay inside their folder unless the recipe allows otherwise
+
+
+@pytest.mark.parametrize("image", ["../outside.jpg", "/etc/passwd", "sub/../../outside.jpg"])
+def test_dpo_record_image_outside_its_folder_is_refused(image, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    photo(0).save(tmp_path / "outside.jpg")
+    data = tmp_path / "data" / "pairs.json"
+    data.write_text(json.dumps([stic_record(image)]))
+    line = dpo_refused(tmp_path, capsys, data)
+    assert line == (f"stic: error: {data}: record 0: image {image!r} lies outside the image folder "
+                    f"{tmp_path / 'data'}; set dpo.allow_outside_image_folder: true to read it"), line
+
+
+def test_dpo_outside_images_when_allowed_are_read_and_a_non_image_is_refused_at_load(tmp_path, capsys):
+    from stic.dpo import load_preference_dataset, parse_recipe
+
+    (tmp_path / "data").mkdir()
+    photo(0).save(tmp_path / "outside.jpg")
+    data = tmp_path / "data" / "pairs.json"
+    data.write_text(json.dumps([stic_record("../outside.jpg")]))
+    recipe = parse_recipe({"model": {"name_or_path": "tiny:llava"},
+                           "dpo": {"dataset": str(data), "allow_outside_image_folder": True, "report_to": []}})
+    assert load_preference_dataset(recipe.dpo)[0]["images"][0].size == (72, 56)
+    data.write_text(json.dumps([stic_record("/etc/passwd")]))  # used to pass the check and fail at step 2
+    line = dpo_refused(tmp_path, capsys, data, "dpo.allow_outside_image_folder=true")
+    assert line.startswith(f"stic: error: dataset {data}: row 0: '/etc/passwd' is not a readable image"), line
+
+
+def test_instruction_image_outside_image_folder_is_refused(tmp_path, capsys):
+    photo(0).save(tmp_path / "outside.jpg")
+    data = instruction_file(tmp_path, [{"id": "x", "image": "../outside.jpg", "conversations": conv("<image>\nQ?", "A")}])
+    recipe = recipe_file(tmp_path)
+    argv = ["infuse-sft", "--recipe", recipe, f"infuse_sft.output_dir={tmp_path / 's2'}", f"infuse_sft.data.path={data}",
+            f"infuse_sft.data.image_folder={tmp_path / 'img'}"]
+    line = refused(argv, capsys)
+    assert line == (f"stic: error: {data}: record 0 (id 'x'): image '../outside.jpg' lies outside image_folder "
+                    f"{tmp_path / 'img'}; set infuse_sft.data.allow_outside_image_folder: true to read it"), line
+    assert not (tmp_path / "s2").exists()
+
+    from stic.instructions import InstructionDataConfig, load_instructions
+
+    usable, _ = load_instructions(InstructionDataConfig(path=str(data), image_folder=str(tmp_path / "img"),
+                                                        allow_outside_image_folder=True))
+    assert usable[0]["image_path"] == str(tmp_path / "img" / ".." / "outside.jpg")
+
+
+@pytest.mark.parametrize("kind", ["manifest", "coco"])
+def test_manifest_path_outside_the_image_root_is_refused(kind, tmp_path, photo_dir, capsys):
+    (tmp_path / "lists").mkdir()
+    if kind == "manifest":
+        source = tmp_path / "lists" / "m.jsonl"
+        source.write_text(json.dumps({"path": "../photos/img0.jpg"}) + "\n")
+        where = f"manifest {source} line 1"
+    else:
+        source = tmp_path / "lists" / "coco.json"
+        source.write_text(json.dumps({"images": [{"file_name": str(photo_dir / "img0.jpg")}]}))
+        where = f"COCO file {source} images[0]"
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "out"
+    argv = ["selfgen", "--recipe", recipe, f"selfgen.output_dir={out}", f"selfgen.images.type={kind}",
+            f"selfgen.images.path={source}"]
+    line = refused(argv, capsys)
+    assert line.startswith(f"stic: error: {where}: path ") and f"lies outside the image root {tmp_path / 'lists'}; " \
+        "set selfgen.images.allow_outside_image_root: true" in line, line
+    assert not out.exists()
+
+    from stic.images import ImageSourceConfig, list_images
+
+    refs = list_images(ImageSourceConfig(type=kind, path=str(source), allow_outside_image_root=True))
+    assert len(refs) == 1 and Path(refs[0].path).is_file()
