@@ -76,7 +76,7 @@ class BackendConfig:
         None, help="the model name the servers serve; None: the job's model folder or hub id (model.name_or_path)")
     api_key_env: str = option("STIC_GENERATION_API_KEY", help="the variable holding the API key; unset: no key")
     max_concurrency: int = option(32, help="requests in flight per process, over all endpoints")
-    timeout: float = option(600.0, help="seconds for one request")
+    timeout: float = option(600.0, help="seconds for one request, sent to fully answered (a retry gets new ones)")
     max_retries: int = option(5, help="further tries of a request after a 429, 5xx, timeout or lost connection")
     max_endpoint_failures: int = option(
         3, help="consecutive failed requests (5xx, timeouts, lost connections) after which an endpoint is dropped")

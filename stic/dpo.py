@@ -28,6 +28,7 @@ from trl import DPOConfig
 
 from stic.config import ModelSpec
 from stic.errors import SticError, one_line
+from stic.images import escapes
 from stic.models import (ModelSetupError, language_model_name, lora_config, output_head_name, projector_module,
                          record_trained_precision, refuse_sharding_without_cuda, require_cuda_for_4bit,
                          training_device)
@@ -54,8 +55,10 @@ class DatasetError(SticError, ValueError):
     """The preference dataset cannot be trained on; the message says why and where."""
 
 
-def _stic_records_to_rows(records: list, source: str, image_folder: str | None) -> list[dict]:
-    """STIC's released records: full chosen/rejected conversations sharing one user prompt, `image` a file name."""
+def _stic_records_to_rows(records: list, source: str, image_folder: str | None,
+                          allow_outside: bool = False) -> list[dict]:
+    """STIC's released records: full chosen/rejected conversations sharing one user prompt, `image` a file name
+    under `image_folder` (default: the file's folder); one leading outside it is refused unless `allow_outside`."""
     rows = []
     for i, rec in enumerate(records):
         try:
@@ -68,6 +71,11 @@ def _stic_records_to_rows(records: list, source: str, image_folder: str | None) 
             m["content"] = m["content"].replace("<image>\n", "").replace("<image>", "").strip()
         if rec.get("image"):
             root = Path(image_folder) if image_folder else Path(source).parent
+            if not isinstance(rec["image"], str):
+                raise DatasetError(f"{source}: record {i}: 'image' is not a path: {rec['image']!r}")
+            if not allow_outside and escapes(root, rec["image"]):
+                raise DatasetError(f"{source}: record {i}: image {rec['image']!r} lies outside the image folder "
+                                   f"{root}; set dpo.allow_outside_image_folder: true to read it")
             row["images"] = [str(root / rec["image"])]
         rows.append(row)
     return rows
@@ -75,18 +83,28 @@ def _stic_records_to_rows(records: list, source: str, image_folder: str | None) 
 
 def _check_parquet_parts(folder: Path, full: bool = False) -> None:
     """DatasetError naming the first Parquet part under `folder` that pyarrow cannot read (a copy cut short, a
-    full disk): its footer only, or with `full` all of it."""
+    full disk): its footer only, or with `full` all of it; or the first whose columns differ from the first
+    part's (the loader takes the first part's schema, and the missing column fails at step 0)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    first = None
     for part in sorted(folder.rglob("*.parquet")):
         if any(p.startswith((".", "_")) for p in part.relative_to(folder).parts):
             continue  # hidden: the parquet loader skips it too
         try:
-            pq.read_table(part) if full else pq.read_metadata(part)
+            columns = (pq.read_table(part) if full else pq.read_schema(part)).names
         except (pa.ArrowException, OSError) as err:
             raise DatasetError(f"dataset part {part} is not a readable Parquet file, truncated or corrupt "
                                f"({one_line(err)}); remove or replace it") from None
+        if first is None:
+            first = (part, set(columns))
+        elif set(columns) != first[1]:
+            missing, extra = sorted(first[1] - set(columns)), sorted(set(columns) - first[1])
+            raise DatasetError(
+                f"dataset part {part} has other columns than {first[0].name}: "
+                + "; ".join(f"{what} {', '.join(cols)}" for what, cols in (("lacks", missing), ("adds", extra)) if cols)
+                + "; regenerate or remove it")
 
 
 def _refuse_duplicate_images(ds, folder: Path) -> None:
@@ -131,7 +149,7 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
         if records and isinstance(records[0], dict) and "prompt" not in records[0]:
-            records = _stic_records_to_rows(records, str(path), cfg.image_folder)
+            records = _stic_records_to_rows(records, str(path), cfg.image_folder, cfg.allow_outside_image_folder)
         ds = datasets.Dataset.from_list(records)
         if "images" in ds.column_names:
             ds = ds.cast_column("images", datasets.List(datasets.Image()))
@@ -164,8 +182,15 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
 def _check_images(ds, source: str) -> None:
     """Every image must exist (and be stored or readable) before training starts, not fail at step N."""
     import datasets
+    from PIL import Image
 
     raw = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    # stage 1's pairs are about their image: a row without one would train a text-only pair unnoticed (usually
+    # an image lost in a conversion), so it is refused rather than dropped, which would shrink the run silently
+    empty = [i for i, images in enumerate(raw["images"]) if not images]
+    if empty:
+        raise DatasetError(f"dataset {source}: {len(empty)} of {len(raw)} rows have no image (first: row {empty[0]}); "
+                           "remove them, or drop the images column to train text-only pairs")
     for i, images in enumerate(raw["images"]):
         for img in images or []:
             if img.get("bytes"):
@@ -173,6 +198,12 @@ def _check_images(ds, source: str) -> None:
             p = img.get("path")
             if not p or not Path(p).is_file():
                 raise DatasetError(f"dataset {source}: row {i} refers to a missing image file {p!r}")
+            try:  # the header only: a file that is no image fails here, not at the step that batches it
+                with Image.open(p):
+                    pass
+            except (OSError, Image.DecompressionBombError) as err:
+                raise DatasetError(f"dataset {source}: row {i}: {p!r} is not a readable image ({one_line(err)})"
+                                   ) from None
 
 
 def mean_chosen_tokens(ds, processor, limit: int | None = 512) -> float:

@@ -29,9 +29,17 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be at least 0, got {self.temperature}")
+        if self.do_sample and self.temperature == 0:
             raise ValueError("temperature must be positive when do_sample is true")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be at least 0 (0 or null: no limit), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,8 @@ class ImageSourceConfig:
     limit: int | None = option(None, help="keep the first N images of the sorted list")
     max_pixels: int = option(2048 * 2048, help="larger images are downscaled to this many pixels")
     max_decode_pixels: int = option(16384 * 16384, help="larger files are refused as decompression bombs")
+    allow_outside_image_root: bool = option(
+        False, help="manifest/coco: read paths that lead outside the image root (absolute or ../); false refuses them")
 
     def __post_init__(self):
         if self.type != "sample_photos" and not self.path:
@@ -87,6 +90,21 @@ def _resolve(root: Path, p: str) -> str:
     return str(path if path.is_absolute() else root / path)
 
 
+def escapes(root: str | Path, rel: str) -> bool:
+    """Whether path `rel` (relative to `root`, or absolute) leads outside folder `root`. Lexical (`..` and absolute
+    paths), not through symlinks: a folder laid out with links to its images stays usable."""
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, rel))
+    return path != base and not path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _confined(cfg: ImageSourceConfig, root: Path, p: str, where: str) -> str:
+    if not cfg.allow_outside_image_root and escapes(root, p):
+        raise ImageSourceError(f"{where}: path {p!r} lies outside the image root {root}; set "
+                               "selfgen.images.allow_outside_image_root: true to read it")
+    return _resolve(root, p)
+
+
 def _list_manifest(cfg: ImageSourceConfig) -> list[ImageRef]:
     path = Path(cfg.path)
     root = Path(cfg.image_root) if cfg.image_root else path.parent
@@ -110,7 +128,8 @@ def _list_manifest(cfg: ImageSourceConfig) -> list[ImageRef]:
     for line_no, rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not rec["path"]:
             raise ImageSourceError(f"manifest {path} line {line_no}: a record needs a non-empty 'path' string")
-        refs.append(ImageRef(id=str(rec.get("id") or rec["path"]), path=_resolve(root, rec["path"])))
+        refs.append(ImageRef(id=str(rec.get("id") or rec["path"]),
+                             path=_confined(cfg, root, rec["path"], f"manifest {path} line {line_no}")))
     return refs
 
 
@@ -127,7 +146,8 @@ def _list_coco(cfg: ImageSourceConfig) -> list[ImageRef]:
     for i, rec in enumerate(data["images"]):
         if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
             raise ImageSourceError(f"COCO file {path}: images[{i}] has no 'file_name'")
-        refs.append(ImageRef(id=rec["file_name"], path=_resolve(root, rec["file_name"])))
+        refs.append(ImageRef(id=rec["file_name"], path=_confined(cfg, root, rec["file_name"],
+                                                                 f"COCO file {path} images[{i}]")))
     return refs
 
 

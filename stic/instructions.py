@@ -18,6 +18,7 @@ from typing import Literal
 
 from stic.config import option
 from stic.errors import SticError
+from stic.images import escapes
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
@@ -43,6 +44,8 @@ class InstructionDataConfig:
                             "columns")
     image_folder: str | None = option(
         None, help="root of the records' relative image paths; sample_photos looks names up among the bundled photos")
+    allow_outside_image_folder: bool = option(
+        False, help="read image paths that lead outside image_folder (absolute or ../); false refuses them")
     text_only: Literal["keep", "exclude"] = option("exclude", help="what to do with records without an image")
     split: str = option("train", help="the split, for datasets")
 
@@ -75,6 +78,28 @@ def _strip_image_token(text: str) -> str:
     return re.sub(r"\s*<image>\s*", "\n", text).strip()
 
 
+def _malformed_turns(messages: list[dict]) -> str | None:
+    """Why a conversation cannot be trained on as LLaVA's format defines it, or None: human and gpt turns
+    alternate from a human turn to a gpt turn (a final human turn has no answer to learn), and `<image>` is in
+    the first human turn at most once (the one image is placed there; a second would stand for nothing)."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if turns[0]["role"] != "user":
+        return "the first turn is gpt, not human"
+    for i, (a, b) in enumerate(zip(turns, turns[1:]), start=1):
+        if a["role"] == b["role"]:
+            return f"turns do not alternate (turn {i + 1} is {'human' if b['role'] == 'user' else 'gpt'} again)"
+    if turns[-1]["role"] != "assistant":
+        return "the last turn is human (no answer to train on)"
+    if any(IMAGE_TOKEN in m["content"] for m in turns if m["role"] == "assistant"):
+        return "<image> in a gpt turn"
+    count = sum(m["content"].count(IMAGE_TOKEN) for m in turns)
+    if count > 1:
+        return f"<image> {count} times (once at most, in the first human turn)"
+    if count and IMAGE_TOKEN not in turns[0]["content"]:
+        return "<image> in a later human turn (only the first may hold it)"
+    return None
+
+
 def convert_llava_record(rec, index: int, cfg: InstructionDataConfig) -> tuple[dict | None, str | None]:
     """(converted record, None) or (None, reason it is skipped)."""
     if not isinstance(rec, dict):
@@ -92,6 +117,9 @@ def convert_llava_record(rec, index: int, cfg: InstructionDataConfig) -> tuple[d
         return None, "no human turn"
     if not any(m["role"] == "assistant" for m in messages):
         return None, "no gpt turn"
+    malformed = _malformed_turns(messages)
+    if malformed:
+        return None, malformed
     image = rec.get("image")
     if image is not None and not isinstance(image, str):
         return None, "'image' is not a path"
@@ -102,6 +130,11 @@ def convert_llava_record(rec, index: int, cfg: InstructionDataConfig) -> tuple[d
             m["content"] = _strip_image_token(m["content"])
     if image is None and cfg.text_only == "exclude":
         return None, "text-only (text_only: exclude)"
+    if (image and cfg.image_folder not in (None, "sample_photos") and not cfg.allow_outside_image_folder
+            and escapes(cfg.image_folder, image)):
+        raise InstructionDataError(f"{cfg.path}: record {index} (id {rec.get('id')!r}): image {image!r} lies outside "
+                                   f"image_folder {cfg.image_folder}; set "
+                                   "infuse_sft.data.allow_outside_image_folder: true to read it")
     image_path = resolve_image(cfg.image_folder, image) if image else None
     if image_path and not Path(image_path).is_file():
         return None, f"missing image file {image_path}"

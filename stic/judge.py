@@ -9,11 +9,11 @@ nothing and a killed run loses no paid call.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 from stic import metrics as M
@@ -27,7 +27,7 @@ class JudgeConfig:
                                                            "https://api.openai.com/v1")
     api_key_env: str = option("STIC_JUDGE_API_KEY", help="the variable holding the judge's API key")
     model: str = option("gpt-4-0613", help="the judge model (LLaVA-Bench, MM-Vet)")
-    timeout_s: float = option(120.0, help="seconds for one judge request")
+    timeout_s: float = option(120.0, help="seconds for one judge request, sent to fully answered")
     max_retries: int = option(3, help="further tries of a failed judge request")
 
 
@@ -71,29 +71,37 @@ class Judge:
         return text
 
     def _call(self, prompt: str, temperature: float) -> str:
+        return asyncio.run(self._call_with_deadline(prompt, temperature))
+
+    async def _call_with_deadline(self, prompt: str, temperature: float) -> str:
         import openai
-        from openai import OpenAI
+        from openai import AsyncOpenAI
 
         from stic.serving import backoff_seconds, describe_error, raise_if_final, retry_kind
 
-        client = OpenAI(base_url=self.base_url, api_key=os.environ.get(self._key_env) or "EMPTY",
-                        timeout=self.cfg.timeout_s, max_retries=0)
+        client = AsyncOpenAI(base_url=self.base_url, api_key=os.environ.get(self._key_env) or "EMPTY",
+                             timeout=self.cfg.timeout_s, max_retries=0)
         try:
             for attempt in range(self.cfg.max_retries):
                 try:
-                    resp = client.chat.completions.create(model=self.cfg.model, temperature=temperature,
-                                                          messages=[{"role": "user", "content": prompt}])
+                    # the client's timeout bounds each read (a server trickling bytes never trips it): the whole
+                    # request gets the deadline
+                    resp = await asyncio.wait_for(client.chat.completions.create(
+                        model=self.cfg.model, temperature=temperature,
+                        messages=[{"role": "user", "content": prompt}]), self.cfg.timeout_s)
                     return resp.choices[0].message.content or ""
+                except asyncio.TimeoutError:
+                    last = f"no complete reply within eval.judge.timeout_s ({self.cfg.timeout_s:g} s)"
                 except openai.APIError as err:  # the client's errors, sorted by the shared retry rules
                     raise_if_final(err, retry_kind(err), f"judge endpoint ${self.cfg.base_url_env}", self._key_env,
                                    self.cfg.model, JudgeUnavailable, JudgeUnavailable)
-                    last = describe_error(err)
-                    if attempt + 1 < self.cfg.max_retries:
-                        time.sleep(backoff_seconds(attempt + 1))
+                    last = describe_error(err, self._key_env)
+                if attempt + 1 < self.cfg.max_retries:
+                    await asyncio.sleep(backoff_seconds(attempt + 1))
             raise JudgeUnavailable(f"judge endpoint ${self.cfg.base_url_env} failed {self.cfg.max_retries} tries; "
                                    f"last: {last}")
         finally:
-            client.close()
+            await client.close()
 
 
 LLAVA_BENCH_PROMPT = """You are reviewing two AI assistants' answers to a question about an image you cannot see.

@@ -109,6 +109,9 @@ class DPOStageConfig(LoraOptions, DPOConfig):
                                 "STIC-style JSON/JSONL file of records, or a Hugging Face dataset id")
     dataset_split: str = option("train", help="the split of a dataset")
     image_folder: str | None = option(None, help="where a JSON/JSONL dataset's relative image paths live")
+    allow_outside_image_folder: bool = option(
+        False, help="a JSON/JSONL dataset: read image paths that lead outside image_folder (default: the file's "
+                    "folder), absolute or ../; false refuses them")
     max_samples: int | None = option(None, help="train on the first N pairs only")
     mode: Literal["dpo", "sft_positive"] = option(
         "dpo", help="dpo: DPO + alpha * SFT (STIC stage 1); sft_positive: plain SFT on the preferred answers only, "
@@ -149,6 +152,10 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         elif self.sft_weight is _SFT_WEIGHT_DEFAULT:
             self.sft_weight = 1.0
         check_training_numbers(self)
+        if self.sft_weight is not None and self.sft_weight < 0:  # a negative weight trains away from the answers
+            raise ValueError(f"sft_weight must be at least 0, got {self.sft_weight}")
+        if self.beta <= 0:  # 0 leaves DPO without gradient, a negative value prefers the rejected answers
+            raise ValueError(f"beta must be positive, got {self.beta}")
         check_global_batch(self)
         if self.sft_weight is not None:
             if "sft" in losses:
@@ -280,10 +287,10 @@ class EvalConfig:
     judge: JudgeConfig = option(factory=JudgeConfig, help="the GPT judge of LLaVA-Bench and MM-Vet")
 
     def __post_init__(self):
+        if self.limit is not None and self.limit < 1:  # a negative limit would slice items off the end
+            raise ValueError(f"limit must be at least 1 (null: every item), got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1 (or null for every item), got {self.limit}")
         load_plugins(self.plugins)
         check_known(self.benchmarks)
 

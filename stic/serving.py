@@ -70,20 +70,28 @@ def raise_if_final(err: BaseException, kind: str, where: str, key_env: str, mode
     """The kinds never retried stop the run with one line: a refused key names its variable (never the key), any
     other refused request names the model and the server's reason."""
     if kind == "auth":
-        raise auth_error(f"{where} refused the key ({describe_error(err)}): check ${key_env}"
+        raise auth_error(f"{where} refused the key ({describe_error(err, key_env)}): check ${key_env}"
                          f"{'' if os.environ.get(key_env) else ' (unset)'}") from None
     if kind == "fatal":
-        raise fatal_error(f"{where} refused the request for model {model!r} ({describe_error(err)})") from None
+        raise fatal_error(f"{where} refused the request for model {model!r} "
+                          f"({describe_error(err, key_env)})") from None
 
 
-def describe_error(err: BaseException) -> str:
-    """A short description of a client error; never contains the key (the client's messages do not carry it)."""
+def redact(text: str, key_env: str | None) -> str:
+    """`text` with the key of variable `key_env` replaced by its name: a server may echo the Authorization header
+    in its error message, and we repeat that message."""
+    key = os.environ.get(key_env) if key_env else None
+    return text.replace(key, f"<${key_env}>") if key else text
+
+
+def describe_error(err: BaseException, key_env: str | None = None) -> str:
+    """A short description of a client error, the key of `key_env` redacted from the server's words."""
     status = getattr(err, "status_code", None)
     detail = str(getattr(err, "message", "") or err)
     body = getattr(err, "body", None)
     if isinstance(body, dict) and "detail" in body:  # FastAPI servers (transformers serve) say why only here
         detail += f" {body['detail']}"
-    detail = " ".join(detail.split())[:300]
+    detail = " ".join(redact(detail, key_env).split())[:300]  # redacted before the cut, which could split the key
     return f"{type(err).__name__}{f' {status}' if status else ''}: {detail}" if detail else type(err).__name__
 
 
@@ -203,33 +211,39 @@ class OpenAIGenerator:
             ep = self._pick()
             ep.in_flight += 1
             try:
+                # the client's timeout bounds each read, so a server trickling bytes never trips it: the request as
+                # a whole gets the deadline
                 try:
-                    resp = await clients[ep.url].chat.completions.create(model=self.model, messages=messages,
-                                                                         **params)
+                    resp = await asyncio.wait_for(
+                        clients[ep.url].chat.completions.create(model=self.model, messages=messages, **params),
+                        self.cfg.timeout)
                 except ValueError as err:  # the client parses a 200's body as JSON and lets the decode error out
                     raise EndpointError(f"{ep.url} sent a reply that is not valid JSON ({one_line(err)})") from None
                 out, tokens = parse_completion(resp, ep.url)
+            except asyncio.TimeoutError:  # treated as the client's own timeouts are
+                kind = "down"
+                ep.last_error = f"no complete reply within generation.timeout ({self.cfg.timeout:g} s)"
             except openai.APIError as err:  # the client's errors (anything else is a bug): sorted by retry_kind
                 kind = retry_kind(err)
                 raise_if_final(err, kind, ep.url, self.cfg.api_key_env, self.model, EndpointAuthError, EndpointError)
-                ep.last_error = describe_error(err)
-                if kind == "down":
-                    ep.failures += 1
-                    if ep.alive and ep.failures >= self.cfg.max_endpoint_failures:
-                        ep.alive = False
-                        log.warning("dropping endpoint %s after %d failed requests in a row (last: %s)", ep.url,
-                                    ep.failures, ep.last_error)
-                attempt += 1
-                if attempt > self.cfg.max_retries:
-                    raise EndpointError(f"a request failed {attempt} times (generation.max_retries is "
-                                        f"{self.cfg.max_retries}); last: {ep.url}: {ep.last_error}") from None
-                if ep.alive:  # a request rerouted from a dropped endpoint goes on at once
-                    await asyncio.sleep(backoff_seconds(attempt))
-                continue
+                ep.last_error = describe_error(err, self.cfg.api_key_env)
+            else:
+                ep.failures = 0
+                return out, tokens
             finally:
                 ep.in_flight -= 1
-            ep.failures = 0
-            return out, tokens
+            if kind == "down":
+                ep.failures += 1
+                if ep.alive and ep.failures >= self.cfg.max_endpoint_failures:
+                    ep.alive = False
+                    log.warning("dropping endpoint %s after %d failed requests in a row (last: %s)", ep.url,
+                                ep.failures, ep.last_error)
+            attempt += 1
+            if attempt > self.cfg.max_retries:
+                raise EndpointError(f"a request failed {attempt} times (generation.max_retries is "
+                                    f"{self.cfg.max_retries}); last: {ep.url}: {ep.last_error}") from None
+            if ep.alive:  # a request rerouted from a dropped endpoint goes on at once
+                await asyncio.sleep(backoff_seconds(attempt))
 
 
 def parse_completion(resp, url: str) -> tuple[Output, int]:

@@ -120,10 +120,9 @@ def check_training_numbers(cfg) -> None:
            if getattr(cfg, key) < 1]
     if cfg.learning_rate <= 0:
         low.append(f"learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
-        low.append(f"num_train_epochs must be positive (or max_steps set), got {cfg.num_train_epochs}")
     if low:
         raise ValueError("; ".join(low))
+    check_training_length(cfg)
 
 
 def check_global_batch(cfg) -> None:
@@ -133,6 +132,16 @@ def check_global_batch(cfg) -> None:
     if cfg.global_batch_size < 1:
         raise ValueError(f"global_batch_size must be at least 1, got {cfg.global_batch_size}")
     gradient_accumulation_for(cfg.global_batch_size, cfg.per_device_train_batch_size, 1)
+
+
+def check_training_length(cfg) -> None:
+    """Refuse a run that would train nothing: with max_steps unset (<= 0) the length is num_train_epochs, and 0
+    epochs gives 0 steps, then saves the untrained adapter as if it had trained."""
+    if cfg.max_steps > 0:
+        return
+    if not cfg.num_train_epochs > 0:
+        raise ValueError(f"num_train_epochs must be positive when max_steps is unset (max_steps {cfg.max_steps}), "
+                         f"got {cfg.num_train_epochs}: nothing would be trained")
 
 
 def apply_global_batch(cfg, processes: int | None = None) -> dict:

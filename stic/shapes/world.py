@@ -23,6 +23,9 @@ from PIL import Image, ImageDraw
 from stic.config import from_dict, to_dict
 from stic.errors import SticError
 
+SIZES = ("small", "large")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]  # the toy model's vocabulary: a count beyond is unsayable
+
 DEFAULT_WORLD_FILE = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld" / "world.yaml"
 
 
@@ -145,6 +148,61 @@ class World:
             raise ValueError(f"pretrain.loss must be 'token' or 'example', not {self.pretrain.loss!r}")
         if set(self.qa.kinds) - {"count", "color", "where", "presence"}:
             raise ValueError(f"qa.kinds: unknown kinds {sorted(set(self.qa.kinds) - {'count', 'color', 'where', 'presence'})}")
+        self._check_drawable()
+
+    def _check_drawable(self) -> None:
+        """Every value within what the world can draw: sample_scene loops forever on an object count it cannot
+        fill, and other values fail mid-run or draw nonsense. Valid worlds are unchanged (no value is rewritten)."""
+        if not self.types:
+            raise ValueError("types: a world needs at least one object type")
+        for colour, rgb in self.colors.items():
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError(f"colors.{colour}: an RGB colour is three values in [0, 255], got {rgb}")
+        if self.image.cell < 1:
+            raise ValueError(f"image.cell must be at least 1, got {self.image.cell}")
+        sc = self.scenes
+        # a scene holds distinct types in distinct cells of the 3x3 grid, and the count question names the number
+        most = min(len(self.types), 9, len(NUMBER_WORDS) - 1)
+        if not 1 <= sc.max_objects <= most:
+            raise ValueError(f"scenes.max_objects must lie in [1, {most}] (types: {len(self.types)}, grid cells: 9, "
+                             f"count words up to {NUMBER_WORDS[-1]}), got {sc.max_objects}")
+        if not sc.objects_per_scene:
+            raise ValueError("scenes.objects_per_scene is empty: give at least one object count")
+        bad = [n for n in sc.objects_per_scene if not 1 <= n <= sc.max_objects]
+        if bad:
+            raise ValueError(f"scenes.objects_per_scene: {bad} outside [1, scenes.max_objects={sc.max_objects}]")
+        for key in ("co_occurrence", "faint_prob", "faint_contrast"):
+            _probability(f"scenes.{key}", getattr(sc, key))
+        if set(sc.radius) != set(SIZES):
+            raise ValueError(f"scenes.radius needs exactly the keys {', '.join(SIZES)}, got {sorted(sc.radius)}")
+        for size, r in sc.radius.items():
+            if not 1 <= r <= self.image.cell // 2:
+                raise ValueError(f"scenes.radius.{size} must lie in [1, {self.image.cell // 2}] (half of "
+                                 f"image.cell {self.image.cell}), got {r}")
+        shade, j = sc.background_shade, sc.background_jitter
+        if j < 0:
+            raise ValueError(f"scenes.background_jitter must be at least 0, got {j}")
+        if len(shade) != 2 or not j <= shade[0] <= shade[1] <= 255 - j:
+            raise ValueError(f"scenes.background_shade must be [low, high] with {j} <= low <= high <= {255 - j} "
+                             f"(scenes.background_jitter {j} either side stays in [0, 255]), got {shade}")
+        for name in ("captions", "careful", "imaginative", "qa"):
+            src = getattr(self.sources, name)
+            _probability(f"sources.{name}.share", src.share)
+            if hasattr(src, "absent_companion_rate"):
+                _probability(f"sources.{name}.absent_companion_rate", src.absent_companion_rate)
+        invented = self.sources.imaginative.invented
+        if not invented or min(invented) < 0:
+            raise ValueError(f"sources.imaginative.invented: give counts of at least 0, got {invented}")
+        if not self.qa.kinds:
+            raise ValueError("qa.kinds is empty: give at least one of count, color, where, presence")
+        if self.qa.per_scene < 1:
+            raise ValueError(f"qa.per_scene must be at least 1, got {self.qa.per_scene}")
+        _probability("qa.presence_yes", self.qa.presence_yes)
+        _probability("qa.absent_companion_share", self.qa.absent_companion_share)
+        p = self.pretrain
+        if p.steps < 1 or p.batch_size < 1 or p.lr <= 0:
+            raise ValueError(f"pretrain: steps and batch_size must be at least 1 and lr positive, got steps "
+                             f"{p.steps}, batch_size {p.batch_size}, lr {p.lr}")
 
     def type_names(self) -> list[str]:
         return [f"{c} {s}" for c, s in self.types.items()]
@@ -162,6 +220,11 @@ class World:
         if data["sources"]["qa"]["absent_companion_rate"] == 0.0:
             del data["sources"]["qa"]["absent_companion_rate"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must lie in [0, 1], got {value}")
 
 
 class WorldFileError(SticError, ValueError):
@@ -201,8 +264,6 @@ SHAPE_OF = dict(DEFAULT.types)
 COMPANIONS = [tuple(p) for p in DEFAULT.companions]
 PARTNER = DEFAULT.partner
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-SIZES = ("small", "large")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
 
 DESCRIBE_PROMPT = DEFAULT.prompts.describe
 CAREFUL_PROMPT = DEFAULT.prompts.careful
@@ -354,9 +415,10 @@ def imaginative_caption(scene: Scene, rng: random.Random, world: World | None = 
     names = {o.name for o in objs}
     free = [c for c in range(9) if c not in {o.cell for o in objs}]
     for _ in range(rng.choice(w.sources.imaginative.invented)):
-        if not free:
+        unused = [n for n in w.type_names() if n not in names]
+        if not free or not unused:  # every cell or every type taken
             break
-        name = rng.choice([n for n in w.type_names() if n not in names])
+        name = rng.choice(unused)
         objs.append(Obj(name, rng.choice(SIZES), free.pop(rng.randrange(len(free)))))
         names.add(name)
     return describe(objs)
