@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -c "import torch, torchvision; from torchvision.transforms import v2; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(BIN)/stic dpo --help > /dev/null  # fills the recipe-key cache: later help and recipe typos skip TRL's imports
 	touch $(STAMP)
 
 install: $(STAMP)
