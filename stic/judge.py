@@ -28,7 +28,13 @@ class JudgeConfig:
     api_key_env: str = option("STIC_JUDGE_API_KEY", help="the variable holding the judge's API key")
     model: str = option("gpt-4-0613", help="the judge model (LLaVA-Bench, MM-Vet)")
     timeout_s: float = option(120.0, help="seconds for one judge request, sent to fully answered")
-    max_retries: int = option(3, help="further tries of a failed judge request")
+    max_retries: int = option(3, help="tries of a judge request in all, the first included (at least 1)")
+
+    def __post_init__(self):
+        if self.max_retries < 1:  # 0 would send no request at all
+            raise ValueError(f"max_retries counts every try, the first included: at least 1, got {self.max_retries}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 class JudgeUnavailable(SticError, RuntimeError):

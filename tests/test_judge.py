@@ -42,6 +42,8 @@ def test_judge_follows_the_retry_rules(tmp_path, stubs, monkeypatch):
         Judge(JudgeConfig(), tmp_path / "cache.jsonl").ask("Score:", 0.0)
     assert refusing.hits == 1 and "sk-judge-secret" not in str(info.value)
     monkeypatch.setenv("STIC_JUDGE_BASE_URL", down.url)
+    with pytest.raises(ValueError, match="at least 1, got 0"):  # 0 tries sent nothing and crashed
+        JudgeConfig(max_retries=0)
     with pytest.raises(JudgeUnavailable, match="failed 3 tries.*503"):
         Judge(JudgeConfig(max_retries=3), tmp_path / "cache.jsonl").ask("Score:", 0.0)
     assert down.hits == 3
