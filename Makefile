@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -c "import torch, torchvision; from torchvision.transforms import v2; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-	$(BIN)/stic dpo --help > /dev/null  # fills the recipe-key cache: later help and recipe typos skip TRL's imports
+	# fill the recipe-key caches (make's and a plain `stic`'s): later help and recipe typos skip TRL's imports
+	$(BIN)/stic dpo --help > /dev/null
+	env -u STIC_CACHE $(BIN)/stic dpo --help > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
