@@ -9,7 +9,7 @@ what is written where.
 
 import sys
 
-from stic.cli import eval_parser, parse_eval_args, run_eval_command
+from stic.cli import close_process_group, eval_parser, parse_eval_args, run_eval_command
 from stic.errors import SticError, one_line
 from stic.evaluate import run_eval
 
@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     except (SticError, FileNotFoundError) as err:  # the toolkit's errors: one line, no traceback
         print(f"eval: error: {one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     return 0
 
 

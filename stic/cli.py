@@ -421,4 +421,15 @@ def main(argv: list[str] | None = None) -> None:
         # the toolkit's errors, and folders the user cannot write: one line, no traceback
         print(f"stic: error: {one_line(err)}", file=sys.stderr)
         code = 2
+    finally:
+        close_process_group()
     sys.exit(code)
+
+
+def close_process_group() -> None:
+    """Destroy the process group a command started (`accelerate launch`), so that its threads end before the
+    interpreter does: left to exit, a rank that finished first can abort ("terminate called without an active
+    exception") while the main rank still writes its reports."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
