@@ -19,10 +19,13 @@ Every `DPOConfig` option works in the recipe's `dpo:` section; the stage adds th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from trl import DPOConfig
 
@@ -305,10 +308,64 @@ def build_trainer(recipe: Recipe, processor, dataset):
     if not cfg.use_peft:
         ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
         ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
-    trainer = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))(
-        model=model, ref_model=ref_model, args=cfg, train_dataset=dataset, processing_class=processor,
-        peft_config=peft_config)
+    cls = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))
+    probe = [dataset[i] for i in range(len(dataset)) if dataset[i].get("images")][:cfg.image_margin_probe]
+    if probe:
+        cls = type(cls.__name__, (ImageMarginLogMixin, cls), {"margin_probe": probe})
+    trainer = cls(model=model, ref_model=ref_model, args=cfg, train_dataset=dataset, processing_class=processor,
+                  peft_config=peft_config)
     return trainer, loaded_dtype
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Does the model look at the image? log p(answer | image) - log p(answer | blank image), on DPO batches
+
+
+def blank_copy(example: dict) -> dict:
+    """The example with each image replaced by a mid-grey one of the same size."""
+    from PIL import Image
+
+    out = copy.deepcopy(example)
+    out["images"] = [Image.new("RGB", im.size, (128, 128, 128)) for im in example["images"]]
+    return out
+
+
+def collate(trainer, examples: list[dict]) -> dict:
+    batch = trainer.data_collator([copy.deepcopy(e) for e in examples])  # the collator edits its examples
+    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tensor:
+    """Summed log-probabilities of each sequence's completion, as TRL's DPO loss computes them."""
+    if reference:
+        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+        return torch.cat([chosen, rejected]).float()
+    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad(), trainer.accelerator.autocast():
+        out = trainer.model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+    mask = batch["completion_mask"][..., 1:]
+    return out.log_probs[:, -mask.size(1):].sum(dim=1).float()
+
+
+def image_margin(trainer, examples, batch) -> torch.Tensor:
+    """log p(answer | image) - log p(answer | blank image) per sequence (chosen rows, then rejected rows)."""
+    return sequence_logps(trainer, batch) - sequence_logps(trainer, collate(trainer, [blank_copy(e) for e in examples]))
+
+
+class ImageMarginLogMixin:
+    """Trainer mixin: every training log (and so TensorBoard and the curves PNG) records the image-use margin of
+    a fixed probe batch, chosen and rejected. Every process computes it, as FSDP's forward needs them all."""
+
+    margin_probe: list | None = None
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self.margin_probe and "loss" in logs:  # a training step's record
+            margin = image_margin(self, self.margin_probe, collate(self, self.margin_probe))
+            n = len(self.margin_probe)
+            logs = {**logs, "image_margin/chosen": round(float(margin[:n].mean()), 4),
+                    "image_margin/rejected": round(float(margin[n:].mean()), 4)}
+        return super().log(logs, *args, **kwargs)
 
 
 def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:

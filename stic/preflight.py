@@ -32,6 +32,7 @@ import tempfile
 
 import torch
 
+from stic.dpo import collate, image_margin, sequence_logps
 from stic.errors import one_line
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -60,33 +61,6 @@ def longest_rows(dataset, k: int = 2) -> list[int]:
     lengths = [chars(p) + chars(c) + chars(r)
                for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     return sample_rows(dataset, lengths, k)
-
-
-def blank_copy(example: dict) -> dict:
-    """The example with each image replaced by a mid-grey one of the same size."""
-    from PIL import Image
-
-    out = copy.deepcopy(example)
-    out["images"] = [Image.new("RGB", im.size, (128, 128, 128)) for im in example["images"]]
-    return out
-
-
-def collate(trainer, examples: list[dict]) -> dict:
-    batch = trainer.data_collator([copy.deepcopy(e) for e in examples])  # the collator edits its examples
-    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tensor:
-    """Summed log-probabilities of each sequence's completion, as TRL's DPO loss computes them."""
-    if reference:
-        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
-        return torch.cat([chosen, rejected]).float()
-    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    with torch.no_grad(), trainer.accelerator.autocast():
-        out = trainer.model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
-    mask = batch["completion_mask"][..., 1:]
-    return out.log_probs[:, -mask.size(1):].sum(dim=1).float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,11 +229,6 @@ def check_reference(trainer, batch, tolerance: float = 1e-3) -> Check:
                      f"({per_token:.2e} per token)", "the reference must be the base the policy starts from "
                      "(adapter disabled, or dpo.ref_model = the base)", numbers)
     return Check("reference", PASS, f"step-0 log-ratio {float(ratio.max()):.2e} nats at most", numbers=numbers)
-
-
-def image_margin(trainer, examples, batch) -> torch.Tensor:
-    """log p(answer | image) - log p(answer | blank image) per sequence (chosen rows, then rejected rows)."""
-    return sequence_logps(trainer, batch) - sequence_logps(trainer, collate(trainer, [blank_copy(e) for e in examples]))
 
 
 def check_image_used(trainer, examples, batch) -> Check:

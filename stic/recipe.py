@@ -129,10 +129,16 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         None, help="full fine-tuning only: the frozen reference model (default: the base model)")
     resume: bool = option(False, help="continue from the last checkpoint in output_dir")
     plot: bool = option(True, help="write a PNG of the training curves")
+    image_margin_probe: int = option(
+        2, help="rows of a fixed probe batch on which every training log records the image-use margin, "
+                "log p(answer | image) - log p(answer | blank image), for chosen and rejected (does DPO teach the "
+                "model to look, or only to avoid words?); 0: off")
     report_to: str | list[str] = option(factory=lambda: ["tensorboard"], help="TRL's loggers")
     logging_steps: float = option(1, help="log every N optimizer steps")
 
     def __post_init__(self):
+        if self.image_margin_probe < 0:
+            raise ValueError(f"image_margin_probe must be 0 (off) or more rows, got {self.image_margin_probe}")
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(losses)
         # a copy of a parsed config (dataclasses.replace) arrives with the sft entry this method appended: keep it

@@ -145,6 +145,8 @@ def _thumb(image) -> str:
 PREFERENCE_PANELS = (("loss", ("loss",)), ("reward margin", ("rewards/margins",)),
                      ("reward accuracy", ("rewards/accuracies",)), ("log-probs", ("logps/chosen", "logps/rejected")))
 SFT_LOSS_PANELS = (("stage 2 SFT loss", ("loss",)),)
+# log p(answer | image) - log p(answer | blank image) on stage 1's probe batch: is the model learning to look?
+IMAGE_MARGIN_PANEL = ("image-use margin (nats)", ("image_margin/chosen", "image_margin/rejected"))
 
 
 def train_logs(history: list[dict]) -> list[dict]:
@@ -242,7 +244,9 @@ def write_dpo_report(recipe, trainer, result, rows: int, mean_chosen_tokens: flo
                                 if torch.cuda.is_available() else None),
         "output_dir": str(out),
     }
-    write_training_report(out, summary, history, PREFERENCE_PANELS if cfg.plot and logs else None)
+    panels = PREFERENCE_PANELS + ((IMAGE_MARGIN_PANEL,) if any("image_margin/chosen" in h for h in logs) else ())
+    write_training_report(out, summary, history, panels if cfg.plot and logs else None,
+                          figsize=(4 * len(panels), 3.6))
     print(f"dpo: {trainer.state.global_step} steps in {seconds:.0f}s; saved to {out}")
     return summary
 

@@ -275,6 +275,35 @@ def test_resume_continues_at_the_same_step(tmp_path, monkeypatch):
         assert torch.allclose(a[k], b[k], atol=1e-6), k  # same weights as the uninterrupted run
 
 
+def test_every_training_log_records_the_image_use_margin_of_a_fixed_probe(tmp_path, monkeypatch):
+    """log p(answer | image) - log p(answer | blank image) on the probe rows, chosen and rejected, at each log:
+    in log_history.json (TensorBoard gets the same record) and as a panel of the curves PNG."""
+    import stic.dpo
+    from stic.dpo import collate, image_margin
+
+    seen = {}
+    real = stic.dpo.build_trainer
+
+    def keep(*a, **k):
+        seen["trainer"], dtype = real(*a, **k)
+        return seen["trainer"], dtype
+
+    monkeypatch.setattr(stic.dpo, "build_trainer", keep)
+    data = make_dataset(tmp_path / "data", n=4)
+    run_dpo(recipe("llava", dpo_cfg(tmp_path, data, max_steps=3, image_margin_probe=2, plot=True)))
+    logs = summary_logs(tmp_path / "run")
+    assert len(logs) == 3 and all({"image_margin/chosen", "image_margin/rejected"} <= set(h) for h in logs)
+    trainer = seen["trainer"]
+    assert len(trainer.margin_probe) == 2
+    margin = image_margin(trainer, trainer.margin_probe, collate(trainer, trainer.margin_probe))  # after step 3
+    assert logs[-1]["image_margin/chosen"] == pytest.approx(float(margin[:2].mean()), abs=1e-3)
+    assert (tmp_path / "run" / "training_curves.png").exists()
+    # 0 turns it off
+    data2 = make_dataset(tmp_path / "data2", n=2)
+    run_dpo(recipe("llava", dpo_cfg(tmp_path / "off", data2, max_steps=1, image_margin_probe=0)))
+    assert not any("image_margin/chosen" in h for h in summary_logs(tmp_path / "off" / "run"))
+
+
 def test_sft_positive_mode_trains_on_preferred_answers(tmp_path):
     data = make_dataset(tmp_path / "data", n=4)
     summary = run_dpo(recipe("llava", dpo_cfg(tmp_path, data, mode="sft_positive", max_steps=3)))
