@@ -273,34 +273,41 @@ def check_update(trainer) -> Check:
 
 
 def preflight_dpo(recipe, rows: int = 2) -> list[Check]:
-    """Stage 1's checks on the recipe's own data, model and trainer (nothing is written to its output_dir)."""
+    """Stage 1's checks on the recipe's own data, model and trainer (nothing is written to its output_dir: the
+    trainer gets a scratch folder, removed afterwards)."""
+    import shutil
+
+    scratch = tempfile.mkdtemp(prefix="stic-preflight-")
+    try:
+        return _dpo_checks(recipe, scratch, rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _dpo_checks(recipe, scratch: str, rows: int) -> list[Check]:
     from stic.dpo import build_trainer, load_preference_dataset, prepare_stage
     from stic.models import load_processor
     from stic.training import TrainingSetupError
 
-    scratch = tempfile.mkdtemp(prefix="stic-preflight-")
-    cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False)
+    cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False, image_margin_probe=0)
     recipe = dataclasses.replace(recipe, dpo=cfg)
     processor = load_processor(recipe.model)
     dataset = load_preference_dataset(cfg)
-    checks = []
     try:
         prepare_stage(cfg, processor, dataset)
     except TrainingSetupError as err:
-        checks.append(Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)"))
-        return checks
+        return [Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)")]
     trainer, _ = build_trainer(recipe, processor, dataset)
     trainer.model.eval()  # no dropout in the measurements
     examples = [dataset[i] for i in longest_rows(dataset, rows)]
     batch = collate(trainer, examples)
     seen, error = forward_arguments(trainer.model, batch)
-    checks.append(check_image_tokens(trainer, processor, examples, batch, error))
-    checks.append(check_model_inputs(processor, trainer.model, examples, seen))
-    checks.append(check_tokens(processor, examples, batch))
-    checks.append(check_parameters(trainer))
-    if error is None:
-        checks.append(check_reference(trainer, batch))
-        checks.append(check_image_used(trainer, examples, batch))
+    checks = [check_image_tokens(trainer, processor, examples, batch, error),
+              check_model_inputs(processor, trainer.model, examples, seen),
+              check_tokens(processor, examples, batch),
+              check_parameters(trainer)]
+    if error is None:  # the checks that need a forward
+        checks += [check_reference(trainer, batch), check_image_used(trainer, examples, batch)]
     checks.append(check_update(trainer))
     return checks
 
