@@ -281,6 +281,25 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
 
 
 @dataclasses.dataclass
+class BenchmarkSource:
+    """Where one benchmark's items come from (official files or a Hugging Face dataset) and, for the judged
+    benchmarks, the judge rules."""
+
+    hf_dataset: str | None = option(
+        None, help="a Hub dataset name or a local parquet/`datasets` folder in lmms-eval's layout; unset: the "
+                   "official files under eval.data_root")
+    hf_config: str | None = option(None, help="the dataset's configuration (subset) name, if it has several")
+    split: str | None = option(None, help="the dataset split; unset: the split lmms-eval's task file reads")
+    rule_file: str | None = option(
+        None, help="judged benchmarks: the official judge rules (LLaVA's rule.json, MM-Vet's grader prompt), "
+                   "taken from those projects; unset: the toolkit's own wording, not comparable to published scores")
+
+
+def _source(name: str):
+    return option(factory=BenchmarkSource, help=f"{name}: Hugging Face source and judge rules")
+
+
+@dataclasses.dataclass
 class EvalConfig:
     data_root: str = option("playground/data/eval", help="LLaVA-1.5's layout: <data_root>/<benchmark>/...")
     output_dir: str = option("outputs/eval", help="where each run's predictions and scores go")
@@ -291,6 +310,19 @@ class EvalConfig:
     batch_size: int = option(8, help="questions per generation batch")
     limit: int | None = option(None, help="first N items of each benchmark (quick checks)")
     judge: JudgeConfig = option(factory=JudgeConfig, help="the GPT judge of LLaVA-Bench and MM-Vet")
+    scienceqa: BenchmarkSource = _source("ScienceQA-IMG")
+    textvqa: BenchmarkSource = _source("TextVQA")
+    chartqa: BenchmarkSource = _source("ChartQA")
+    pope: BenchmarkSource = _source("POPE")
+    mmbench: BenchmarkSource = _source("MMBench")
+    mathvista: BenchmarkSource = _source("MathVista")
+    llava_bench: BenchmarkSource = _source("LLaVA-Bench (in the wild)")
+    mmvet: BenchmarkSource = _source("MM-Vet")
+
+    def source(self, name: str) -> BenchmarkSource:
+        """A benchmark's source section; plugin benchmarks have none and read the official layout."""
+        found = getattr(self, name, None)
+        return found if isinstance(found, BenchmarkSource) else BenchmarkSource()
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:  # a negative limit would slice items off the end
