@@ -63,12 +63,22 @@ def _dpo(args) -> int:
     return 0
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _preflight(args) -> int:
     from stic.dpo import parse_recipe
     from stic.preflight import FAIL, run_checks
 
     checks = run_checks(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")),
-                        as_json=args.json)
+                        as_json=args.json, device_memory_gib=args.device_memory)
     failed = [c for c in checks if c.status == FAIL]
     for c in failed:  # one line per failed check, naming the fix
         print(f"stic: preflight: {c.name} failed: {c.detail}; fix: {c.fix}", file=sys.stderr)
@@ -317,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
     p.add_argument("--stage", choices=["dpo"], default="dpo", help="the stage to check (stage 1 for now)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--device-memory", type=positive_float, metavar="GIB",
+                   help="the memory of one device of the real run, when preflight runs elsewhere (default: this GPU's)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.max_length=2048")
     p.set_defaults(func=_preflight)
 

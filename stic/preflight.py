@@ -26,11 +26,14 @@ Each check passes, warns or fails; `stic preflight` exits 2 on a fail, with one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import tempfile
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stic.dpo import collate, image_margin, sequence_logps
 from stic.errors import one_line
@@ -269,38 +272,216 @@ def check_update(trainer) -> Check:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Memory: what the recipe's launch holds per device
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops create inside the context. For the CPU, whose allocator keeps
+    no statistics: each new storage counts until it is freed (a weak reference says when)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._held: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_sparse:
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage):
+        key = storage.data_ptr()
+        if key in self._held or not storage.nbytes():
+            return
+        self._held[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key):
+        self.live -= self._held.pop(key, 0)
+
+
+@contextlib.contextmanager
+def peak_bytes(device: torch.device):
+    """{"peak": bytes} allocated above the start, at the highest point of the `with` block."""
+    got: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield got
+        torch.cuda.synchronize(device)
+        got["peak"] = torch.cuda.max_memory_allocated(device) - start
+    else:
+        with LiveBytes() as mode:
+            yield got
+        got["peak"] = mode.peak
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages (tied weights count once; a 4-bit weight counts its packed bytes)."""
+    seen = {}
+    for t in tensors:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(params, optim: str) -> int:
+    """Adam's two moments per trainable element, in the parameter's dtype (float32 masters), or one byte each for
+    the 8-bit optimizers; SGD keeps none."""
+    name = str(getattr(optim, "value", optim))
+    if name.startswith("sgd"):
+        return 0
+    per_state = (lambda p: 1) if "8bit" in name else (lambda p: p.element_size())
+    return sum(2 * p.numel() * per_state(p) for p in params)
+
+
+def set_checkpointing(model, on: bool) -> None:
+    import warnings
+
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable. is deprecated")
+    if on:
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif inner.is_activation_checkpointing:
+        inner.activation_checkpointing_disable()
+
+
+def measure_activations(trainer, batch, checkpointing: bool, device) -> int:
+    """Peak bytes of one forward and backward of the batch (the stage's own loss), less the gradients it leaves."""
+    model = trainer.model
+    set_checkpointing(model, checkpointing)
+    model.train()
+    try:
+        with peak_bytes(device) as got:
+            trainer.compute_loss(model, batch).backward()
+        grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return max(0, got["peak"] - grads)
+
+
+def memory_estimate(trainer, batch, rows: int, per_device_rows: int, device) -> dict:
+    """Bytes per device for a step of `per_device_rows` rows, DDP-style (each device holds the whole model):
+    weights + gradients + the larger of the activations (measured on the `rows`-row batch, scaled linearly) and the
+    optimizer states (created at the first step, after the activations are freed)."""
+    model = trainer.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None and ref is not model:
+        weights += tensor_bytes(list(ref.parameters()) + list(ref.buffers()))
+    grads = tensor_bytes(trainable)
+    optimizer = optimizer_state_bytes(trainable, trainer.args.optim)
+    recipe_ckpt = bool(trainer.args.activation_checkpointing)
+    scale = per_device_rows / rows
+    out = {"weights_bytes": weights, "gradient_bytes": grads, "optimizer_bytes": optimizer,
+           "rows_measured": rows, "per_device_rows": per_device_rows, "checkpointing": recipe_ckpt}
+    for ckpt in (False, True):
+        act = measure_activations(trainer, batch, ckpt, device) * scale
+        key = "with_checkpointing" if ckpt else "without_checkpointing"
+        out[f"activation_bytes_{key}"] = int(act)
+        out[f"estimate_bytes_{key}"] = int(weights + grads + max(act, optimizer))
+    set_checkpointing(model, recipe_ckpt)
+    out["estimate_bytes"] = out["estimate_bytes_with_checkpointing" if recipe_ckpt
+                               else "estimate_bytes_without_checkpointing"]
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_fix(numbers: dict, capacity: int, section: str) -> str:
+    """The knob that makes the step fit: checkpointing, then fewer rows per device, then 4-bit weights."""
+    if not numbers["checkpointing"] and numbers["estimate_bytes_with_checkpointing"] <= capacity:
+        return f"set {section}.activation_checkpointing: true"
+    act = numbers["activation_bytes_with_checkpointing"] / max(1, numbers["per_device_rows"])
+    fixed = numbers["weights_bytes"] + numbers["gradient_bytes"]
+    rows = int((capacity - fixed) // act) if act and capacity > fixed + numbers["optimizer_bytes"] else 0
+    if 1 <= rows < numbers["per_device_rows"]:
+        return (f"set {section}.per_device_train_batch_size: {rows} with activation checkpointing "
+                f"({section}.global_batch_size keeps the effective batch)")
+    return "load the language model in 4-bit (model.load_in_4bit: true, QLoRA), or use more devices with FSDP"
+
+
+def check_memory(trainer, batch, rows: int, section: str, device_memory: int | None = None) -> Check:
+    """The estimate against the device's memory: this GPU's, or `device_memory` bytes (the card the run will use,
+    when preflight runs elsewhere)."""
+    device = next(trainer.model.parameters()).device
+    per_device = trainer.args.per_device_train_batch_size
+    try:
+        numbers = memory_estimate(trainer, batch, rows, per_device, device)
+    except torch.cuda.OutOfMemoryError:
+        return Check("memory", FAIL, f"{rows} rows of the longest batch do not fit on {device} for one step",
+                     f"set {section}.activation_checkpointing: true, lower {section}.per_device_train_batch_size, "
+                     "or load the language model in 4-bit (model.load_in_4bit: true)")
+    parts = (f"weights {_gib(numbers['weights_bytes'])}, gradients {_gib(numbers['gradient_bytes'])}, optimizer "
+             f"{_gib(numbers['optimizer_bytes'])}, activations {_gib(numbers['activation_bytes_without_checkpointing'])}"
+             f" ({_gib(numbers['activation_bytes_with_checkpointing'])} checkpointed) for {per_device} rows")
+    estimate = numbers["estimate_bytes"]
+    if device_memory:
+        capacity, card = device_memory, "the device"
+    elif device.type == "cuda":
+        capacity, card = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    else:
+        return Check("memory", PASS, f"{_gib(estimate)} per device: {parts} (no GPU here, and no --device-memory: "
+                     "not compared)", numbers=numbers)
+    numbers["device_bytes"] = capacity
+    detail = f"{_gib(estimate)} of {_gib(capacity)} on {card}: {parts}"
+    if estimate > 0.95 * capacity:
+        return Check("memory", FAIL, detail, memory_fix(numbers, int(0.95 * capacity), section), numbers)
+    if estimate > 0.85 * capacity:
+        return Check("memory", WARN, detail + " (little headroom)", numbers=numbers)
+    return Check("memory", PASS, detail, numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run
 
 
-def preflight_dpo(recipe, rows: int = 2) -> list[Check]:
+def preflight_dpo(recipe, rows: int = 2, device_memory: int | None = None) -> list[Check]:
     """Stage 1's checks on the recipe's own data, model and trainer (nothing is written to its output_dir: the
     trainer gets a scratch folder, removed afterwards)."""
     import shutil
 
     scratch = tempfile.mkdtemp(prefix="stic-preflight-")
     try:
-        return _dpo_checks(recipe, scratch, rows)
+        return _dpo_checks(recipe, scratch, rows, device_memory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _dpo_checks(recipe, scratch: str, rows: int) -> list[Check]:
+def dpo_setup(recipe, scratch: str, rows: int):
+    """(processor, trainer, the longest examples, their batch) as stage 1 builds them, writing only to `scratch`."""
     from stic.dpo import build_trainer, load_preference_dataset, prepare_stage
     from stic.models import load_processor
-    from stic.training import TrainingSetupError
 
     cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False, image_margin_probe=0)
     recipe = dataclasses.replace(recipe, dpo=cfg)
     processor = load_processor(recipe.model)
     dataset = load_preference_dataset(cfg)
-    try:
-        prepare_stage(cfg, processor, dataset)
-    except TrainingSetupError as err:
-        return [Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)")]
+    prepare_stage(cfg, processor, dataset)
     trainer, _ = build_trainer(recipe, processor, dataset)
     trainer.model.eval()  # no dropout in the measurements
     examples = [dataset[i] for i in longest_rows(dataset, rows)]
-    batch = collate(trainer, examples)
+    return processor, trainer, examples, collate(trainer, examples)
+
+
+def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> list[Check]:
+    from stic.training import TrainingSetupError
+
+    try:
+        processor, trainer, examples, batch = dpo_setup(recipe, scratch, rows)
+    except TrainingSetupError as err:
+        return [Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)")]
     seen, error = forward_arguments(trainer.model, batch)
     checks = [check_image_tokens(trainer, processor, examples, batch, error),
               check_model_inputs(processor, trainer.model, examples, seen),
@@ -309,6 +490,8 @@ def _dpo_checks(recipe, scratch: str, rows: int) -> list[Check]:
     if error is None:  # the checks that need a forward
         checks += [check_reference(trainer, batch), check_image_used(trainer, examples, batch)]
     checks.append(check_update(trainer))
+    if error is None:
+        checks.append(check_memory(trainer, batch, len(examples), "dpo", device_memory))
     return checks
 
 
@@ -317,11 +500,11 @@ def format_table(checks: list[Check]) -> str:
     return "\n".join(f"{c.name:<{width}}  {c.status:<4}  {c.detail}" for c in checks)
 
 
-def run_checks(recipe, as_json: bool = False) -> list[Check]:
+def run_checks(recipe, as_json: bool = False, device_memory_gib: float | None = None) -> list[Check]:
     """Every check of stage 1, printed as a table (or JSON)."""
     import json
 
-    checks = preflight_dpo(recipe)
+    checks = preflight_dpo(recipe, device_memory=int(device_memory_gib * 2**30) if device_memory_gib else None)
     print(json.dumps([dataclasses.asdict(c) for c in checks], indent=1, default=str) if as_json
           else format_table(checks))
     return checks

@@ -4,7 +4,7 @@ std-0.02 weights), with the paper recipes' stage-1 settings."""
 
 import pytest
 
-from stic.bench.preflight import CHECKS, FAULTS, markdown, nothing, preference_data, run_fault
+from stic.bench.preflight import CHECKS, FAULTS, markdown, nothing, paper_like_recipe, preference_data, run_fault
 from stic.preflight import FAIL
 from stic.tiny import FAMILIES
 
@@ -48,3 +48,64 @@ def test_preflight_command_on_the_default_recipe(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stic:")]
     assert exit_.value.code == 2
     assert len(err) == 1 and err[0].startswith("stic: preflight: image_tokens failed: ") and "; fix: " in err[0]
+
+
+def test_live_bytes_counts_what_ops_allocate_and_free():
+    import torch
+
+    from stic.preflight import LiveBytes
+
+    with LiveBytes() as mem:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = a + 1  # 4000 more: the peak
+        view = b[:10]  # a view holds no new storage
+        del a
+        c = torch.zeros(250, dtype=torch.float64)  # 2000, after a is freed
+    assert mem.peak == 8000 and mem.live == 6000 and view.numel() == 10 and c.numel() == 250
+
+
+@pytest.mark.parametrize("family, checkpointing, dtype", [("llava", False, "float32"),
+                                                          ("qwen2_5_vl", True, "bfloat16")])
+def test_memory_estimate_is_within_15_percent_of_a_real_step(root, family, checkpointing, dtype):
+    """Check 8 measures activations on preflight's longest rows (4 here) and scales them to the recipe's 2 rows
+    per device; a real stage-1 step on 2 rows (forward, backward and the first optimizer step, which creates
+    Adam's states) peaks within 15% of it."""
+    import torch
+
+    from stic.dpo import collate
+    from stic.preflight import dpo_setup, memory_estimate, peak_bytes, set_checkpointing
+    from stic.tiny import hub_shaped_model
+
+    model_dir = hub_shaped_model(family, "bfloat16", root / "models" / family)
+    data = root / "data4"
+    if not (data / "data").exists():
+        preference_data(data, n=4)
+    recipe = paper_like_recipe(model_dir, data, model_dtype=dtype, activation_checkpointing=checkpointing,
+                               per_device_train_batch_size=2)
+    _, trainer, examples, batch = dpo_setup(recipe, str(root / f"scratch-{family}"), rows=2)
+    assert len(examples) == 4
+    cpu = torch.device("cpu")
+    estimate = memory_estimate(trainer, batch, len(examples), 2, cpu)
+    assert estimate["checkpointing"] is checkpointing
+    assert estimate["activation_bytes_with_checkpointing"] < estimate["activation_bytes_without_checkpointing"]
+
+    set_checkpointing(trainer.model, checkpointing)
+    trainer.model.train()
+    optimizer = trainer.create_optimizer()
+    step = collate(trainer, examples[:2])
+    with peak_bytes(cpu) as got:
+        trainer.compute_loss(trainer.model, step).backward()
+        optimizer.step()
+    measured = estimate["weights_bytes"] + got["peak"]
+    assert abs(estimate["estimate_bytes"] / measured - 1) < 0.15, (estimate, measured)
+
+
+def test_memory_fix_names_the_knob_that_fits():
+    from stic.preflight import memory_fix
+
+    numbers = {"checkpointing": False, "per_device_rows": 8, "weights_bytes": 100, "gradient_bytes": 10,
+               "optimizer_bytes": 20, "activation_bytes_with_checkpointing": 80,
+               "estimate_bytes_with_checkpointing": 190}
+    assert memory_fix(numbers, 200, "dpo") == "set dpo.activation_checkpointing: true"
+    assert memory_fix(numbers, 150, "dpo").startswith("set dpo.per_device_train_batch_size: 4 ")
+    assert "4-bit" in memory_fix(numbers, 115, "dpo")

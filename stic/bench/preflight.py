@@ -19,7 +19,7 @@ from unittest import mock
 
 import torch
 
-CHECKS = ("image_tokens", "model_inputs", "tokens", "parameters", "reference", "image_used", "update")
+CHECKS = ("image_tokens", "model_inputs", "tokens", "parameters", "reference", "image_used", "update", "memory")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,6 +125,8 @@ FAULTS = {
     "projector quantised": ("llava", {}, lambda: after_build(quantise_projector), ("parameters",)),
     "forward ignores pixel_values": ("llava", {}, lambda: after_build(ignore_pixels), ("image_used",)),
     "reference differs from the base": ("llava", {}, lambda: after_build(shift_reference), ("reference",)),
+    # the run's card (preflight's --device-memory) holds less than a step needs
+    "step larger than the device": ("llava", {"device_memory": 8 * 2**20}, nothing, ("memory",)),
 }
 
 
@@ -171,8 +173,10 @@ def run_fault(root: Path, family: str, overrides: dict, inject) -> dict:
     data = root / "data"
     if not (data / "data").exists():
         preference_data(data)
+    overrides = dict(overrides)
+    device_memory = overrides.pop("device_memory", None)
     with inject():
-        checks = preflight_dpo(paper_like_recipe(model_dir, data, **overrides))
+        checks = preflight_dpo(paper_like_recipe(model_dir, data, **overrides), device_memory=device_memory)
     return {c.name: c.status for c in checks}
 
 
