@@ -74,14 +74,19 @@ def positive_float(text: str) -> float:
 
 
 def _preflight(args) -> int:
-    from stic.dpo import parse_recipe
-    from stic.preflight import FAIL, run_checks
+    from stic.preflight import FAIL, STAGES, run_checks
+    from stic.recipe import parse_recipe
 
-    checks = run_checks(parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo")),
-                        as_json=args.json, device_memory_gib=args.device_memory)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    # each stage's section built as its command builds it (a TRL section only for the training stages)
+    build = {"selfgen": ("selfgen",), "dpo": ("dpo",), "infuse-sft": ("infuse_sft",), "eval": ("eval",)}
+    recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"),
+                          build=tuple(section for stage in stages for section in build[stage]))
+    checks = run_checks(recipe, stages, as_json=args.json, device_memory_gib=args.device_memory,
+                        model_spec=args.model)
     failed = [c for c in checks if c.status == FAIL]
     for c in failed:  # one line per failed check, naming the fix
-        print(f"stic: preflight: {c.name} failed: {c.detail}; fix: {c.fix}", file=sys.stderr)
+        print(f"stic: preflight: {c.stage} {c.name} failed: {c.detail}; fix: {c.fix}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -325,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage_parser(sub, "preflight", ("dpo", "model"),
                      help="check that stage 1 is wired right on the recipe's data, model and trainer, before a run")
     p.add_argument("--recipe", required=True, help="recipe YAML (its model: and dpo: sections)")
-    p.add_argument("--stage", choices=["dpo"], default="dpo", help="the stage to check (stage 1 for now)")
+    p.add_argument("--stage", choices=["selfgen", "dpo", "infuse-sft", "eval", "all"], default="dpo",
+                   help="the stage to check, or all of them")
+    p.add_argument("--model", default="base", help="eval: the model to check (base|stage1|stage2|PATH)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.add_argument("--device-memory", type=positive_float, metavar="GIB",
                    help="the memory of one device of the real run, when preflight runs elsewhere (default: this GPU's)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import tempfile
 import weakref
 
@@ -48,6 +49,7 @@ class Check:
     detail: str
     fix: str = ""
     numbers: dict = dataclasses.field(default_factory=dict)
+    stage: str = "dpo"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,6 +446,279 @@ def check_memory(trainer, batch, rows: int, section: str, device_memory: int | N
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The generation stages (selfgen, eval): the stage's model and prompts, a full batch of its largest images
+
+
+def kv_cache_bytes(model, sequences: int, tokens: int) -> int:
+    """Keys and values of `tokens` positions for `sequences` sequences, in the model's dtype."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * sequences * tokens * model.dtype.itemsize
+
+
+def generation_memory(generator, requests, max_new_tokens: int, samples: int = 1) -> dict:
+    """Bytes per device to generate a batch: the weights, the prefill of the batch (measured: its activations and
+    the prompt's cache) and the cache of `max_new_tokens` more positions for every sequence sampled."""
+    from stic.generation import SamplingConfig
+
+    model = generator.model
+    device = next(model.parameters()).device
+    with peak_bytes(device) as got:
+        generator.generate(requests, SamplingConfig(max_new_tokens=1))
+    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    cache = kv_cache_bytes(model, len(requests) * samples, max_new_tokens)
+    prefill = got["peak"] * samples
+    return {"weights_bytes": weights, "prefill_bytes": prefill, "kv_cache_bytes": cache, "sequences":
+            len(requests) * samples, "max_new_tokens": max_new_tokens, "estimate_bytes": weights + prefill + cache}
+
+
+def check_generation_memory(generator, requests, max_new_tokens: int, samples: int, batch_key: str,
+                            device_memory: int | None) -> Check:
+    device = next(generator.model.parameters()).device
+    try:
+        numbers = generation_memory(generator, requests, max_new_tokens, samples)
+    except torch.cuda.OutOfMemoryError:
+        return Check("memory", FAIL, f"a batch of {len(requests)} largest images does not fit on {device}",
+                     f"lower {batch_key}, or load the model in 4-bit (model.load_in_4bit: true)")
+    estimate = numbers["estimate_bytes"]
+    parts = (f"weights {_gib(numbers['weights_bytes'])}, prefill {_gib(numbers['prefill_bytes'])}, cache of "
+             f"{numbers['sequences']} x {max_new_tokens} new tokens {_gib(numbers['kv_cache_bytes'])}")
+    capacity = device_memory or (torch.cuda.get_device_properties(device).total_memory
+                                 if device.type == "cuda" else None)
+    if capacity is None:
+        return Check("memory", PASS, f"{_gib(estimate)} per device: {parts} (no GPU here, and no --device-memory: "
+                     "not compared)", numbers=numbers)
+    numbers["device_bytes"] = capacity
+    detail = f"{_gib(estimate)} of {_gib(capacity)}: {parts}"
+    if estimate > 0.95 * capacity:
+        fits = (0.95 * capacity - numbers["weights_bytes"]) / max(1, estimate - numbers["weights_bytes"])
+        rows = int(len(requests) * fits)
+        fix = (f"set {batch_key}: {rows}" if rows >= 1 else "load the model in 4-bit (model.load_in_4bit: true)")
+        return Check("memory", FAIL, detail, fix, numbers)
+    return Check("memory", WARN if estimate > 0.85 * capacity else PASS, detail, numbers=numbers)
+
+
+def answer_logps(generator, requests, answers: list[str]) -> torch.Tensor:
+    """log p(answer | prompt, image) per request, as the generator renders prompts."""
+    tok = generator.processor.tokenizer
+    encoded = generator.encode(requests)
+    prompt_len = encoded["input_ids"].shape[1]
+    answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    width = max(len(a) for a in answer_ids)
+    pad = generator.pad_id
+    ids = torch.tensor([a + [pad] * (width - len(a)) for a in answer_ids])
+    mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_ids])
+    device = next(generator.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in encoded.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(generator.model.dtype)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], ids.to(device)], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(device)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids).to(device)], 1)
+    with torch.no_grad():
+        logits = generator.model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()
+    picked = logits.log_softmax(-1).gather(-1, ids.to(device)[..., None])[..., 0]
+    return (picked * mask.to(device)).sum(dim=1).cpu()
+
+
+def check_generation_image_used(generator, requests) -> Check:
+    """log p(own answer | image) - log p(own answer | a blank image of the same size), on short greedy answers."""
+    from PIL import Image
+
+    from stic.generation import Request, SamplingConfig
+
+    answers = [o.text for o in generator.generate(requests, SamplingConfig(max_new_tokens=24))]
+    keep = [i for i, a in enumerate(answers) if a.strip()]
+    if not keep:
+        return Check("image_used", WARN, "the model answered nothing to measure")
+    picked = [requests[i] for i in keep]
+    blank = [Request(Image.new("RGB", r.image.size, (128, 128, 128)), r.prompt) for r in picked]
+    texts = [answers[i] for i in keep]
+    margin = answer_logps(generator, picked, texts) - answer_logps(generator, blank, texts)
+    numbers = {"per_request": [round(float(x), 4) for x in margin], "mean": float(margin.mean())}
+    detail = f"log p(answer | image) - log p(answer | blank): {float(margin.mean()):+.3f} nats"
+    if float(margin.abs().max()) < 1e-6:
+        return Check("image_used", FAIL, detail + ": the answers do not depend on the image at all",
+                     "the pixels never reach the model: check the processor's pixel_values and the forward", numbers)
+    if float(margin.mean()) <= 0:
+        return Check("image_used", WARN, detail + ": the model answers without looking", numbers=numbers)
+    return Check("image_used", PASS, detail, numbers=numbers)
+
+
+def padding_effect(generator, request) -> float:
+    """Largest change of a short request's first-token logits when it is left-padded in a batch beside a longer one
+    (generation's own path), relative to their spread."""
+    from stic.generation import Request
+
+    def first_logits(requests):
+        inputs = generator.encode(requests).to(next(generator.model.parameters()).device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(generator.model.dtype)
+        out = generator.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True, pad_token_id=generator.pad_id)
+        return out.logits[0].float()
+
+    short = Request(request.image, "Hi.")
+    longer = Request(request.image, "Hi. " + " ".join(["Look at the picture closely."] * 8))
+    alone = first_logits([short])[0]
+    padded = first_logits([longer, short])[1]
+    return float((alone - padded).abs().max() / alone.std().clamp(min=1e-6))
+
+
+def check_generation_tokens(generator) -> Check:
+    """BOS once where the template starts with it, and generation stops where the template ends a turn."""
+    from stic.generation import Request
+    from stic.models import _PROBE
+
+    processor, tok = generator.processor, generator.processor.tokenizer
+    ids = generator.encode([Request(None, "Q")])["input_ids"][0].tolist()
+    rendered = tok.apply_chat_template(_PROBE, chat_template=processor.chat_template, tokenize=False)
+    problems = []
+    if tok.bos_token is not None and rendered.startswith(tok.bos_token) and ids.count(tok.bos_token_id) != 1:
+        problems.append(f"the prompt holds {ids.count(tok.bos_token_id)} BOS tokens, not one")
+    after = rendered.split("ANSWER", 1)[1]
+    turn_end = tok(after, add_special_tokens=False)["input_ids"][:1]
+    if turn_end and tok.convert_ids_to_tokens(turn_end[0]) in tok.all_special_tokens and \
+            turn_end[0] not in generator.eos_ids:
+        problems.append(f"the template ends a turn with {tok.convert_ids_to_tokens(turn_end[0])!r}, which is not "
+                        f"among the generation's EOS ids {sorted(generator.eos_ids)}: answers would not stop")
+    if problems:
+        return Check("tokens", FAIL, "; ".join(problems), "fix the chat template or generation_config.eos_token_id")
+    return Check("tokens", PASS, "one BOS where the template has it; generation stops at the template's turn end")
+
+
+def generation_checks(generator, requests, max_new_tokens: int, samples: int, batch_key: str,
+                      device_memory: int | None = None) -> list[Check]:
+    from stic.generation import SamplingConfig
+    from stic.training import image_token_id
+
+    processor = generator.processor
+    batch = generator.encode(requests)
+    spied: dict = {}
+    inner = generator.model
+
+    def record(kwargs):
+        spied.update({k: tuple(v.shape) for k, v in kwargs.items() if torch.is_tensor(v)})
+
+    # generate encodes the images once, before the forward (transformers' mm_encoder_outputs): both calls count
+    encoder = getattr(inner.base_model, "get_image_features", None)
+    handle = inner.register_forward_pre_hook(lambda m, a, kw: record(kw), with_kwargs=True)
+    if encoder is not None:  # generate picks the encoder's arguments by its signature: keep it (wraps)
+        @functools.wraps(encoder)
+        def recording_encoder(*args, **kwargs):
+            record(kwargs)
+            return encoder(*args, **kwargs)
+
+        inner.base_model.get_image_features = recording_encoder
+    try:
+        generator.generate(requests, SamplingConfig(max_new_tokens=1))
+        error = None
+    except Exception as err:  # noqa: BLE001  (a refused batch is the finding)
+        error = one_line(err)
+    finally:
+        handle.remove()
+        if encoder is not None:
+            del inner.base_model.get_image_features
+    tid = image_token_id(processor)
+    per_row = (batch["input_ids"] == tid).sum(dim=1).tolist() if tid is not None else []
+    if error is not None:
+        checks = [Check("image_tokens", FAIL, f"the forward refused the batch: {error}",
+                        "the image placeholders do not match the image features: check the processor")]
+    else:
+        checks = [Check("image_tokens", PASS, f"{min(per_row, default=0)}-{max(per_row, default=0)} image tokens "
+                        "per request; the model takes them", numbers={"image_tokens_per_request": per_row})]
+    import inspect
+
+    accepted = set(inspect.signature(inner.forward).parameters)
+    # the padding mask may travel as position ids and the cache's own mask: padding_effect checks its effect
+    needed = {k for k in batch if k in accepted} - {"attention_mask"}
+    missing = sorted(needed - set(spied)) if error is None else []
+    numbers = {"reached_forward": sorted(spied), "processor_produced": sorted(batch)}
+    if missing:
+        checks.append(Check("model_inputs", FAIL, f"{', '.join(missing)} produced by the processor never reach the "
+                            "model", "generate drops these inputs: update transformers", numbers))
+    else:
+        shift = padding_effect(generator, requests[0]) if error is None else 0.0
+        numbers["padding_logit_shift"] = shift
+        checks.append(Check("model_inputs", FAIL, f"left padding changes a request's first-token logits by {shift:.3f}",
+                            "the padding mask does not reach attention: update transformers", numbers)
+                      if shift > 1e-2 else
+                      Check("model_inputs", PASS, f"{', '.join(sorted(needed))} reach the model; a left-padded request "
+                            f"scores as alone (logits within {shift:.1e})", numbers=numbers))
+    checks.append(check_generation_tokens(generator))
+    if error is None:
+        checks += [check_generation_image_used(generator, requests[:4]),
+                   check_generation_memory(generator, requests, max_new_tokens, samples, batch_key, device_memory)]
+    return checks
+
+
+def largest_images(load, refs, n: int, scan: int = 256):
+    """The `n` largest of the first `scan` images by pixel count (repeated when there are fewer)."""
+    images = [load(ref) for ref in refs[:scan]]
+    images.sort(key=lambda im: im.width * im.height, reverse=True)
+    return [images[i % len(images)] for i in range(n)] if images else []
+
+
+def preflight_selfgen(recipe, device_memory: int | None = None) -> list[Check]:
+    """Selfgen's model and prompts on a full batch of its largest images: the longest prompt of its sets."""
+    from stic.generation import BatchGenerator, Request
+    from stic.images import ImageLoader, list_images
+    from stic.models import load_model, load_processor, process_state
+    from stic.prompts import load_prompts
+
+    cfg = recipe.selfgen
+    if recipe.generation.backend != "local":
+        return [Check("model_inputs", WARN, f"generation runs on the {recipe.generation.backend} server: its "
+                      "inputs are the server's to check")]
+    prompts = load_prompts(cfg.prompts)
+    longest = max([prompts.good, *prompts.caption, *prompts.hallucination], key=len)
+    images = largest_images(ImageLoader(cfg.images), list_images(cfg.images), cfg.batch_size)
+    if not images:
+        return [Check("image_tokens", FAIL, f"no image in {cfg.images.path}", "point selfgen.images at images")]
+    generator = BatchGenerator(load_model(recipe.model, process_state().device), load_processor(recipe.model),
+                               cfg.batch_size, cfg.group_by_length, recipe.model.system_prompt)
+    new_tokens = max(cfg.chosen_sampling.max_new_tokens, cfg.rejected_sampling.max_new_tokens,
+                     cfg.consistency_sampling.max_new_tokens if cfg.consistency_samples > 1 else 0)
+    return generation_checks(generator, [Request(im, longest) for im in images], new_tokens,
+                             cfg.consistency_samples, "selfgen.batch_size", device_memory)
+
+
+def preflight_eval(recipe, model_spec: str = "base", device_memory: int | None = None) -> list[Check]:
+    """Eval's model (in its comparison's precision) on a full batch of the benchmarks' largest images and longest
+    prompts, for the longest answers any configured benchmark asks for."""
+    from stic.benchmarks import get_benchmark
+    from stic.evaluate import load_eval_model, load_items, resolve_model
+    from stic.generation import BatchGenerator, Request
+    from stic.images import decode_image
+    from stic.models import process_state
+
+    cfg = recipe.eval
+    items, missing = [], []
+    for name in cfg.benchmarks:
+        try:
+            items += [(name, it) for it in load_items(dataclasses.replace(cfg, limit=64), name)]
+        except Exception as err:  # noqa: BLE001  (missing data is reported, not raised)
+            missing.append(f"{name} ({one_line(err)})")
+    head = [Check("data", WARN if items else FAIL, f"cannot load {'; '.join(missing)}" if missing else
+                  "every benchmark loads", "" if items else "point eval.data_root at the benchmarks",
+                  {"unloadable": missing})] if missing else []
+    if not items:
+        return head
+    model_cfg, adapters, _ = resolve_model(recipe, model_spec)
+    model, processor = load_eval_model(recipe, model_cfg, adapters, process_state().device)
+    generator = BatchGenerator(model, processor, cfg.batch_size, system_prompt=model_cfg.system_prompt)
+    decoded = [(it.prompt, decode_image(it.image, max_pixels=2048 * 2048, max_decode_pixels=16384 * 16384))
+               for _, it in items if it.image is not None]
+    decoded.sort(key=lambda pi: (pi[1].width * pi[1].height, len(pi[0])), reverse=True)
+    requests = [Request(decoded[i % len(decoded)][1], decoded[i % len(decoded)][0]) for i in range(cfg.batch_size)]
+    new_tokens = max(get_benchmark(name).max_new_tokens for name, _ in items)
+    return head + generation_checks(generator, requests, new_tokens, 1, "eval.batch_size", device_memory)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -495,16 +770,36 @@ def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> l
     return checks
 
 
+STAGES = ("selfgen", "dpo", "infuse-sft", "eval")
+
+
+def preflight_stage(recipe, stage: str, device_memory: int | None = None, model_spec: str = "base") -> list[Check]:
+    if stage == "selfgen":
+        checks = preflight_selfgen(recipe, device_memory)
+    elif stage == "dpo":
+        checks = preflight_dpo(recipe, device_memory=device_memory)
+    elif stage == "eval":
+        checks = preflight_eval(recipe, model_spec, device_memory)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    for c in checks:
+        c.stage = stage
+    return checks
+
+
 def format_table(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
-    return "\n".join(f"{c.name:<{width}}  {c.status:<4}  {c.detail}" for c in checks)
+    stage = max(len(c.stage) for c in checks)
+    return "\n".join(f"{c.stage:<{stage}}  {c.name:<{width}}  {c.status:<4}  {c.detail}" for c in checks)
 
 
-def run_checks(recipe, as_json: bool = False, device_memory_gib: float | None = None) -> list[Check]:
-    """Every check of stage 1, printed as a table (or JSON)."""
+def run_checks(recipe, stages=("dpo",), as_json: bool = False, device_memory_gib: float | None = None,
+               model_spec: str = "base") -> list[Check]:
+    """Every check of the stages, printed as one table (or JSON)."""
     import json
 
-    checks = preflight_dpo(recipe, device_memory=int(device_memory_gib * 2**30) if device_memory_gib else None)
+    device_memory = int(device_memory_gib * 2**30) if device_memory_gib else None
+    checks = [c for stage in stages for c in preflight_stage(recipe, stage, device_memory, model_spec)]
     print(json.dumps([dataclasses.asdict(c) for c in checks], indent=1, default=str) if as_json
           else format_table(checks))
     return checks

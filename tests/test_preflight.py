@@ -47,7 +47,7 @@ def test_preflight_command_on_the_default_recipe(tmp_path, capsys):
         main(["preflight", "--recipe", "recipes/default.yaml", f"dpo.dataset={data}", "dpo.max_length=12"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stic:")]
     assert exit_.value.code == 2
-    assert len(err) == 1 and err[0].startswith("stic: preflight: image_tokens failed: ") and "; fix: " in err[0]
+    assert len(err) == 1 and err[0].startswith("stic: preflight: dpo image_tokens failed: ") and "; fix: " in err[0]
 
 
 def test_live_bytes_counts_what_ops_allocate_and_free():
