@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import os
 import tempfile
 import weakref
 
@@ -734,12 +735,41 @@ def preflight_dpo(recipe, rows: int = 2, device_memory: int | None = None) -> li
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def stand_in_pairs(recipe, root: str, rows: int = 4) -> str:
+    """Pairs as selfgen will write them, before it has run: its largest images and prompt, both answers as long as
+    its sampling allows (max_new_tokens words), so stage 1 is checked at its longest sequences."""
+    import datasets
+
+    from stic.images import ImageLoader, list_images
+    from stic.prompts import load_prompts
+
+    cfg = recipe.selfgen
+    prompts = load_prompts(cfg.prompts)
+    images = largest_images(ImageLoader(cfg.images), list_images(cfg.images), rows)
+    answer = lambda n: " ".join(["detail"] * n)  # noqa: E731
+    data = [{"prompt": [{"role": "user", "content": prompts.good}],
+             "chosen": [{"role": "assistant", "content": answer(cfg.chosen_sampling.max_new_tokens)}],
+             "rejected": [{"role": "assistant", "content": answer(cfg.rejected_sampling.max_new_tokens)}],
+             "images": [im]} for im in images]
+    os.makedirs(f"{root}/stand-in/data", exist_ok=True)
+    datasets.Dataset.from_list(data).cast_column("images", datasets.List(datasets.Image())).to_parquet(
+        f"{root}/stand-in/data/train-0.parquet")
+    return f"{root}/stand-in"
+
+
 def dpo_setup(recipe, scratch: str, rows: int):
-    """(processor, trainer, the longest examples, their batch) as stage 1 builds them, writing only to `scratch`."""
+    """(processor, trainer, the longest examples, their batch) as stage 1 builds them, writing only to `scratch`.
+    Before selfgen has written the recipe's pairs, stage 1 runs on stand-in pairs (`stand_in_pairs`)."""
+    from pathlib import Path
+
     from stic.dpo import build_trainer, load_preference_dataset, prepare_stage
     from stic.models import load_processor
 
-    cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False, image_margin_probe=0)
+    dataset = recipe.dpo.dataset
+    if recipe.selfgen is not None and dataset == recipe.selfgen.output_dir and not Path(dataset).exists():
+        dataset = stand_in_pairs(recipe, scratch)
+    cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False, image_margin_probe=0,
+                              dataset=dataset)
     recipe = dataclasses.replace(recipe, dpo=cfg)
     processor = load_processor(recipe.model)
     dataset = load_preference_dataset(cfg)
@@ -753,10 +783,15 @@ def dpo_setup(recipe, scratch: str, rows: int):
 def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> list[Check]:
     from stic.training import TrainingSetupError
 
+    head = []
+    if recipe.selfgen is not None and recipe.dpo.dataset == recipe.selfgen.output_dir and \
+            not os.path.exists(recipe.dpo.dataset):
+        head.append(Check("data", WARN, f"selfgen has not written {recipe.dpo.dataset} yet: checked on stand-in pairs "
+                          "(its largest images and prompt, answers of max_new_tokens words)"))
     try:
         processor, trainer, examples, batch = dpo_setup(recipe, scratch, rows)
     except TrainingSetupError as err:
-        return [Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)")]
+        return head + [Check("image_tokens", FAIL, one_line(err), "raise dpo.max_length (or null)")]
     seen, error = forward_arguments(trainer.model, batch)
     checks = [check_image_tokens(trainer, processor, examples, batch, error),
               check_model_inputs(processor, trainer.model, examples, seen),
@@ -767,7 +802,104 @@ def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> l
     checks.append(check_update(trainer))
     if error is None:
         checks.append(check_memory(trainer, batch, len(examples), "dpo", device_memory))
-    return checks
+    return head + checks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2 (infuse-sft): its SFT trainer on the longest instruction rows, each with a description as long as the
+# describe step may write
+
+
+def check_sft_tokens(processor, train_rows, batch) -> Check:
+    """The loss falls on the assistant answers alone, each closed by EOS (only whitespace after it)."""
+    tok = processor.tokenizer
+    problems = []
+    for i, (ids, labels, row) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist(), train_rows)):
+        trained = [t for t, lab in zip(ids, labels) if lab != -100]
+        answers = [m["content"].strip() for m in row["messages"] if m["role"] == "assistant"]
+        text = tok.decode(trained, skip_special_tokens=False)
+        if tok.eos_token and text.count(tok.eos_token) != len(answers):
+            problems.append(f"row {i}: {text.count(tok.eos_token)} EOS in the loss for {len(answers)} answers")
+            continue
+        pieces = [p.strip() for p in (text.split(tok.eos_token) if tok.eos_token else [text]) if p.strip()]
+        if pieces != answers:
+            problems.append(f"row {i}: the loss covers {pieces[0][:40] if pieces else ''!r}, not its answers")
+    if problems:
+        return Check("tokens", FAIL, "; ".join(problems[:3]), "train on assistant tokens only "
+                     "(infuse_sft.assistant_only_loss: true) with a template that closes each turn with EOS")
+    return Check("tokens", PASS, "loss on the assistant answers only, each closed by EOS")
+
+
+def preflight_infuse(recipe, device_memory: int | None = None, rows: int = 2) -> list[Check]:
+    import shutil
+
+    scratch = tempfile.mkdtemp(prefix="stic-preflight-")
+    try:
+        return _infuse_checks(recipe, scratch, rows, device_memory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _infuse_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> list[Check]:
+    from pathlib import Path
+
+    from trl import SFTTrainer
+
+    from stic.infuse import build_training_set, load_model_for_training, sft_sequence_need, stage1_model_config
+    from stic.instructions import load_instructions
+    from stic.models import load_processor
+    from stic.training import TrainingSetupError, check_max_length, has_text_only_rows, trainer_class
+
+    cfg = dataclasses.replace(recipe.infuse_sft, output_dir=scratch, report_to=[], resume=False)
+    head = []
+    if cfg.stage1_adapter and not (Path(cfg.stage1_adapter) / "adapter_config.json").exists():
+        head.append(Check("stage1", WARN, f"stage 1's adapter {cfg.stage1_adapter} does not exist yet: checked on "
+                          "the base with a new adapter"))
+        cfg = dataclasses.replace(cfg, stage1_adapter=None, adapter_mode="new")
+    recipe = dataclasses.replace(recipe, infuse_sft=cfg)
+    records, _ = load_instructions(cfg.data)
+    if not records:
+        return head + [Check("data", FAIL, f"no usable record in {cfg.data.path}", "point infuse_sft.data at the "
+                             "instruction data")]
+    records = sorted(records, key=lambda r: sum(len(m["content"]) for m in r["messages"]), reverse=True)[:rows]
+    # the longest description the describe step may write: max_new_tokens words
+    description = " ".join(["detail"] * cfg.describe.sampling.max_new_tokens)
+    train_set, _ = build_training_set(records, {r["image"]: description for r in records if r["image"]},
+                                      cfg.template, recipe.model.system_prompt)
+    processor = load_processor(stage1_model_config(recipe))
+    try:
+        if cfg.max_length is not None:
+            check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
+    except TrainingSetupError as err:
+        return head + [Check("image_tokens", FAIL, one_line(err), "raise infuse_sft.max_length (or null)")]
+    model, peft_config = load_model_for_training(recipe)
+    trainer = trainer_class(SFTTrainer, cfg, has_text_only_rows(train_set))(
+        model=model, args=cfg, train_dataset=train_set, processing_class=processor, peft_config=peft_config)
+    trainer.model.eval()
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    device = next(trainer.model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    seen, error = forward_arguments(trainer.model, {k: v for k, v in batch.items() if k != "labels"})
+    if error is not None:
+        checks = [Check("image_tokens", FAIL, f"the forward refused the batch: {error}",
+                        "the image placeholders do not match the image features: check max_length and the processor")]
+    else:
+        checks = [Check("image_tokens", PASS, "the longest rows, with the longest description, fit whole")]
+    import inspect
+
+    from peft import PeftModel
+
+    inner = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+    accepted = set(inspect.signature(inner.forward).parameters)
+    missing = sorted({k for k in batch if k in accepted and k != "labels"} - set(seen))
+    checks.append(Check("model_inputs", FAIL, f"{', '.join(missing)} never reach the forward", "the collator drops "
+                        "these inputs: update trl") if missing else
+                  Check("model_inputs", PASS, f"{', '.join(sorted(seen))} reach the forward"))
+    checks += [check_sft_tokens(processor, train_set, batch), check_parameters(trainer), check_update(trainer)]
+    if error is None:
+        checks.append(check_memory(trainer, batch, len(examples), "infuse_sft", device_memory))
+    return head + checks
 
 
 STAGES = ("selfgen", "dpo", "infuse-sft", "eval")
@@ -778,6 +910,8 @@ def preflight_stage(recipe, stage: str, device_memory: int | None = None, model_
         checks = preflight_selfgen(recipe, device_memory)
     elif stage == "dpo":
         checks = preflight_dpo(recipe, device_memory=device_memory)
+    elif stage == "infuse-sft":
+        checks = preflight_infuse(recipe, device_memory)
     elif stage == "eval":
         checks = preflight_eval(recipe, model_spec, device_memory)
     else:
