@@ -324,6 +324,7 @@ class Benchmark:
     score: Callable | None  # None: scored by the LLM judge
     headline: str  # the metric key shown in tables
     max_new_tokens: int = 32
+    higher_is_better: bool = True  # the headline's direction: `stic compare` averages only one direction
 
 
 # The registry: the paper's benchmarks below, and those of the plugin modules a recipe names in `eval.plugins`
@@ -337,13 +338,13 @@ class BenchmarkPluginError(SticError, ValueError):
 
 
 def register(name: str, load: Callable[[Path], list[Item]], score: Callable | None, headline: str,
-             max_new_tokens: int = 32) -> Benchmark:
+             max_new_tokens: int = 32, higher_is_better: bool = True) -> Benchmark:
     """Add a benchmark under `name`: `load(data_root)` gives its items, `score(items, {id: answer})` gives
     (metrics, per-item results) or is None for the judged llava_bench and mmvet; `headline` is the metric key
-    tables show."""
+    tables show, and `higher_is_better` its direction (False for an error or hallucination rate)."""
     if name in BENCHMARKS:
         raise BenchmarkPluginError(f"benchmark {name!r} is registered twice")
-    BENCHMARKS[name] = Benchmark(name, load, score, headline, max_new_tokens)
+    BENCHMARKS[name] = Benchmark(name, load, score, headline, max_new_tokens, higher_is_better)
     return BENCHMARKS[name]
 
 

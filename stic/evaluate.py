@@ -7,12 +7,15 @@ For each benchmark the run writes, under `<eval.output_dir>/<run name>/<benchmar
   predictions.jsonl  one line per item: {"question_id", "prompt", "text"[, "description"]} — the format
                      `stic score` reads, so a run can be rescored without a model
   scores.json        the metrics and each item's result
-and `summary.json` + `results.md` for the run. Answers are generated through the shared sharded engine
-(`store.run_sharded`), so a killed run resumes from the items it already answered.
+and `summary.json` + `results.md` for the run, into which each eval merges its benchmarks' entries (score,
+settings, time, unreadable images), so that a run evaluated in several calls keeps them all. Answers are
+generated through the shared sharded engine (`store.run_sharded`), so a killed run resumes from the items it
+already answered.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from pathlib import Path
@@ -24,7 +27,7 @@ from stic.generation import BatchGenerator, Request, SamplingConfig
 from stic.judge import Judge, score_llava_bench, score_mmvet
 from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
-from stic.report import benchmark_summary, write_eval_summary
+from stic.report import benchmark_summary, eval_closing_line, read_eval_summary, record_eval_summary
 
 log = logging.getLogger("stic.eval")
 
@@ -200,13 +203,45 @@ def answer_benchmark(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], 
     return ordered
 
 
+def unreadable_images(predictions: list[dict], shown: int = 5) -> dict:
+    """How many items answer_benchmark scored as empty answers because their image could not be read, and the
+    first ids (predictions.jsonl gives each one's reason under `error`)."""
+    ids = [p["question_id"] for p in predictions if "error" in p]
+    return {"count": len(ids), "ids": ids[:shown]}
+
+
+def entry_settings(recipe: Recipe, model_cfg: ModelSpec, adapters: list[str], name: str, dar: bool,
+                   dtype: str | None) -> dict:
+    """What a benchmark's entry in summary.json is made with: the model, its adapters and precision, DaR, and a
+    digest of the recipe settings that decide its answers and score (the model section, the benchmark's source
+    and item limit, its answer budget, DaR's describe step and template, the generation backend, and a judged
+    benchmark's judge model). A benchmark no imported module registered gets no digest."""
+    from stic.benchmarks import BENCHMARKS
+    from stic.store import digest
+
+    made_with = {"model": model_cfg.name_or_path, "adapters": adapters, "precision": dtype, "dar": dar,
+                 "recipe_digest": None}
+    if name in BENCHMARKS:
+        bench, cfg = BENCHMARKS[name], recipe.eval
+        decides = {"model": to_dict(model_cfg), "adapters": adapters, "source": to_dict(cfg.source(name)),
+                   "limit": cfg.limit, "max_new_tokens": bench.max_new_tokens,
+                   "backend": [recipe.generation.backend, recipe.generation.model],
+                   "judge": cfg.judge.model if bench.score is None else None}
+        if dar:
+            stage2 = recipe.infuse_sft
+            decides["dar"] = {"describe": to_dict(stage2.describe), "template": stage2.template, "seed": stage2.seed}
+        made_with["recipe_digest"] = digest(decides)
+    return made_with
+
+
 def read_predictions(path: str | Path) -> list[dict]:
-    """A predictions JSONL file ({question_id, text, ...} per line); a line that is not such an object raises
-    BenchmarkFileError naming the file and line."""
+    """A predictions JSONL file ({question_id, text, ...} per line); a line that is not such an object, or one that
+    repeats an earlier line's question_id (which answer counts would be a guess), raises BenchmarkFileError naming
+    the file and lines."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkFileError(f"predictions file {path} does not exist")
-    out = []
+    out, line_of = [], {}
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -218,6 +253,10 @@ def read_predictions(path: str | Path) -> list[dict]:
             raise BenchmarkFileError(f"{path} line {n}: expected an object with a question_id (a string)")
         if not isinstance(rec.get("text", ""), str):
             raise BenchmarkFileError(f"{path} line {n}: text must be a string, got {rec['text']!r}")
+        if rec["question_id"] in line_of:
+            raise BenchmarkFileError(f"{path} line {n}: question_id {rec['question_id']!r} repeats line "
+                                     f"{line_of[rec['question_id']]}; keep one answer per item")
+        line_of[rec["question_id"]] = n
         out.append(rec)
     return out
 
@@ -227,6 +266,13 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
     Items without a prediction make the file invalid, except for benchmarks whose official scorer counts them as
     FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them."""
     answers = {p["question_id"]: p.get("text", "") for p in predictions}
+    if len(answers) < len(predictions):  # one answer would silently win over the other
+        seen: dict = {}
+        for k, p in enumerate(predictions, start=1):
+            if p["question_id"] in seen:
+                raise BenchmarkFileError(f"{name}: predictions {seen[p['question_id']]} and {k} share question_id "
+                                         f"{p['question_id']!r}; keep one answer per item")
+            seen[p["question_id"]] = k
     missing = [it.id for it in items if it.id not in answers]
     if missing and name not in MISSING_PREDICTION_FAILS:
         raise BenchmarkFileError(f"{name}: predictions lack {len(missing)} item(s), e.g. {missing[:3]}")
@@ -244,7 +290,8 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
 
 
 def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] | None = None) -> dict | None:
-    """Generate every benchmark's answers over all processes, then score them on the main process alone.
+    """Generate every benchmark's answers over all processes, then score them on the main process alone, and merge
+    the scores into the run's summary.json (returned): the run's other benchmarks keep their entries.
 
     Scoring comes last, after the processes' final synchronisation (the last benchmark's `run_sharded`): the
     other ranks return as soon as generation is done, and nothing the main process does afterwards is a
@@ -284,13 +331,23 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     engine_cache.clear()  # the model is no longer needed on any process
     if not state.is_main_process:
         return None
+    # a run whose answers were all resumed loaded no model this time: its answers were made in the recorded one
+    precision = precision or (read_eval_summary(run_dir) or {}).get("precision")
+    if precision:
+        summary["precision"] = precision
+    dtype = (precision or {}).get("dtype")
+
+    def made_with(name: str) -> dict:  # the settings this eval makes (or would make) a benchmark's entry with
+        return entry_settings(recipe, model_cfg, adapters, name, dar, dtype)
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for name, items, predictions in answered:  # no collective from here on
         scores = score_predictions(name, items, predictions, judge)
         (run_dir / name / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-        summary["benchmarks"][name] = benchmark_summary(get_benchmark(name).headline, scores)
-    previous = run_dir / "summary.json"  # a run whose answers were all resumed loaded no model this time
-    precision = precision or (json.loads(previous.read_text()).get("precision") if previous.exists() else None)
-    if precision:
-        summary["precision"] = precision
-    write_eval_summary(run_dir, summary)
-    return summary
+        bench = get_benchmark(name)
+        summary["benchmarks"][name] = {**benchmark_summary(bench.headline, scores),
+                                       "higher_is_better": bench.higher_is_better, "settings": made_with(name),
+                                       "time": now, "unreadable_images": unreadable_images(predictions)}
+    merged = record_eval_summary(run_dir, summary, made_with)  # runs accumulate: merged into the run's summary
+    print(eval_closing_line(run_dir, summary))
+    return merged

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from stic.errors import SticError
@@ -34,10 +35,11 @@ _held: dict[str, object] = {}  # lock file -> its open handle: a process that ho
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, lock_file: str | os.PathLike | None = None):
+def output_lock(folder: str | os.PathLike, lock_file: str | os.PathLike | None = None, wait_s: float = 0.0):
     """Hold the exclusive lock of an output folder for the block; OutputLocked names the holder if another run
-    has it. flock belongs to the open file, so the kernel releases it when the holder dies (kill -9 included).
-    The lock file is left in place: deleting it would let two runs lock two different files."""
+    still has it after `wait_s` seconds (0: at once; a short wait suits a write of a few milliseconds, such as
+    merging an eval summary). flock belongs to the open file, so the kernel releases it when the holder dies
+    (kill -9 included). The lock file is left in place: deleting it would let two runs lock two different files."""
     folder = Path(folder)
     path = Path(lock_file) if lock_file else lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,19 +48,25 @@ def output_lock(folder: str | os.PathLike, lock_file: str | os.PathLike | None =
         yield
         return
     fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        text = fh.read()
-        fh.close()
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            h = json.loads(text)
-            holder = f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
-        except (ValueError, KeyError, TypeError):
-            holder = "holder not yet recorded"
-        raise OutputLocked(f"{folder} is being written by another run ({holder}); wait for it to finish, or use "
-                           "another output directory") from None
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            fh.seek(0)
+            text = fh.read()
+            fh.close()
+            try:
+                h = json.loads(text)
+                holder = f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+            except (ValueError, KeyError, TypeError):
+                holder = "holder not yet recorded"
+            raise OutputLocked(f"{folder} is being written by another run ({holder}); wait for it to finish, or "
+                               "use another output directory") from None
     fh.seek(0)
     fh.truncate()
     fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

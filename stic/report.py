@@ -15,11 +15,14 @@ import base64
 import html
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from stic.config import to_dict
+from stic.errors import SticError
+from stic.locks import output_lock
 
 if TYPE_CHECKING:
     from stic.store import ShardedOutput
@@ -312,19 +315,123 @@ def benchmark_summary(headline: str, scores: dict) -> dict:
             "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
 
 
+class SummaryFileError(SticError, ValueError):
+    """A run's summary.json cannot be read, so this eval cannot be merged into it."""
+
+
+# What an entry of summary.json was made with (its `settings`). Runs accumulate: each eval of a run name merges its
+# entries into the run's summary, and an entry kept from an earlier eval whose settings differ from the latest
+# eval's is flagged (†) in results.md and `stic compare`, never mixed in silently.
+SETTING_KEYS = ("model", "adapters", "precision", "dar", "recipe_digest")
+
+
+def settings_conflicts(made_with: dict | None, expected: dict) -> dict:
+    """{setting: [the entry's value, the latest eval's]} for each setting that differs; settings the latest eval
+    does not know (None, e.g. the precision when it loaded no model) are not compared."""
+    if made_with is None:
+        return {"settings": ["not recorded", "recorded"]}
+    return {k: [made_with.get(k), expected[k]] for k in SETTING_KEYS
+            if expected.get(k) is not None and made_with.get(k) != expected[k]}
+
+
+def merge_eval_summary(old: dict | None, new: dict, expected: Callable[[str], dict]) -> dict:
+    """The run's summary after an eval: the earlier entries, each replaced by this eval's entry of its benchmark (a
+    benchmark skipped this time keeps its earlier entry). Each entry kept from an earlier eval is checked against
+    `expected(benchmark)`, the settings this eval would have made it with: the differences go into its
+    `conflicts`. The run's own keys (model, adapters, precision) are this eval's."""
+    earlier = (old or {}).get("benchmarks", {})
+    entries = {}
+    for name in dict.fromkeys([*earlier, *new["benchmarks"]]):
+        entry = new["benchmarks"].get(name)
+        if name not in new["benchmarks"] or (name in earlier and "skipped" in (entry or {})):  # a skip: no answers
+            entry = {k: v for k, v in earlier[name].items() if k != "conflicts"}  # checked against this eval
+            found = {} if "skipped" in entry else settings_conflicts(entry.get("settings"), expected(name))
+            if found:
+                entry["conflicts"] = found
+        entries[name] = entry
+    return {**(old or {}), **new, "benchmarks": entries}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so that a reader (or a killed writer) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_eval_summary(run_dir: Path, summary: dict) -> None:
-    """summary.json and results.md of an eval run; prints the table."""
+    """summary.json and results.md of an eval run, each written atomically; prints the table."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     table = results_table([summary])
-    (run_dir / "results.md").write_text(table)
+    _write_atomically(run_dir / "results.md", table)
     print(table)
 
 
-def _cell(entry: dict | None) -> float | None:
-    if not entry or "value" not in entry or entry["value"] is None:
+def read_eval_summary(run_dir: Path) -> dict | None:
+    """A run's summary.json, or None when it has none yet."""
+    path = run_dir / "summary.json"
+    if not path.exists():
         return None
-    return 100 * entry["value"] if entry["headline"] in ("accuracy", "f1", "hallucination_rate") else entry["value"]
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SummaryFileError(f"{path} is not valid JSON ({err.msg}); move it away to start the run's summary "
+                               "afresh (each benchmark's predictions.jsonl and scores.json are kept)") from None
+
+
+def record_eval_summary(run_dir: Path, summary: dict, expected: Callable[[str], dict]) -> dict:
+    """Merge this eval's summary into the run's summary.json (merge_eval_summary) under the run folder's lock, so
+    that two evals of one run name finishing together both land; writes results.md, prints the table and a warning
+    per entry made with other settings, and returns the merged summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(run_dir, wait_s=60):
+        merged = merge_eval_summary(read_eval_summary(run_dir), summary, expected)
+        write_eval_summary(run_dir, merged)
+    for name, entry in merged["benchmarks"].items():
+        if entry.get("conflicts"):
+            print(f"warning: {merged['run']}: {name}'s result was made with other settings than this eval "
+                  f"({_conflict_text(entry['conflicts'])}); it is marked † until it is evaluated again")
+    return merged
+
+
+def eval_closing_line(run_dir: Path, summary: dict) -> str:
+    """The eval's last printed line: what it scored, and the items whose image could not be read (each scored as
+    an empty answer; predictions.jsonl gives the reason under `error`)."""
+    scored = [n for n, e in summary["benchmarks"].items() if e and "skipped" not in e]
+    line = f"eval {summary['run']}: scored {', '.join(scored) or 'nothing'} into {run_dir / 'summary.json'}"
+    unread = {n: summary["benchmarks"][n]["unreadable_images"] for n in scored
+              if (summary["benchmarks"][n].get("unreadable_images") or {}).get("count")}
+    if not unread:
+        return line + ("; every image was read" if scored else "")
+    named = "; ".join(f"{n} {u['count']} ({', '.join(map(str, u['ids']))}"
+                      f"{', …' if u['count'] > len(u['ids']) else ''})" for n, u in unread.items())
+    count = sum(u["count"] for u in unread.values())
+    return line + f"; {count} item(s) had an unreadable image and were scored as empty answers: {named}"
+
+
+def _conflict_text(conflicts: dict) -> str:
+    return ", ".join(f"{k}: {a} (now {b})" for k, (a, b) in conflicts.items())
+
+
+def _cell(entry: dict | None) -> float | None:
+    """An entry's headline score as the table shows it (rates in %); None when it has none."""
+    if not entry or entry.get("value") is None:
+        return None
+    return 100 * entry["value"] if entry.get("headline") in ("accuracy", "f1", "hallucination_rate") else entry["value"]
+
+
+def _shown(entry: dict | None) -> str:
+    """A table cell: the score (0.0 included, † when made with other settings than the run's latest eval), or why
+    there is none: not run, skipped, or the status an entry gives (e.g. awaiting a judge)."""
+    value = _cell(entry)
+    if value is not None:
+        return f"{value:.1f}" + (" †" if entry.get("conflicts") else "")
+    if entry is None:
+        return "not run"
+    if entry.get("status"):
+        return str(entry["status"])
+    return "skipped" if "skipped" in entry else "no score"
 
 
 def _table_names(summaries: list[dict]) -> list[str]:
@@ -337,19 +444,49 @@ def _table_names(summaries: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
+def higher_is_better(name: str, summaries: list[dict]) -> bool | None:
+    """A benchmark's headline direction: as its entries recorded it, else as its registration says; None when
+    neither knows (a plugin `stic compare` did not import, in a summary written before directions were recorded)."""
+    from stic.benchmarks import BENCHMARKS
+
+    recorded = {s["benchmarks"][name]["higher_is_better"] for s in summaries
+                if "higher_is_better" in (s["benchmarks"].get(name) or {})}
+    if not recorded and name in BENCHMARKS:
+        recorded = {BENCHMARKS[name].higher_is_better}
+    return recorded.pop() if len(recorded) == 1 else None
+
+
+def _heading(name: str, direction: bool | None) -> str:
+    return f"{name} ↓" if direction is False else name
+
+
 def results_table(summaries: list[dict]) -> str:
-    """A markdown table, one row per run, one column per benchmark (its headline metric, in %), plus the average
-    over the benchmarks every run has."""
+    """A markdown table, one row per run, one column per benchmark (its headline metric, in %; ↓ marks a
+    lower-is-better one), plus the average over the benchmarks every run has when their metrics all point one way.
+    Notes under it say why there is no average and which entries were made with other settings (†)."""
     names = _table_names(summaries)
+    directions = {n: higher_is_better(n, summaries) for n in names}
     common = [n for n in names if all(_cell(s["benchmarks"].get(n)) is not None for s in summaries)]
-    head = "| run | " + " | ".join(names) + " | average |\n|---|" + "---|" * (len(names) + 1) + "\n"
-    lines = []
+    ways = {directions[n] for n in common}
+    averaged = len(ways) == 1 and None not in ways
+    head = ("| run | " + " | ".join(_heading(n, directions[n]) for n in names) + " | "
+            + _heading("average", ways.pop() if averaged else None) + " |\n|---|" + "---|" * (len(names) + 1) + "\n")
+    lines, notes = [], []
     for s in summaries:
-        cells = [_cell(s["benchmarks"].get(n)) for n in names]
-        avg = [_cell(s["benchmarks"][n]) for n in common]
+        cells = [_shown(s["benchmarks"].get(n)) for n in names]
+        avg = [_cell(s["benchmarks"][n]) for n in common] if averaged else []
         tail = f" | {sum(avg) / len(avg):.1f} |" if avg else " | – |"
-        lines.append(f"| {s['run']} | " + " | ".join("skipped" if c is None else f"{c:.1f}" for c in cells) + tail)
-    return head + "\n".join(lines) + "\n"
+        lines.append(f"| {s['run']} | " + " | ".join(cells) + tail)
+        notes += [f"† {s['run']}/{n} was made with other settings than the run's latest eval: "
+                  f"{_conflict_text(s['benchmarks'][n]['conflicts'])}"
+                  for n in names if (s["benchmarks"].get(n) or {}).get("conflicts")]
+    if common and not averaged:
+        lower = [n for n in common if directions[n] is False]
+        unknown = [n for n in common if directions[n] is None]
+        why = ([f"lower is better for {', '.join(lower)}, higher for the others"] if lower else []) + (
+            [f"no recorded direction for {', '.join(unknown)}"] if unknown else [])
+        notes.insert(0, f"no average: {'; '.join(why)}")
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
@@ -378,8 +515,10 @@ def precision_warning(summaries: list[dict]) -> str | None:
             "training's effect with rounding. Rerun them in one precision (model.merged_dtype) to compare.")
 
 
-def plot_comparison(summaries: list[dict], out_png: str) -> None:
-    """Grouped bars: one group per benchmark some run has a value for, one bar per run."""
+def plot_comparison(summaries: list[dict], out_png: str) -> list[tuple[str, str, float]]:
+    """Grouped bars: one group per benchmark some run has a score for, one bar per run that has one, labelled with
+    its value (so a 0 shows as 0.0); a run without a score gets its reason ('not run', a status) written where its
+    bar would be. Returns the bars as drawn: (benchmark, run, height)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,13 +528,23 @@ def plot_comparison(summaries: list[dict], out_png: str) -> None:
                                                         for s in summaries)]
     width = 0.8 / max(1, len(summaries))
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
+    drawn = []
     for k, s in enumerate(summaries):
-        vals = [_cell(s["benchmarks"].get(n)) or 0.0 for n in names]
-        ax.bar([i + k * width for i in range(len(names))], vals, width, label=s["run"])
-    ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+        scored = [(i, n, _cell(s["benchmarks"].get(n))) for i, n in enumerate(names)]
+        has = [(i, n, v) for i, n, v in scored if v is not None]
+        bars = ax.bar([i + k * width for i, _, _ in has], [v for _, _, v in has], width, label=s["run"], color=f"C{k}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        drawn += [(n, s["run"], patch.get_height()) for (_, n, _), patch in zip(has, bars.patches)]
+        for i, n, v in scored:
+            if v is None:  # no bar: say why, so that it does not read as a 0
+                ax.text(i + k * width, 0, _shown(s["benchmarks"].get(n)), rotation=90, ha="center", va="bottom",
+                        fontsize=7, color="gray")
+    ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))],
+                  [_heading(n, higher_is_better(n, summaries)) for n in names])
     ax.set_ylabel("score (%)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+    return drawn

@@ -21,6 +21,7 @@ so a crash between the two at worst repeats the ledger's items, never a row. Eac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +63,11 @@ TOOLKIT_ENTRIES = ("data", ".ledger", ".tmp", "manifest.json", "rejects.jsonl", 
 
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def digest(obj) -> str:
+    """A short digest of JSON-able settings that is stable across runs and key orders (of their canonical JSON)."""
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:12]
 
 
 def _flatten(obj, prefix: str = "") -> dict:

@@ -119,6 +119,49 @@ def test_predictions_that_lack_items_are_refused(eval_root):
                           None)
 
 
+def test_two_evals_of_one_run_keep_both_and_unreadable_images_are_counted(tmp_path, eval_root, capsys):
+    """`--benchmarks pope`, then `--benchmarks mmbench` in another call: summary.json keeps both. An item whose
+    image cannot be decoded is still scored (as an empty answer), and is counted and named in its entry and in the
+    eval's last printed line."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(eval_root, root)
+    (root / "pope" / "val2014" / "COCO_val2014_000000000121.jpg").write_bytes(b"not a jpeg")  # adversarial/2
+    recipe = parse_recipe(recipe_dict(root, tmp_path / "runs", limit=2))
+    run_eval(recipe, "base", dar=False, benchmarks=["pope"])
+    first_last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = run_eval(recipe, "base", dar=False, benchmarks=["mmbench"])
+    second_last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    kept = json.loads((tmp_path / "runs" / "base" / "summary.json").read_text())
+    assert kept == summary and list(kept["benchmarks"]) == ["pope", "mmbench"]
+    assert first_last_line.startswith("eval base: scored pope into ") and first_last_line.endswith(
+        "; 1 item(s) had an unreadable image and were scored as empty answers: pope 1 (adversarial/2)")
+    assert second_last_line.endswith("every image was read")
+    pope, mmbench = kept["benchmarks"]["pope"], kept["benchmarks"]["mmbench"]
+    assert pope["unreadable_images"] == {"count": 1, "ids": ["adversarial/2"]}
+    assert mmbench["unreadable_images"] == {"count": 0, "ids": []}
+    assert pope["value"] is not None and mmbench["value"] is not None
+    # both made with the same settings, so neither is flagged
+    assert pope["settings"] == {**mmbench["settings"], "recipe_digest": pope["settings"]["recipe_digest"]}
+    assert pope["settings"]["precision"] == "float32" and "conflicts" not in pope
+    assert "| base | " in (tmp_path / "runs" / "base" / "results.md").read_text()
+
+
+def test_a_repeated_question_id_is_refused_naming_the_lines(tmp_path, eval_root):
+    from stic.evaluate import read_predictions
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n"
+                            for q, t in [("adversarial/1", "yes"), ("adversarial/2", "no"), ("adversarial/1", "no")]))
+    with pytest.raises(BenchmarkFileError, match=r"line 3: question_id 'adversarial/1' repeats line 1"):
+        read_predictions(path)
+    items = load_items(parse_recipe(recipe_dict(eval_root, "x")).eval, "pope")
+    twice = [{"question_id": it.id, "text": "yes"} for it in items] + [{"question_id": items[0].id, "text": "no"}]
+    with pytest.raises(BenchmarkFileError, match=f"predictions 1 and {len(items) + 1} share question_id"):
+        score_predictions("pope", items, twice, None)
+
+
 def test_killed_eval_resumes_from_answered_items(tmp_path, eval_root, monkeypatch):
     from stic import store
 
@@ -181,7 +224,8 @@ def test_two_processes_give_the_same_predictions_and_scores(tmp_path, eval_root)
         b = (tmp_path / "two" / "base" / name / "predictions.jsonl").read_text()
         assert a == b, name
     two = json.loads((tmp_path / "two" / "base" / "summary.json").read_text())
-    assert two["benchmarks"] == json.loads(json.dumps(one["benchmarks"]))
+    untimed = lambda entries: {n: {k: v for k, v in e.items() if k != "time"} for n, e in entries.items()}  # noqa: E731
+    assert untimed(two["benchmarks"]) == untimed(json.loads(json.dumps(one["benchmarks"])))
     parts = list((tmp_path / "two" / "base" / "pope" / "generation" / "data").glob("*.parquet"))
     assert {p.name.split("-")[2] for p in parts} == {"r000", "r001"}
 

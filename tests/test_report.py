@@ -231,7 +231,7 @@ def test_results_table_orders_converts_and_averages():
     # the average covers only the benchmarks every run has
     assert table == ("| run | chartqa | pope | mmvet | my_plugin | average |\n|---|---|---|---|---|---|\n"
                      "| base | 30.0 | 80.0 | skipped | 40.0 | 55.0 |\n"
-                     "| stage1 | 40.0 | 90.0 | skipped | skipped | 65.0 |\n")
+                     "| stage1 | 40.0 | 90.0 | not run | not run | 65.0 |\n")
 
 
 def test_eval_summary_and_compare_round_trip(tmp_path, capsys):
@@ -260,3 +260,99 @@ def test_compare_warns_when_runs_were_evaluated_in_different_precisions(tmp_path
                                            "(base: bfloat16, stage1: float32, stage2: float32)")
     assert text.endswith(report.results_table(runs))
     assert report.compare_runs(dirs[1:]) == report.results_table(runs[1:])  # one precision: no warning
+
+
+def scored(value: float, adapters=(), dtype="float32", digest="d1", headline="f1", time="t0", **extra) -> dict:
+    """A benchmark's entry as an eval writes it."""
+    return {"headline": headline, "value": value, "metrics": {headline: value}, "higher_is_better": True,
+            "settings": {"model": "tiny:llava", "adapters": list(adapters), "precision": dtype, "dar": False,
+                         "recipe_digest": digest}, "time": time, "unreadable_images": {"count": 0, "ids": []},
+            **extra}
+
+
+def one_eval(**entries) -> dict:
+    return {"run": "base", "model": {"name_or_path": "tiny:llava"}, "adapters": [], "dar": False,
+            "precision": {"dtype": "float32"}, "benchmarks": entries}
+
+
+def test_evals_of_one_run_in_separate_calls_accumulate_and_a_rerun_replaces_only_its_entry(tmp_path, capsys):
+    run = tmp_path / "base"
+    same = lambda name: scored(0, digest="d1")["settings"]  # noqa: E731  (this eval's settings for any benchmark)
+    report.record_eval_summary(run, one_eval(pope=scored(0.8, time="t1")), same)
+    report.record_eval_summary(run, one_eval(chartqa=scored(0.3, headline="accuracy", time="t2")), same)
+    kept = json.loads((run / "summary.json").read_text())
+    assert kept["benchmarks"] == {"pope": scored(0.8, time="t1"), "chartqa": scored(0.3, headline="accuracy",
+                                                                                     time="t2")}
+    assert "| base | 30.0 | 80.0 | 55.0 |" in (run / "results.md").read_text()
+    # a rerun of pope replaces pope's entry only; a benchmark skipped this time keeps its earlier entry
+    report.record_eval_summary(run, one_eval(pope=scored(0.9, time="t3"), chartqa={"skipped": "no judge"}), same)
+    kept = json.loads((run / "summary.json").read_text())
+    assert kept["benchmarks"] == {"pope": scored(0.9, time="t3"), "chartqa": scored(0.3, headline="accuracy",
+                                                                                     time="t2")}
+    assert "warning" not in capsys.readouterr().out
+    assert not list(run.glob(".*.tmp"))  # written through a temporary file, renamed into place
+
+
+def test_an_entry_made_with_other_settings_is_flagged_not_mixed_silently(tmp_path, capsys):
+    run = tmp_path / "base"
+    report.record_eval_summary(run, one_eval(pope=scored(0.8)), lambda n: scored(0)["settings"])
+    now = scored(0, adapters=["out/dpo"], dtype="float32", digest="d2")["settings"]
+    report.record_eval_summary(run, one_eval(chartqa=scored(0.3, adapters=["out/dpo"], digest="d2",
+                                                            headline="accuracy")), lambda n: now)
+    kept = json.loads((run / "summary.json").read_text())
+    assert kept["benchmarks"]["pope"]["conflicts"] == {"adapters": [[], ["out/dpo"]], "recipe_digest": ["d1", "d2"]}
+    assert "conflicts" not in kept["benchmarks"]["chartqa"]
+    out = capsys.readouterr().out
+    assert ("warning: base: pope's result was made with other settings than this eval (adapters: [] (now "
+            "['out/dpo']), recipe_digest: d1 (now d2))") in out
+    table = (run / "results.md").read_text()
+    assert "| base | 30.0 | 80.0 † |" in table
+    assert "† base/pope was made with other settings than the run's latest eval: adapters: [] (now" in table
+    assert report.compare_runs([str(run)]) == table
+    # evaluated again with this eval's settings: the flag goes
+    report.record_eval_summary(run, one_eval(pope=scored(0.7, adapters=["out/dpo"], digest="d2")), lambda n: now)
+    assert "†" not in (run / "results.md").read_text()
+    # an entry written before settings were recorded cannot be vouched for either
+    merged = report.merge_eval_summary({"run": "base", "benchmarks": {"pope": {"headline": "f1", "value": 0.5}}},
+                                       one_eval(chartqa=scored(0.3)), lambda n: now)
+    assert merged["benchmarks"]["pope"]["conflicts"] == {"settings": ["not recorded", "recorded"]}
+
+
+def test_compare_tells_not_run_from_zero_and_from_a_status(tmp_path):
+    a = one_eval(pope=scored(0.0), chartqa=scored(0.25, headline="accuracy"), mmvet={"skipped": "no judge"})
+    b = {**one_eval(pope=scored(0.5), llava_bench={"status": "awaiting judge", "headline": "relative"}),
+         "run": "stage1"}
+    assert report.results_table([a, b]) == (
+        "| run | chartqa | pope | llava_bench | mmvet | average |\n|---|---|---|---|---|---|\n"
+        "| base | 25.0 | 0.0 | not run | skipped | 0.0 |\n"
+        "| stage1 | not run | 50.0 | awaiting judge | not run | 50.0 |\n")
+
+
+def test_the_chart_keeps_every_scored_bar_zero_included(tmp_path):
+    a = one_eval(pope=scored(0.0), chartqa=scored(0.25, headline="accuracy"))
+    b = {**one_eval(pope=scored(0.5), mmvet={"status": "awaiting judge"}), "run": "stage1"}
+    drawn = report.plot_comparison([a, b], str(tmp_path / "cmp.png"))
+    # every score is a bar, a 0 one too; a benchmark one run lacks keeps the other run's bar
+    assert sorted(drawn) == sorted([("chartqa", "base", 25.0), ("pope", "base", 0.0), ("pope", "stage1", 50.0)])
+    assert (tmp_path / "cmp.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_average_covers_metrics_of_one_direction_only():
+    from stic.benchmarks import BENCHMARKS
+    from stic.shapes import benchmarks as _shapes  # noqa: F401  (registers shapes_describe and shapes_qa)
+
+    rate = dict(scored(0.2, headline="hallucination_rate"), higher_is_better=False)  # as its entry records it
+    mixed = one_eval(shapes_describe=rate, shapes_qa=scored(0.6, headline="accuracy"))
+    table = report.results_table([mixed])
+    assert table.splitlines()[0] == "| run | shapes_describe ↓ | shapes_qa | average |"
+    assert "| base | 20.0 | 60.0 | – |" in table  # not (20 + 60) / 2
+    assert "no average: lower is better for shapes_describe, higher for the others" in table
+    lower = one_eval(shapes_describe=rate, other_rate=rate)
+    assert report.results_table([lower]).splitlines()[0].endswith("| average ↓ |")
+    assert "| base | 20.0 | 20.0 | 20.0 |" in report.results_table([lower])
+    # a plugin benchmark neither recorded nor registered: its direction is unknown, so no average either
+    unknown = one_eval(pope=scored(0.8), my_plugin={"headline": "score", "value": 40.0})
+    assert "| base | 80.0 | 40.0 | – |" in report.results_table([unknown])
+    assert "no recorded direction for my_plugin" in report.results_table([unknown])
+    # the direction is registered with each benchmark (eval records it in the entries from there)
+    assert BENCHMARKS["pope"].higher_is_better and not BENCHMARKS["shapes_describe"].higher_is_better

@@ -42,5 +42,6 @@ def score_shapes_qa(items: list[Item], answers: dict[str, str]) -> tuple[dict, d
     return score_qa([it.meta for it in items], answers)
 
 
-register("shapes_describe", load_shapes_describe, score_shapes_describe, "hallucination_rate", 48)
+register("shapes_describe", load_shapes_describe, score_shapes_describe, "hallucination_rate", 48,
+         higher_is_better=False)
 register("shapes_qa", load_shapes_qa, score_shapes_qa, "accuracy", 8)
