@@ -15,10 +15,12 @@ import base64
 import dataclasses
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 from stic import metrics as M
+from stic.chair import ChairRules, chair_metrics, judge_description
 from stic.errors import SticError
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -312,6 +314,88 @@ def load_mmvet(root: Path) -> list[Item]:
     return items
 
 
+# -------------------------------------------------------------------------------------------------------------
+# CHAIR on COCO val2014: object hallucination in detailed descriptions (rules in stic/chair.py)
+
+
+def _chair_file(path: Path, key: str, unset: bool, what: str = "") -> Path:
+    """A file the user supplies; missing: one line naming the recipe key and the file."""
+    if not path.is_file():
+        raise BenchmarkFileError(f"{key}{' (unset: under eval.data_root)' if unset else ''}: {path} does not exist"
+                                 + (f" ({what})" if what else ""))
+    return path
+
+
+def _chair_image_ids(settings, pool: list[int], where: str) -> list[int]:
+    """The evaluated images: those listed in eval.chair.image_ids, else `n_images` drawn from the sorted val2014
+    ids with random.Random(seed).sample, in id order (all of them when n_images is null)."""
+    import random
+
+    if settings.image_ids:
+        path = _chair_file(Path(settings.image_ids), "eval.chair.image_ids", False)
+        known, ids = set(pool), []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                digits = re.findall(r"\d+", line)  # an id, or a file name such as COCO_val2014_000000000042.jpg
+                if not digits or int(digits[-1]) not in known:
+                    raise BenchmarkFileError(f"{path} line {n}: {line.strip()!r} is no image of {where}")
+                ids.append(int(digits[-1]))
+        return list(dict.fromkeys(ids))
+    if settings.n_images is None or settings.n_images >= len(pool):
+        return sorted(pool)
+    return sorted(random.Random(settings.seed).sample(sorted(pool), settings.n_images))
+
+
+def load_chair(root: Path, settings) -> list[Item]:
+    """COCO val2014 images with the describe prompt; `settings` is the recipe's eval.chair section (ChairConfig).
+    Each item's meta holds the image's true objects: its instance categories and the objects its reference
+    captions name, both mapped to the synonym list's COCO objects."""
+    d = root / "chair"
+    annotations = Path(settings.annotations) if settings.annotations else d / "annotations"
+    instances_path, captions_path = (
+        _chair_file(annotations / f"{kind}_val2014.json", "eval.chair.annotations", not settings.annotations,
+                    "from COCO's annotations_trainval2014.zip") for kind in ("instances", "captions"))
+    synonyms_path = _chair_file(Path(settings.synonyms) if settings.synonyms else d / "synonyms.txt",
+                                "eval.chair.synonyms", not settings.synonyms,
+                                "the public CHAIR synonym list, data/synonyms.txt of LisaAnne/Hallucination")
+    images = Path(settings.images) if settings.images else d / "val2014"
+    rules = ChairRules(synonyms_path.read_text())
+    instances, captions = read_json(instances_path), read_json(captions_path)
+    for path, data, keys in ((instances_path, instances, ["images", "annotations", "categories"]),
+                             (captions_path, captions, ["annotations"])):
+        _need(data, keys, str(path))
+    category = {}
+    for c in instances["categories"]:
+        _need(c, ["id", "name"], f"{instances_path} category")
+        if c["name"] not in rules.object_of:
+            raise BenchmarkFileError(f"{synonyms_path}: no line for the COCO category {c['name']!r}")
+        category[c["id"]] = rules.object_of[c["name"]]
+    file_name = {}
+    for i, im in enumerate(instances["images"]):
+        _need(im, ["id", "file_name"], f"{instances_path} images[{i}]")
+        file_name[im["id"]] = im["file_name"]
+    chosen = _chair_image_ids(settings, list(file_name), str(instances_path))
+    truth: dict[int, set[str]] = {i: set() for i in chosen}
+    for i, a in enumerate(instances["annotations"]):  # ~290k in val2014: only the chosen images' are checked
+        if isinstance(a, dict) and a.get("image_id") in truth:
+            if a.get("category_id") not in category:
+                raise BenchmarkFileError(f"{instances_path} annotations[{i}]: category_id "
+                                         f"{a.get('category_id')!r} is not among its categories")
+            truth[a["image_id"]].add(category[a["category_id"]])
+    for i, a in enumerate(captions["annotations"]):
+        if isinstance(a, dict) and a.get("image_id") in truth:
+            _need(a, ["caption"], f"{captions_path} annotations[{i}]")
+            truth[a["image_id"]].update(obj for _, obj in rules.mentions(a["caption"]))
+    return [Item(str(i), str(images / file_name[i]), settings.prompt,
+                 {"image_id": i, "objects": sorted(truth[i]), "rules": rules}) for i in chosen]
+
+
+def score_chair(items, answers):
+    """CHAIR_s, CHAIR_i and object recall in percent (the public CHAIR scorer's rules, see stic/chair.py)."""
+    per = {it.id: judge_description(answers[it.id], set(it.meta["objects"]), it.meta["rules"]) for it in items}
+    return chair_metrics(list(per.values())), per
+
+
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else 0.0
@@ -320,11 +404,12 @@ def _mean(values) -> float:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
-    load: Callable[[Path], list[Item]]
+    load: Callable[..., list[Item]]
     score: Callable | None  # None: scored by the LLM judge
     headline: str  # the metric key shown in tables
     max_new_tokens: int = 32
     higher_is_better: bool = True  # the headline's direction: `stic compare` averages only one direction
+    config_section: str | None = None  # an eval section the loader takes after data_root (chair: eval.chair)
 
 
 # The registry: the paper's benchmarks below, and those of the plugin modules a recipe names in `eval.plugins`
@@ -337,14 +422,16 @@ class BenchmarkPluginError(SticError, ValueError):
     registered twice."""
 
 
-def register(name: str, load: Callable[[Path], list[Item]], score: Callable | None, headline: str,
-             max_new_tokens: int = 32, higher_is_better: bool = True) -> Benchmark:
+def register(name: str, load: Callable[..., list[Item]], score: Callable | None, headline: str,
+             max_new_tokens: int = 32, higher_is_better: bool = True,
+             config_section: str | None = None) -> Benchmark:
     """Add a benchmark under `name`: `load(data_root)` gives its items, `score(items, {id: answer})` gives
     (metrics, per-item results) or is None for the judged llava_bench and mmvet; `headline` is the metric key
-    tables show, and `higher_is_better` its direction (False for an error or hallucination rate)."""
+    tables show, `higher_is_better` its direction. With `config_section`, the loader is called as
+    `load(data_root, <the eval config's section of that name>)`."""
     if name in BENCHMARKS:
         raise BenchmarkPluginError(f"benchmark {name!r} is registered twice")
-    BENCHMARKS[name] = Benchmark(name, load, score, headline, max_new_tokens, higher_is_better)
+    BENCHMARKS[name] = Benchmark(name, load, score, headline, max_new_tokens, higher_is_better, config_section)
     return BENCHMARKS[name]
 
 
@@ -368,6 +455,7 @@ register("mmbench", load_mmbench, score_mmbench, "accuracy", 16)
 register("mathvista", load_mathvista, score_mathvista, "accuracy", 512)
 register("llava_bench", load_llava_bench, None, "relative", 512)
 register("mmvet", load_mmvet, None, "total", 512)
+register("chair", load_chair, score_chair, "chair_s", 512, higher_is_better=False, config_section="chair")
 PAPER_BENCHMARKS = ["scienceqa", "textvqa", "chartqa", "pope", "mmbench", "mathvista", "llava_bench", "mmvet"]
 
 

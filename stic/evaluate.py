@@ -98,7 +98,9 @@ def _answers_of_another_comparison(folder: Path, run_config: dict) -> bool:
 
 
 def load_items(cfg: EvalConfig, name: str) -> list[Item]:
-    items = get_benchmark(name).load(Path(cfg.data_root))
+    bench = get_benchmark(name)
+    section = (getattr(cfg, bench.config_section),) if bench.config_section else ()  # chair: eval.chair
+    items = bench.load(Path(cfg.data_root), *section)
     ids = [it.id for it in items]
     if len(ids) != len(set(ids)):
         raise BenchmarkFileError(f"{name}: item ids are not unique")

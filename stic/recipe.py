@@ -295,6 +295,31 @@ class BenchmarkSource:
                    "taken from those projects; unset: the toolkit's own wording, not comparable to published scores")
 
 
+@dataclasses.dataclass
+class ChairConfig:
+    """CHAIR on COCO val2014 (Rohrbach et al. 2018): which images are described, with which prompt, and the COCO
+    and synonym files the scorer reads (see stic/chair.py for its rules)."""
+
+    images: str | None = option(None, help="the COCO val2014 image folder; unset: <data_root>/chair/val2014")
+    annotations: str | None = option(
+        None, help="the folder holding COCO's instances_val2014.json and captions_val2014.json (from "
+                   "annotations_trainval2014.zip); unset: <data_root>/chair/annotations")
+    synonyms: str | None = option(
+        None, help="the public CHAIR synonym list (data/synonyms.txt of LisaAnne/Hallucination; each line a COCO "
+                   "object, then its synonyms, comma-separated); unset: <data_root>/chair/synonyms.txt")
+    n_images: int | None = option(
+        500, help="images drawn from val2014 with random.Random(seed).sample over the sorted image ids; null: all")
+    seed: int = option(0, help="the seed of that draw")
+    image_ids: str | None = option(
+        None, help="a file of COCO image ids or file names, one a line, evaluated instead of the draw (e.g. "
+                   "the list a paper used)")
+    prompt: str = option("Please describe this image in detail.", help="the describe prompt (OPERA's)")
+
+    def __post_init__(self):
+        if self.n_images is not None and self.n_images < 1:
+            raise ValueError(f"n_images must be at least 1 (null: every image), got {self.n_images}")
+
+
 def _source(name: str):
     return option(factory=BenchmarkSource, help=f"{name}: Hugging Face source and judge rules")
 
@@ -318,6 +343,7 @@ class EvalConfig:
     mathvista: BenchmarkSource = _source("MathVista")
     llava_bench: BenchmarkSource = _source("LLaVA-Bench (in the wild)")
     mmvet: BenchmarkSource = _source("MM-Vet")
+    chair: ChairConfig = option(factory=ChairConfig, help="CHAIR on COCO: images, prompt and the scorer's files")
 
     def source(self, name: str) -> BenchmarkSource:
         """A benchmark's source section; plugin benchmarks have none and read the official layout."""

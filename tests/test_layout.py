@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # lower numbers are lower layers; a module may import from its own layer or any below it
 LAYERS = {
-    0: ["stic.errors", "stic.progress", "stic.metrics", "stic.tiny", "stic.locks"],
+    0: ["stic.errors", "stic.progress", "stic.metrics", "stic.chair", "stic.tiny", "stic.locks"],
     1: ["stic.config", "corruptions"],
     2: ["stic.generation", "stic.images", "stic.prompts", "stic.models", "stic.serving", "stic.instructions",
         "stic.benchmarks", "stic.judge", "stic.training", "stic.store", "stic.report", "stic.recipe_cache"],

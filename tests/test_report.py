@@ -338,8 +338,9 @@ def test_the_chart_keeps_every_scored_bar_zero_included(tmp_path):
 
 
 def test_the_average_covers_metrics_of_one_direction_only():
-    from stic.benchmarks import BENCHMARKS
-    from stic.shapes import benchmarks as _shapes  # noqa: F401  (registers shapes_describe and shapes_qa)
+    from stic.benchmarks import BENCHMARKS, load_plugins
+
+    load_plugins(["stic.shapes.benchmarks"])  # registers shapes_describe (by module name: a test may have reset it)
 
     rate = dict(scored(0.2, headline="hallucination_rate"), higher_is_better=False)  # as its entry records it
     mixed = one_eval(shapes_describe=rate, shapes_qa=scored(0.6, headline="accuracy"))
