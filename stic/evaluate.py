@@ -8,7 +8,8 @@ For each benchmark the run writes, under `<eval.output_dir>/<run name>/<benchmar
                      `stic score` reads, so a run can be rescored without a model
   scores.json        the metrics and each item's result
 and `summary.json` + `results.md` for the run. Answers are generated through the shared sharded engine
-(`store.run_sharded`), so a killed run resumes from the items it already answered.
+(`store.run_sharded`), so a killed run resumes from the items it already answered. The judged benchmarks are
+answered without a judge too: their scores wait for `stic score` (`fill_awaiting_entry`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
                              get_benchmark)
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
-from stic.judge import Judge, score_llava_bench, score_mmvet
+from stic.judge import (Judge, JudgeRules, judge_record, load_judge_rules, make_judge, score_llava_bench,
+                        score_mmvet)
 from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import benchmark_summary, write_eval_summary
@@ -222,10 +224,12 @@ def read_predictions(path: str | Path) -> list[dict]:
     return out
 
 
-def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None) -> dict:
+def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None,
+                      rules: JudgeRules | None = None) -> dict:
     """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`.
     Items without a prediction make the file invalid, except for benchmarks whose official scorer counts them as
-    FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them."""
+    FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them. A judged benchmark
+    without a judge is recorded as awaiting one; its result carries `judge` (judge_record) once judged."""
     answers = {p["question_id"]: p.get("text", "") for p in predictions}
     missing = [it.id for it in items if it.id not in answers]
     if missing and name not in MISSING_PREDICTION_FAILS:
@@ -234,10 +238,15 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
     if bench.score is not None:
         metrics, per = bench.score(items, answers)
     elif judge is None or not judge.available:
-        return {"skipped": "no judge endpoint configured"}
+        why = f"no judge endpoint (${judge.cfg.base_url_env} unset)" if judge else "no judge given"
+        return {"benchmark": name, "headline": bench.headline, "awaiting_judge": why}
+    elif name == "llava_bench":
+        metrics, per = score_llava_bench(items, answers, judge, rules)
     else:
-        metrics, per = (score_llava_bench if name == "llava_bench" else score_mmvet)(items, answers, judge)
+        metrics, per = score_mmvet(items, answers, judge, rules, runs=judge.cfg.mmvet_runs)
     result = {"benchmark": name, "headline": bench.headline, "metrics": metrics, "per_item": per}
+    if bench.score is None:
+        result["judge"] = judge_record(judge, rules, name)
     if name in MISSING_PREDICTION_FAILS:
         result["missing_predictions"] = len(missing)
     return result
@@ -261,17 +270,13 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     run_name += "+dar" if dar else ""
     run_dir = Path(cfg.output_dir) / run_name
     names = benchmarks or cfg.benchmarks
-    judge = Judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
+    judge = make_judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
+    rules = {name: load_judge_rules(name, cfg.source(name).rule_file) for name in names}  # refused before any work
     engine_cache: dict = {}
     summary = {"run": run_name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar, "benchmarks": {}}
     answered = []
     for name in names:
-        bench = get_benchmark(name)
-        if bench.score is None and not judge.available:
-            log.warning("skipping %s: it is scored by an LLM judge and %s is not set", name,
-                        cfg.judge.base_url_env)
-            summary["benchmarks"][name] = {"skipped": f"no judge endpoint ({cfg.judge.base_url_env} unset)"}
-            continue
+        # a judged benchmark is answered without a judge too (judged later by `stic score`)
         items = load_items(cfg, name)
         out = run_dir / name
         predictions = answer_benchmark(recipe, model_cfg, adapters, name, out, dar, items, engine_cache)
@@ -284,13 +289,51 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     engine_cache.clear()  # the model is no longer needed on any process
     if not state.is_main_process:
         return None
+    awaiting = []
     for name, items, predictions in answered:  # no collective from here on
-        scores = score_predictions(name, items, predictions, judge)
+        scores = score_predictions(name, items, predictions, judge, rules[name])
         (run_dir / name / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        if "awaiting_judge" in scores:
+            awaiting.append(name)
+            summary["benchmarks"][name] = {"headline": scores["headline"], "value": None,
+                                           "awaiting_judge": scores["awaiting_judge"]}
+            continue
         summary["benchmarks"][name] = benchmark_summary(get_benchmark(name).headline, scores)
     previous = run_dir / "summary.json"  # a run whose answers were all resumed loaded no model this time
     precision = precision or (json.loads(previous.read_text()).get("precision") if previous.exists() else None)
     if precision:
         summary["precision"] = precision
     write_eval_summary(run_dir, summary)
+    if awaiting:
+        print(judge_later_line(awaiting, run_dir, cfg.judge.base_url_env))
     return summary
+
+
+def judge_later_line(names: list[str], run_dir: Path, base_url_env: str) -> str:
+    """The closing line of a run whose judged benchmarks were answered without a judge."""
+    each = " (then likewise for " + ", ".join(names[1:]) + ")" if len(names) > 1 else ""
+    return (f"awaiting a judge: {', '.join(names)} (answers written). Judge later, once ${base_url_env} is set: "
+            f"stic score --recipe RECIPE --benchmark {names[0]} --predictions {run_dir / names[0]}/predictions.jsonl"
+            f"{each}; --judge mock: an offline stand-in, not a real score")
+
+
+def fill_awaiting_entry(predictions_path: str | Path, name: str, scores: dict) -> Path | None:
+    """After `stic score` judged a benchmark that an eval run left awaiting a judge: its scores.json and its
+    summary.json entry (and results.md) in that run folder, updated in place. Returns the summary's path, or None
+    when the predictions file is not such a run's."""
+    from stic.report import results_table
+
+    bench_dir = Path(predictions_path).resolve().parent
+    summary_path = bench_dir.parent / "summary.json"
+    if bench_dir.name != name or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    entry = summary.get("benchmarks", {}).get(name)
+    if not isinstance(entry, dict) or "awaiting_judge" not in entry:
+        return None
+    (bench_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    entry.pop("awaiting_judge")
+    entry.update(benchmark_summary(scores["headline"], scores))
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    (bench_dir.parent / "results.md").write_text(results_table([summary]))
+    return summary_path

@@ -308,8 +308,11 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
 
 def benchmark_summary(headline: str, scores: dict) -> dict:
     """A benchmark's entry in summary.json: its headline value and its scalar metrics."""
-    return {"headline": headline, "value": scores["metrics"].get(headline),
-            "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+    entry = {"headline": headline, "value": scores["metrics"].get(headline),
+             "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+    if "judge" in scores:  # judged benchmarks: the judge model, the rule file's digest, comparable or not
+        entry["judge"] = scores["judge"]
+    return entry
 
 
 def write_eval_summary(run_dir: Path, summary: dict) -> None:
@@ -348,8 +351,26 @@ def results_table(summaries: list[dict]) -> str:
         cells = [_cell(s["benchmarks"].get(n)) for n in names]
         avg = [_cell(s["benchmarks"][n]) for n in common]
         tail = f" | {sum(avg) / len(avg):.1f} |" if avg else " | – |"
-        lines.append(f"| {s['run']} | " + " | ".join("skipped" if c is None else f"{c:.1f}" for c in cells) + tail)
-    return head + "\n".join(lines) + "\n"
+        lines.append(f"| {s['run']} | " + " | ".join(
+            _missing(s["benchmarks"].get(n)) if c is None else f"{c:.1f}" for n, c in zip(names, cells)) + tail)
+    return head + "\n".join(lines) + "\n" + judge_notes(summaries)
+
+
+def _missing(entry: dict | None) -> str:
+    return "awaiting judge" if entry and "awaiting_judge" in entry else "skipped"
+
+
+def judge_notes(summaries: list[dict]) -> str:
+    """Lines under a results table naming the judged scores that cannot be compared with published ones (the
+    toolkit's own judge wording, the mock judge), so that no such number stands unlabelled."""
+    notes: dict[tuple[str, str], list[str]] = {}
+    for s in summaries:
+        for name, entry in s["benchmarks"].items():
+            note = ((entry or {}).get("judge") or {}).get("note")
+            if note:
+                notes.setdefault((name, note), []).append(s["run"])
+    lines = "".join(f"- {name} ({', '.join(runs)}): {note}\n" for (name, note), runs in notes.items())
+    return "\n" + lines if lines else ""
 
 
 def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:
