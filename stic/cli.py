@@ -5,6 +5,7 @@
     stic infuse-sft --recipe recipes/default.yaml [infuse_sft.key=value ...]
     stic dar --recipe recipes/default.yaml --image IMG --question "..."
     stic eval --recipe recipes/default.yaml --model base|stage1|stage2|PATH [--dar] [--benchmarks ...]
+    stic score --benchmark mmvet --predictions RUN/mmvet/predictions.jsonl [--recipe R] [--judge MODEL|mock]
     stic merge --recipe recipes/default.yaml [--adapter DIR] -o OUT
     stic tiny-model --family llava -o DIR
     stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
@@ -145,19 +146,37 @@ def _dar(args) -> int:
 def _score(args) -> int:
     from pathlib import Path
 
-    from stic.evaluate import EvalConfig, load_items, read_predictions, score_predictions
-    from stic.judge import Judge, JudgeConfig
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="eval")
+    from stic.evaluate import fill_awaiting_entry, load_items, read_predictions, score_predictions
+    from stic.judge import JudgeUnavailable, load_judge_rules, make_judge
+    from stic.recipe import parse_recipe
 
-    cfg = EvalConfig(data_root=args.data_root, benchmarks=[args.benchmark], plugins=args.plugin)
+    section = data["eval"] = dict(data.get("eval") or {})  # the recipe's eval section, then the options
+    section["benchmarks"] = [args.benchmark]
+    section["plugins"] = list(section.get("plugins") or []) + args.plugin
+    if args.data_root:
+        section["data_root"] = args.data_root
+    if args.judge:
+        section["judge"] = {**(section.get("judge") or {}),
+                            **({"mock": True} if args.judge == "mock" else {"model": args.judge})}
+    cfg = parse_recipe(data, build=("eval",)).eval
+    rules = load_judge_rules(args.benchmark, cfg.source(args.benchmark).rule_file)
     items = load_items(cfg, args.benchmark)
     predictions = read_predictions(args.predictions)
     known = {it.id for it in items}
     predictions = [p for p in predictions if p["question_id"] in known]
-    judge = Judge(JudgeConfig(), Path(args.predictions).parent / "judge_cache.jsonl")
-    scores = score_predictions(args.benchmark, items, predictions, judge)
+    # with a recipe, eval's own judge cache: what an eval run already asked costs nothing again
+    cache = Path(cfg.output_dir if args.recipe else Path(args.predictions).parent) / "judge_cache.jsonl"
+    scores = score_predictions(args.benchmark, items, predictions, make_judge(cfg.judge, cache), rules)
+    if "awaiting_judge" in scores:
+        raise JudgeUnavailable(f"{args.benchmark} is scored by an LLM judge: {scores['awaiting_judge']}; set "
+                               f"${cfg.judge.base_url_env}, or pass --judge mock for an offline stand-in")
     if scores.get("missing_predictions"):
         print(f"warning: {scores['missing_predictions']} of {len(items)} {args.benchmark} items have no prediction "
               f"in {args.predictions}; scored as FAILED, as the official scorer does", file=sys.stderr)
+    updated = fill_awaiting_entry(args.predictions, args.benchmark, scores)
+    if updated:
+        print(f"{args.benchmark}: judged; {updated} and results.md updated", file=sys.stderr)
     print(json.dumps({k: v for k, v in scores.items() if k != "per_item"}, indent=2))
     return 0
 
@@ -349,12 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_dar)
 
-    p = sub.add_parser("score", help="score a predictions file without a model")
+    p = sub.add_parser("score", help="score a predictions file without a model (judged benchmarks too)")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--predictions", required=True, help="JSONL: {question_id, text, ...} per line")
-    p.add_argument("--data-root", default="playground/data/eval", help="where the benchmark's files live")
+    p.add_argument("--recipe", help="a recipe whose eval section applies: data_root, plugins, judge, rule files "
+                                    "(default: the toolkit's defaults)")
+    p.add_argument("--data-root", help="where the benchmark's files live (default: the recipe's eval.data_root, "
+                                       "or playground/data/eval)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="a module that registers more benchmarks, e.g. stic.shapes.benchmarks (repeatable)")
+    p.add_argument("--judge", metavar="MODEL",
+                   help="the judge model for llava_bench and mmvet (eval.judge.model); 'mock': the offline mock "
+                        "judge, not a real score")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.mmvet.rule_file=mmvet_prompt.txt")
     p.set_defaults(func=_score)
 
     # listed here for `stic --help`; main() parses an eval command line with eval_parser (see there)

@@ -10,7 +10,8 @@ For each benchmark the run writes, under `<eval.output_dir>/<run name>/<benchmar
 and `summary.json` + `results.md` for the run, into which each eval merges its benchmarks' entries (score,
 settings, time, unreadable images), so that a run evaluated in several calls keeps them all. Answers are
 generated through the shared sharded engine (`store.run_sharded`), so a killed run resumes from the items it
-already answered.
+already answered. The judged benchmarks are answered without a judge too: their entries wait for `stic score`
+(`fill_awaiting_entry`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
                              get_benchmark)
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
-from stic.judge import Judge, score_llava_bench, score_mmvet
+from stic.judge import (Judge, JudgeRules, judge_record, load_judge_rules, make_judge, score_llava_bench,
+                        score_mmvet)
 from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import benchmark_summary, eval_closing_line, read_eval_summary, record_eval_summary
@@ -263,10 +265,12 @@ def read_predictions(path: str | Path) -> list[dict]:
     return out
 
 
-def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None) -> dict:
+def score_predictions(name: str, items: list[Item], predictions: list[dict], judge: Judge | None,
+                      rules: JudgeRules | None = None) -> dict:
     """Metrics for a predictions list (as written to predictions.jsonl). Shared by eval/run.py and `stic score`.
     Items without a prediction make the file invalid, except for benchmarks whose official scorer counts them as
-    FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them."""
+    FAILED (ScienceQA): those are scored so, and the result's `missing_predictions` counts them. A judged benchmark
+    without a judge is recorded as awaiting one; its result carries `judge` (judge_record) once judged."""
     answers = {p["question_id"]: p.get("text", "") for p in predictions}
     if len(answers) < len(predictions):  # one answer would silently win over the other
         seen: dict = {}
@@ -282,10 +286,15 @@ def score_predictions(name: str, items: list[Item], predictions: list[dict], jud
     if bench.score is not None:
         metrics, per = bench.score(items, answers)
     elif judge is None or not judge.available:
-        return {"skipped": "no judge endpoint configured"}
+        why = f"no judge endpoint (${judge.cfg.base_url_env} unset)" if judge else "no judge given"
+        return {"benchmark": name, "headline": bench.headline, "awaiting_judge": why}
+    elif name == "llava_bench":
+        metrics, per = score_llava_bench(items, answers, judge, rules)
     else:
-        metrics, per = (score_llava_bench if name == "llava_bench" else score_mmvet)(items, answers, judge)
+        metrics, per = score_mmvet(items, answers, judge, rules, runs=judge.cfg.mmvet_runs)
     result = {"benchmark": name, "headline": bench.headline, "metrics": metrics, "per_item": per}
+    if bench.score is None:
+        result["judge"] = judge_record(judge, rules, name)
     if name in MISSING_PREDICTION_FAILS:
         result["missing_predictions"] = len(missing)
     return result
@@ -310,17 +319,13 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
     run_name += "+dar" if dar else ""
     run_dir = Path(cfg.output_dir) / run_name
     names = benchmarks or cfg.benchmarks
-    judge = Judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
+    judge = make_judge(cfg.judge, Path(cfg.output_dir) / "judge_cache.jsonl")
+    rules = {name: load_judge_rules(name, cfg.source(name).rule_file) for name in names}  # refused before any work
     engine_cache: dict = {}
     summary = {"run": run_name, "model": to_dict(model_cfg), "adapters": adapters, "dar": dar, "benchmarks": {}}
     answered = []
     for name in names:
-        bench = get_benchmark(name)
-        if bench.score is None and not judge.available:
-            log.warning("skipping %s: it is scored by an LLM judge and %s is not set", name,
-                        cfg.judge.base_url_env)
-            summary["benchmarks"][name] = {"skipped": f"no judge endpoint ({cfg.judge.base_url_env} unset)"}
-            continue
+        # a judged benchmark is answered without a judge too (judged later by `stic score`)
         items = load_items(cfg, name)
         out = run_dir / name
         predictions = answer_benchmark(recipe, model_cfg, adapters, name, out, dar, items, engine_cache)
@@ -343,13 +348,55 @@ def run_eval(recipe: Recipe, model_spec: str, dar: bool, benchmarks: list[str] |
         return entry_settings(recipe, model_cfg, adapters, name, dar, dtype)
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    awaiting = []
     for name, items, predictions in answered:  # no collective from here on
-        scores = score_predictions(name, items, predictions, judge)
+        scores = score_predictions(name, items, predictions, judge, rules[name])
         (run_dir / name / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
         bench = get_benchmark(name)
-        summary["benchmarks"][name] = {**benchmark_summary(bench.headline, scores),
-                                       "higher_is_better": bench.higher_is_better, "settings": made_with(name),
-                                       "time": now, "unreadable_images": unreadable_images(predictions)}
+        made = {"higher_is_better": bench.higher_is_better, "settings": made_with(name), "time": now,
+                "unreadable_images": unreadable_images(predictions)}
+        if "awaiting_judge" in scores:  # answered; scored later by `stic score`
+            awaiting.append(name)
+            summary["benchmarks"][name] = {"headline": scores["headline"], "value": None, "status": "awaiting judge",
+                                           "awaiting_judge": scores["awaiting_judge"], **made}
+            continue
+        summary["benchmarks"][name] = {**benchmark_summary(bench.headline, scores), **made}
     merged = record_eval_summary(run_dir, summary, made_with)  # runs accumulate: merged into the run's summary
     print(eval_closing_line(run_dir, summary))
+    if awaiting:
+        print(judge_later_line(awaiting, run_dir, cfg.judge.base_url_env))
     return merged
+
+
+def judge_later_line(names: list[str], run_dir: Path, base_url_env: str) -> str:
+    """The closing line of a run whose judged benchmarks were answered without a judge."""
+    each = " (then likewise for " + ", ".join(names[1:]) + ")" if len(names) > 1 else ""
+    return (f"awaiting a judge: {', '.join(names)} (answers written). Judge later, once ${base_url_env} is set: "
+            f"stic score --recipe RECIPE --benchmark {names[0]} --predictions {run_dir / names[0]}/predictions.jsonl"
+            f"{each}; --judge mock: an offline stand-in, not a real score")
+
+
+def fill_awaiting_entry(predictions_path: str | Path, name: str, scores: dict) -> Path | None:
+    """After `stic score` judged a benchmark that an eval run left awaiting a judge: its scores.json and its
+    summary.json entry (and results.md) in that run folder, updated in place under the run's lock (other entries
+    and this entry's settings kept). Returns the summary's path, or None when the predictions file is not such a
+    run's."""
+    from stic.locks import output_lock
+    from stic.report import write_atomically, results_table
+
+    bench_dir = Path(predictions_path).resolve().parent
+    run_dir = bench_dir.parent
+    if bench_dir.name != name or not (run_dir / "summary.json").is_file():
+        return None
+    with output_lock(run_dir, wait_s=60):
+        summary = read_eval_summary(run_dir)
+        entry = (summary or {}).get("benchmarks", {}).get(name)
+        if not isinstance(entry, dict) or "awaiting_judge" not in entry:
+            return None
+        (bench_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        for key in ("awaiting_judge", "status"):
+            entry.pop(key, None)
+        entry.update(benchmark_summary(scores["headline"], scores))
+        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_atomically(run_dir / "results.md", results_table([summary]))  # `stic score` prints JSON only
+    return run_dir / "summary.json"

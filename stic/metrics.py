@@ -366,3 +366,38 @@ def mmvet_parse_score(text: str) -> float | None:
         return None
     value = float(m.group(0))
     return value if 0.0 <= value <= 1.0 else None
+
+
+def mmvet_official_parse(text: str) -> float | None:
+    """The grade as MM-Vet's `mm-vet_evaluator.py` reads it: the reply's first space-separated word as a number
+    from 0.0 to 1.0; None otherwise (the evaluator then asks again)."""
+    try:
+        value = float(text.split(" ")[0].strip())
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None  # also refuses nan, which the evaluator would let through
+
+
+def mmvet_summary(grades: dict[str, list[float]], capabilities: dict[str, list[str]]) -> dict:
+    """MM-Vet's `mm-vet_evaluator.py` export: per run, 100 * the mean grade over all items (total), over the items
+    of each capability, and over the items of each exact capability set ("integration", e.g. ocr_math); then each
+    averaged over the runs, with the population std of the run totals. `grades` holds each item's grade per run."""
+    n_runs = len(next(iter(grades.values()))) if grades else 0
+
+    def averaged(groups: dict[str, list[str]]) -> dict[str, float]:
+        return {name: sum(100 * sum(grades[i][run] for i in ids) / len(ids) for run in range(n_runs)) / n_runs
+                for name, ids in sorted(groups.items())}
+
+    by_cap: dict[str, list[str]] = defaultdict(list)
+    by_set: dict[str, list[str]] = defaultdict(list)
+    for item_id in grades:
+        caps = sorted(set(capabilities.get(item_id) or []))  # the evaluator counts each capability once per item
+        for cap in caps:
+            by_cap[cap].append(item_id)
+        if caps:
+            by_set["_".join(caps)].append(item_id)
+    totals = [100 * sum(g[run] for g in grades.values()) / len(grades) for run in range(n_runs)]
+    mean = sum(totals) / n_runs if n_runs else 0.0
+    std = (sum((t - mean) ** 2 for t in totals) / n_runs) ** 0.5 if n_runs else 0.0
+    return {"total": mean, "by_capability": averaged(by_cap), "by_capability_integration": averaged(by_set),
+            "std": std, "run_totals": totals, "count": len(grades)}

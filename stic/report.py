@@ -311,8 +311,11 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
 
 def benchmark_summary(headline: str, scores: dict) -> dict:
     """A benchmark's entry in summary.json: its headline value and its scalar metrics."""
-    return {"headline": headline, "value": scores["metrics"].get(headline),
-            "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+    entry = {"headline": headline, "value": scores["metrics"].get(headline),
+             "metrics": {k: v for k, v in scores["metrics"].items() if not isinstance(v, dict)}}
+    if "judge" in scores:  # judged benchmarks: the judge model, the rule file's digest, comparable or not
+        entry["judge"] = scores["judge"]
+    return entry
 
 
 class SummaryFileError(SticError, ValueError):
@@ -352,7 +355,7 @@ def merge_eval_summary(old: dict | None, new: dict, expected: Callable[[str], di
     return {**(old or {}), **new, "benchmarks": entries}
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write through a temporary file and a rename, so that a reader (or a killed writer) never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -362,9 +365,9 @@ def _write_atomically(path: Path, text: str) -> None:
 def write_eval_summary(run_dir: Path, summary: dict) -> None:
     """summary.json and results.md of an eval run, each written atomically; prints the table."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     table = results_table([summary])
-    _write_atomically(run_dir / "results.md", table)
+    write_atomically(run_dir / "results.md", table)
     print(table)
 
 
@@ -486,7 +489,21 @@ def results_table(summaries: list[dict]) -> str:
         why = ([f"lower is better for {', '.join(lower)}, higher for the others"] if lower else []) + (
             [f"no recorded direction for {', '.join(unknown)}"] if unknown else [])
         notes.insert(0, f"no average: {'; '.join(why)}")
-    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return (head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+            + judge_notes(summaries))
+
+
+def judge_notes(summaries: list[dict]) -> str:
+    """Lines under a results table naming the judged scores that cannot be compared with published ones (the
+    toolkit's own judge wording, the mock judge), so that no such number stands unlabelled."""
+    notes: dict[tuple[str, str], list[str]] = {}
+    for s in summaries:
+        for name, entry in s["benchmarks"].items():
+            note = ((entry or {}).get("judge") or {}).get("note")
+            if note:
+                notes.setdefault((name, note), []).append(s["run"])
+    lines = "".join(f"- {name} ({', '.join(runs)}): {note}\n" for (name, note), runs in notes.items())
+    return "\n" + lines if lines else ""
 
 
 def compare_runs(run_dirs: list[str], out_png: str | None = None) -> str:

@@ -33,8 +33,9 @@ class FakeJudge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(FakeJudge.delay_s)
         FakeJudge.calls.append({"auth": self.headers.get("Authorization"), "body": body})
-        prompt = body["messages"][0]["content"]
-        text = "0.6" if prompt.rstrip().endswith("Score:") else "8 6\nAssistant 2 is shorter."
+        prompt = body["messages"][-1]["content"]  # after the system message, when there is one
+        # MM-Vet's requests end "Score:" (the toolkit's wording) or with the open table row (the official prompt)
+        text = "0.6" if prompt.rstrip().endswith(("Score:", "|")) else "8 6\nAssistant 2 is shorter."
         send_json(self, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
 
     def log_message(self, *a):
@@ -79,13 +80,78 @@ def test_every_benchmark_runs_end_to_end(tmp_path, eval_root, judge_server):
     assert len(FakeJudge.calls) == n
 
 
-def test_missing_judge_skips_only_the_judged_benchmarks(tmp_path, eval_root, monkeypatch, caplog):
+def test_without_a_judge_judged_benchmarks_are_answered_then_judged_later_by_stic_score(tmp_path, eval_root,
+                                                                                         monkeypatch, capsys):
+    from stic.cli import main as stic_main
+    from stic.judge import JudgeRulesError
+
+    import dataclasses
+
     monkeypatch.delenv("STIC_JUDGE_BASE_URL", raising=False)
-    summary = run_eval(parse_recipe(recipe_dict(eval_root, tmp_path / "r", limit=2)), "base", dar=False,
+    for name in ("mmvet", "llava_bench"):  # short answers: 512 tokens of the tiny model take a minute here
+        monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(BENCHMARKS[name], max_new_tokens=4))
+    out = tmp_path / "r"
+    with pytest.raises(JudgeRulesError, match="eval.mmvet.rule_file .* does not exist"):  # before any answer
+        run_eval(parse_recipe(recipe_dict(eval_root, out, mmvet={"rule_file": str(tmp_path / "none.txt")})),
+                 "base", dar=False, benchmarks=["pope", "mmvet"])
+    assert not out.exists()
+    summary = run_eval(parse_recipe(recipe_dict(eval_root, out, limit=2)), "base", dar=False,
                        benchmarks=["mmvet", "pope", "llava_bench"])
-    assert "skipped" in summary["benchmarks"]["mmvet"] and "skipped" in summary["benchmarks"]["llava_bench"]
+    for name, n in (("mmvet", 1), ("llava_bench", 2)):
+        entry = summary["benchmarks"][name]
+        assert entry["value"] is None and "STIC_JUDGE_BASE_URL unset" in entry["awaiting_judge"]
+        assert len((out / "base" / name / "predictions.jsonl").read_text().splitlines()) == n
     assert summary["benchmarks"]["pope"]["value"] is not None
-    assert "STIC_JUDGE_BASE_URL" in caplog.text
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("awaiting a judge: mmvet, llava_bench") and "stic score --recipe" in printed[-1]
+    assert "| awaiting judge |" in (out / "base" / "results.md").read_text()
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(eval_root, out, limit=2)))
+    argv = ["score", "--recipe", str(recipe), "--benchmark", "mmvet",
+            "--predictions", str(out / "base" / "mmvet" / "predictions.jsonl")]
+
+    def score(*more) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_:
+            stic_main(argv + list(more))
+        captured = capsys.readouterr()
+        return exit_.value.code, captured.out, captured.err
+
+    code, _, err = score()  # still no judge: one line, exit 2
+    assert code == 2 and "set $STIC_JUDGE_BASE_URL, or pass --judge mock" in err and err.count("\n") == 1
+    code, _, err = score("--judge", "mock", f"eval.mmvet.rule_file={tmp_path / 'none.txt'}")
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    code, printed, err = score("--judge", "mock")
+    assert code == 0 and json.loads(printed)["judge"]["model"] == "mock"
+    saved = json.loads((out / "base" / "summary.json").read_text())
+    assert saved["benchmarks"]["mmvet"]["value"] == json.loads(printed)["metrics"]["total"]
+    assert "awaiting_judge" not in saved["benchmarks"]["mmvet"]
+    assert "awaiting_judge" in saved["benchmarks"]["llava_bench"]  # still unjudged
+    results = (out / "base" / "results.md").read_text()
+    assert "- mmvet (base): mock judge: not a real score" in results and "| awaiting judge |" in results
+
+
+def test_official_rules_reach_the_judge_endpoint_as_the_official_scripts_send_them(tmp_path, eval_root, judge_server):
+    from stic.evaluate import EvalConfig
+    from stic.judge import JudgeConfig, load_judge_rules, make_judge
+
+    (tmp_path / "rule.json").write_text(json.dumps({f"llava_bench_{c}": {"role": "Assistant", "prompt": f"Rate ({c})."}
+                                                    for c in ("conv", "detail", "complex")}))
+    (tmp_path / "grader.txt").write_text("Grade it.\nQuestion | Ground truth | Prediction | Correctness\n")
+    cfg = EvalConfig(data_root=str(eval_root), judge=JudgeConfig(mmvet_runs=2))
+    judge = make_judge(cfg.judge, tmp_path / "cache.jsonl")
+    totals = {}
+    for name, path in (("llava_bench", "rule.json"), ("mmvet", "grader.txt")):
+        items = load_items(cfg, name)
+        scores = score_predictions(name, items, [{"question_id": it.id, "text": "a red block"} for it in items],
+                                   judge, load_judge_rules(name, str(tmp_path / path)))
+        totals[name] = scores["metrics"][scores["headline"]]
+        assert scores["judge"]["comparable"] and scores["judge"]["model"] == "gpt-4-0613"
+    llava, mmvet = FakeJudge.calls[:2], FakeJudge.calls[2:]
+    assert all(c["body"]["messages"][0]["role"] == "system" and c["body"]["max_tokens"] == 1024
+               and c["body"]["temperature"] == 0.2 for c in llava)
+    assert len(mmvet) == 2 and all(len(c["body"]["messages"]) == 1 and c["body"]["max_tokens"] == 3 for c in mmvet)
+    assert totals == pytest.approx({"llava_bench": 75.0, "mmvet": 60.0})  # two runs of 0.6 averaged
 
 
 def test_rescoring_a_predictions_file_gives_the_same_scores(tmp_path, eval_root, capsys):
