@@ -21,6 +21,7 @@ from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
                              get_benchmark)
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
+from stic.hf_benchmarks import load_benchmark
 from stic.judge import Judge, score_llava_bench, score_mmvet
 from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
@@ -95,7 +96,9 @@ def _answers_of_another_comparison(folder: Path, run_config: dict) -> bool:
 
 
 def load_items(cfg: EvalConfig, name: str) -> list[Item]:
-    items = get_benchmark(name).load(Path(cfg.data_root))
+    """A benchmark's items: from its Hugging Face dataset (`eval.<name>.hf_dataset`) or its official files."""
+    source = cfg.source(name)
+    items = load_benchmark(name, Path(cfg.data_root), source.hf_dataset, source.hf_config, source.split)
     ids = [it.id for it in items]
     if len(ids) != len(set(ids)):
         raise BenchmarkFileError(f"{name}: item ids are not unique")
