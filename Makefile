@@ -48,9 +48,12 @@ infuse-sft: $(STAMP)
 	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic infuse-sft --recipe $(RECIPE) $(ARGS)
 
 # make eval MODEL=stage1 EVAL_ARGS="--dar --benchmarks pope scienceqa"
+# The default recipe reads a self-made fixture of every benchmark (its eval.data_root), written here when missing.
 MODEL ?= base
 EVAL_ARGS ?=
+EVAL_FIXTURE := outputs/default/eval_fixture
 eval: $(STAMP)
+	$(if $(filter recipes/default.yaml,$(RECIPE)),$(BIN)/python -m stic.eval_fixtures $(EVAL_FIXTURE))
 	$(BIN)/accelerate launch --quiet $(LAUNCH) eval/run.py --recipe $(RECIPE) --model $(MODEL) $(EVAL_ARGS) $(ARGS)
 
 # Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged

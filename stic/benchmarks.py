@@ -32,6 +32,10 @@ class BenchmarkFileError(SticError, ValueError):
     """A benchmark file is missing or malformed; the message names the file and record."""
 
 
+class BenchmarkFileMissing(BenchmarkFileError):
+    """A benchmark file (or dataset folder) does not exist."""
+
+
 @dataclasses.dataclass
 class Item:
     id: str
@@ -43,7 +47,7 @@ class Item:
 def read_json(path: Path):
     """A JSON file's content; a missing or invalid file raises BenchmarkFileError naming it."""
     if not path.is_file():
-        raise BenchmarkFileError(f"{path} does not exist")
+        raise BenchmarkFileMissing(f"{path} does not exist")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -53,7 +57,7 @@ def read_json(path: Path):
 def read_jsonl(path: Path) -> list[dict]:
     """A JSON Lines file's records (blank lines skipped); errors name the file and line."""
     if not path.is_file():
-        raise BenchmarkFileError(f"{path} does not exist")
+        raise BenchmarkFileMissing(f"{path} does not exist")
     out = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -192,7 +196,7 @@ def load_mmbench(root: Path) -> list[Item]:
 
     path = root / "mmbench" / "mmbench_dev_20230712.tsv"
     if not path.is_file():
-        raise BenchmarkFileError(f"{path} does not exist")
+        raise BenchmarkFileMissing(f"{path} does not exist")
     df = pd.read_table(path)
     needed = ["index", "question", "A", "B", "answer", "image"]
     missing = [c for c in needed if c not in df.columns]

@@ -25,6 +25,7 @@ from stic.benchmarks import (MISSING_PREDICTION_FAILS, BenchmarkFileError, Item,
                              get_benchmark)
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Request, SamplingConfig
+from stic.hf_benchmarks import load_benchmark
 from stic.judge import (Judge, JudgeRules, judge_record, load_judge_rules, make_judge, score_llava_bench,
                         score_mmvet)
 from stic.recipe import EvalConfig, Recipe  # noqa: F401  (re-exported)
@@ -100,9 +101,11 @@ def _answers_of_another_comparison(folder: Path, run_config: dict) -> bool:
 
 
 def load_items(cfg: EvalConfig, name: str) -> list[Item]:
+    """A benchmark's items: from its Hugging Face dataset (`eval.<name>.hf_dataset`) or its official files."""
     bench = get_benchmark(name)
     section = (getattr(cfg, bench.config_section),) if bench.config_section else ()  # chair: eval.chair
-    items = bench.load(Path(cfg.data_root), *section)
+    source = cfg.source(name)
+    items = load_benchmark(name, Path(cfg.data_root), source.hf_dataset, source.hf_config, source.split, section)
     ids = [it.id for it in items]
     if len(ids) != len(set(ids)):
         raise BenchmarkFileError(f"{name}: item ids are not unique")

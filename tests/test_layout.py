@@ -12,10 +12,11 @@ LAYERS = {
     0: ["stic.errors", "stic.progress", "stic.metrics", "stic.chair", "stic.tiny", "stic.locks"],
     1: ["stic.config", "corruptions"],
     2: ["stic.generation", "stic.images", "stic.prompts", "stic.models", "stic.serving", "stic.instructions",
-        "stic.benchmarks", "stic.judge", "stic.training", "stic.store", "stic.report", "stic.recipe_cache"],
+        "stic.benchmarks", "stic.hf_benchmarks", "stic.judge", "stic.training", "stic.store", "stic.report",
+        "stic.recipe_cache"],
     3: ["stic.recipe"],
     4: ["stic.selfgen", "stic.dpo", "stic.infuse", "stic.evaluate"],  # the stages, in their order
-    5: ["stic.shapes", "stic.bench", "stic.preflight", "stic.cli", "stic.__main__", "eval.run"],  # the toy world, tools, entry points
+    5: ["stic.shapes", "stic.bench", "stic.preflight", "stic.eval_fixtures", "stic.cli", "stic.__main__", "eval.run"],  # the toy world, tools, entry points
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
