@@ -41,6 +41,9 @@ from stic.training import check_global_batch, check_training_numbers
 # selfgen
 
 
+PAIR_SOURCES = ("stic", "grounding", "self_feedback", "self_questions")
+
+
 @dataclasses.dataclass
 class SelfGenConfig:
     output_dir: str = option("outputs/selfgen", help="where the preference pairs are written")
@@ -68,8 +71,14 @@ class SelfGenConfig:
         help="sampling of the self-consistency candidates")
     min_agreement: float | None = option(None, help="drop images whose best agreement is lower (0..1)")
     preview_pairs: int = option(12, help="pairs shown in preview.html")
+    pair_source: str = option(
+        "stic", help="how pairs are made: stic (the paper's: a described clean image against a hallucination "
+                     "prompt or a corrupted image), grounding or self_feedback (on-policy: k answers to the normal "
+                     "prompt ranked without labels), self_questions (the model's own questions about the image)")
 
     def __post_init__(self):
+        if self.pair_source not in PAIR_SOURCES:
+            raise ValueError(f"pair_source must be one of {', '.join(PAIR_SOURCES)}, got {self.pair_source!r}")
         if not 0.0 <= self.hallucination_prob <= 1.0:
             raise ValueError(f"hallucination_prob must lie in [0, 1], got {self.hallucination_prob}")
         if self.hallucination_prob < 1.0 and not self.corruptions:
