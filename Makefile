@@ -73,9 +73,12 @@ bench-selfgen: $(STAMP)
 bench-dpo: $(STAMP)
 	$(BIN)/python -m stic.bench.dpo $(ARGS)
 
-# make preflight RECIPE=recipes/X.yaml: stage 1's wiring checked on the recipe's data and model, before a run
+# make preflight RECIPE=recipes/X.yaml [STAGE=selfgen|dpo|infuse-sft|eval|all]: a stage's wiring, and its memory,
+# checked on the recipe's data and model before a run
+STAGE ?= dpo
 preflight: $(STAMP)
-	$(BIN)/stic preflight --recipe $(RECIPE) $(ARGS)
+	$(if $(filter recipes/default.yaml,$(RECIPE)),$(if $(filter eval all,$(STAGE)),$(BIN)/python -m stic.eval_fixtures $(EVAL_FIXTURE)))
+	$(BIN)/stic preflight --recipe $(RECIPE) --stage $(STAGE) $(ARGS)
 
 # the mutation matrix: each fault preflight guards against, injected, and the check that catches it
 preflight-report: $(STAMP)

@@ -39,7 +39,7 @@ def test_preflight_command_on_the_default_recipe(tmp_path, capsys):
         main(["preflight", "--recipe", "recipes/default.yaml", f"dpo.dataset={data}"])
     out = capsys.readouterr()
     assert exit_.value.code == 0, out.err[-2000:]
-    rows = [line.split()[:2] for line in out.out.splitlines() if line.split()[:1] and line.split()[0] in CHECKS]
+    rows = [line.split()[1:3] for line in out.out.splitlines() if line.split()[:1] == ["dpo"]]
     assert [name for name, _ in rows] == list(CHECKS) and all(status in ("pass", "warn") for _, status in rows)
 
     # a fault: one line per failed check, naming the fix; exit 2
@@ -214,3 +214,36 @@ def test_stage2_checks_catch_a_loss_on_the_prompt(tmp_path):
     data["infuse_sft"]["assistant_only_loss"] = False
     got = {c.name: c.status for c in preflight_stage(parse_recipe(data, build=("infuse_sft",)), "infuse-sft")}
     assert got["tokens"] == "fail"
+
+
+def test_preflight_of_selfgen_on_the_default_recipe(capsys):
+    """selfgen on the default recipe's sample photos and prompts, as JSON: every check, none failed."""
+    import json
+
+    from stic.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["preflight", "--recipe", "recipes/default.yaml", "--stage", "selfgen", "--json"])
+    checks = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == 0
+    assert [c["name"] for c in checks] == ["image_tokens", "model_inputs", "tokens", "image_used", "memory"]
+    assert {c["stage"] for c in checks} == {"selfgen"} and all(c["status"] != "fail" for c in checks)
+    memory = checks[-1]["numbers"]
+    assert memory["sequences"] == 16 and memory["kv_cache_bytes"] > 0  # the recipe's batch of 16 images
+
+
+def test_preflight_of_every_stage_on_the_default_recipe(tmp_path, capsys):
+    """--stage all before any stage has run: stand-in pairs for stage 1, the base for stage 2, the eval fixture."""
+    from stic.cli import main
+    from stic.eval_fixtures import main as make_fixture
+
+    make_fixture([str(tmp_path / "fixture")])
+    with pytest.raises(SystemExit) as exit_:
+        main(["preflight", "--recipe", "recipes/default.yaml", "--stage", "all", f"eval.data_root={tmp_path / 'fixture'}",
+              f"dpo.dataset={tmp_path / 'no-pairs-yet'}", f"selfgen.output_dir={tmp_path / 'no-pairs-yet'}"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0, out[-3000:]
+    stages = {line.split()[0] for line in out.splitlines() if line.split()[:1] and line.split()[0] in
+              ("selfgen", "dpo", "infuse-sft", "eval")}
+    assert stages == {"selfgen", "dpo", "infuse-sft", "eval"}
+    assert "checked on stand-in pairs" in out
