@@ -13,7 +13,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report clean
+.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,23 @@ preflight: $(STAMP)
 # the mutation matrix: each fault preflight guards against, injected, and the check that catches it
 preflight-report: $(STAMP)
 	$(BIN)/python -m stic.bench.preflight $(ARGS)
+
+# The GPU check (README: "GPU check"): real-shaped 7B models with random weights, built in code, through preflight,
+# selfgen and stage 1 (LoRA, QLoRA, FSDP). On a bare GPU machine (no .venv, no network) run it with that
+# machine's python and the wheels of gpu-wheels: make gpu-check GPU_PY=python3 ARGS="--layers 8"
+GPU_PY ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PY)),$(STAMP))
+	$(GPU_PY) -m stic.bench.gpu_check $(ARGS)
+
+# Wheels, for that machine's Python (GPU_PY_VERSION), of the pinned packages a GPU image lacks or holds in other
+# versions (torch and torchvision stay the image's: they must match its CUDA), into the git-ignored .whl/
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS ?= transformers==5.23.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 \
+	bitsandbytes==0.50.2 tokenizers==0.23.3 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf outputs .cache
