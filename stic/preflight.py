@@ -349,7 +349,7 @@ def set_checkpointing(model, on: bool) -> None:
     from peft import PeftModel
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable. is deprecated")
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_(enable|disable). is deprecated")
     if on:
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif inner.is_activation_checkpointing:
@@ -598,6 +598,10 @@ def generation_checks(generator, requests, max_new_tokens: int, samples: int, ba
 
     processor = generator.processor
     batch = generator.encode(requests)
+    # what the processor makes of these requests, asked directly: the reference the generation inputs must match
+    produced = processor(text=[generator.prompt_text(r.prompt, r.image) for r in requests],
+                         images=[[r.image] for r in requests], padding=True, return_tensors="pt",
+                         add_special_tokens=False)
     spied: dict = {}
     inner = generator.model
 
@@ -635,9 +639,9 @@ def generation_checks(generator, requests, max_new_tokens: int, samples: int, ba
 
     accepted = set(inspect.signature(inner.forward).parameters)
     # the padding mask may travel as position ids and the cache's own mask: padding_effect checks its effect
-    needed = {k for k in batch if k in accepted} - {"attention_mask"}
-    missing = sorted(needed - set(spied)) if error is None else []
-    numbers = {"reached_forward": sorted(spied), "processor_produced": sorted(batch)}
+    needed = {k for k in produced if k in accepted} - {"attention_mask"}
+    missing = sorted(needed - set(spied))
+    numbers = {"reached_forward": sorted(spied), "processor_produced": sorted(produced)}
     if missing:
         checks.append(Check("model_inputs", FAIL, f"{', '.join(missing)} produced by the processor never reach the "
                             "model", "generate drops these inputs: update transformers", numbers))

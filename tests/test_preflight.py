@@ -4,7 +4,8 @@ std-0.02 weights), with the paper recipes' stage-1 settings."""
 
 import pytest
 
-from stic.bench.preflight import CHECKS, FAULTS, markdown, nothing, paper_like_recipe, preference_data, run_fault
+from stic.bench.preflight import (CHECKS, FAULTS, GENERATION_CHECKS, GENERATION_FAULTS, generation_row, markdown,
+                                  nothing, paper_like_recipe, preference_data, run_fault)
 from stic.preflight import FAIL
 from stic.tiny import FAMILIES
 
@@ -156,45 +157,17 @@ def test_generation_memory_is_within_15_percent_of_real_generation(family, dtype
     assert abs(estimate["estimate_bytes"] / measured - 1) < 0.15, (estimate, measured)
 
 
-def test_generation_checks_pass_clean_and_catch_their_faults():
-    import torch
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_generation_checks_pass_a_clean_model(family):
+    assert set(generation_row(family).values()) == {"pass"}
 
-    from stic.preflight import generation_checks
 
-    gen, requests = _generator("llava_next", "float32"), _requests(4)
-    status = lambda checks: {c.name: c.status for c in checks}  # noqa: E731
-    clean = status(generation_checks(gen, requests, 16, 1, "selfgen.batch_size"))
-    assert clean == {"image_tokens": "pass", "model_inputs": "pass", "tokens": "pass", "image_used": "pass",
-                     "memory": "pass"}
-
-    # generation would not stop where the template ends a turn
-    eos = gen.eos_ids
-    gen.eos_ids = {gen.processor.tokenizer.convert_tokens_to_ids("<unk>")}
-    assert status(generation_checks(gen, requests, 16, 1, "selfgen.batch_size"))["tokens"] == "fail"
-    gen.eos_ids = eos
-
-    # the model never sees the pixels
-    def zero_pixels(module, args, kwargs):
-        if kwargs.get("pixel_values") is not None:
-            kwargs["pixel_values"] = torch.zeros_like(kwargs["pixel_values"])
-        return args, kwargs
-
-    handle = gen.model.model.vision_tower.register_forward_pre_hook(
-        lambda m, a, kw: ((torch.zeros_like(a[0]),) + tuple(a[1:]) if a else a, kw), with_kwargs=True)
-    assert status(generation_checks(gen, requests, 16, 1, "selfgen.batch_size"))["image_used"] == "fail"
-    handle.remove()
-
-    # image_sizes lost on the way to the model: the anyres features cannot be unpadded
-    real = gen.encode
-    gen.encode = lambda reqs: {k: v for k, v in real(reqs).items() if k != "image_sizes"}
-    got = status(generation_checks(gen, requests, 16, 1, "selfgen.batch_size"))
-    assert "fail" in (got["image_tokens"], got["model_inputs"])
-
-    # the card of the real run is too small: the fix names the batch
-    gen.encode = real
-    memory = [c for c in generation_checks(gen, requests, 16, 1, "selfgen.batch_size", device_memory=2**20)
-              if c.name == "memory"][0]
-    assert memory.status == "fail" and ("selfgen.batch_size" in memory.fix or "4-bit" in memory.fix)
+@pytest.mark.parametrize("fault", list(GENERATION_FAULTS))
+def test_each_generation_fault_is_caught_by_its_check(fault):
+    family, inject, expected, device_memory = GENERATION_FAULTS[fault]
+    got = generation_row(family, inject, device_memory)
+    assert {c for c in expected if got.get(c) == FAIL} == set(expected), got
+    assert markdown([{"fault": fault, "expected": list(expected), **got}], GENERATION_CHECKS).rstrip().endswith("yes |")
 
 
 def test_stage2_checks_catch_a_loss_on_the_prompt(tmp_path):

@@ -131,6 +131,80 @@ FAULTS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The generation stages (selfgen, eval): faults injected into a loaded generator
+
+GENERATION_CHECKS = ("image_tokens", "model_inputs", "tokens", "image_used", "memory")
+
+
+@contextlib.contextmanager
+def eos_not_stopping(gen):
+    """generation_config's EOS is not the token the template ends a turn with (answers run to max_new_tokens)."""
+    real = gen.eos_ids
+    gen.eos_ids = {gen.processor.tokenizer.convert_tokens_to_ids("<unk>")}
+    yield
+    gen.eos_ids = real
+
+
+@contextlib.contextmanager
+def blind_vision_tower(gen):
+    """The vision tower receives zeros: the pixels never reach the model."""
+    tower = next(m for name, m in gen.model.named_modules()
+                 if name.rsplit(".", 1)[-1] in ("vision_tower", "visual", "vision_model"))
+    handle = tower.register_forward_pre_hook(
+        lambda m, args, kwargs: ((torch.zeros_like(args[0]),) + tuple(args[1:]) if args else args, kwargs),
+        with_kwargs=True)
+    yield
+    handle.remove()
+
+
+@contextlib.contextmanager
+def generation_drops(gen, key: str):
+    """The generation inputs lose one of the processor's outputs (image_sizes: anyres features cannot be unpadded)."""
+    real = gen.encode
+    gen.encode = lambda requests: {k: v for k, v in real(requests).items() if k != key}
+    yield
+    gen.encode = real
+
+
+# fault: (family, injection(gen), the checks that must fail, the device memory preflight compares with)
+GENERATION_FAULTS = {
+    "image_sizes dropped": ("llava_next", lambda gen: generation_drops(gen, "image_sizes"),
+                            ("image_tokens", "model_inputs"), None),
+    "EOS is not the turn end": ("llava", eos_not_stopping, ("tokens",), None),
+    "pixels never reach the model": ("llava", blind_vision_tower, ("image_used",), None),
+    "batch larger than the device": ("llava", lambda gen: nothing(), ("memory",), 2**20),
+}
+
+
+def generation_row(family: str, inject=None, device_memory: int | None = None) -> dict:
+    """{check: status} of the generation checks (selfgen's, on a batch of 4 images) with the fault injected."""
+    from PIL import Image
+
+    from stic.config import ModelSpec
+    from stic.generation import BatchGenerator, Request
+    from stic.models import load_model, load_processor
+    from stic.preflight import generation_checks
+
+    spec = ModelSpec(name_or_path=f"tiny:{family}")
+    gen = BatchGenerator(load_model(spec, "cpu"), load_processor(spec), 4)
+    requests = [Request(Image.new("RGB", (64, 48), (40 * i, 90, 0)), "Describe the image in detail.")
+                for i in range(4)]
+    with (inject(gen) if inject else nothing()):
+        checks = generation_checks(gen, requests, 16, 1, "selfgen.batch_size", device_memory)
+    return {c.name: c.status for c in checks}
+
+
+def generation_matrix() -> list[dict]:
+    from stic.tiny import FAMILIES
+
+    rows = [{"fault": f"none ({family})", "expected": [], **generation_row(family)} for family in FAMILIES]
+    for fault, (family, inject, expected, memory) in GENERATION_FAULTS.items():
+        rows.append({"fault": f"{fault} ({family})", "expected": list(expected),
+                     **generation_row(family, inject, memory)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -192,17 +266,17 @@ def matrix(root: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = "| fault | " + " | ".join(CHECKS) + " | caught |\n|---|" + "---|" * (len(CHECKS) + 1) + "\n"
+def markdown(rows: list[dict], checks=CHECKS) -> str:
+    head = "| fault | " + " | ".join(checks) + " | caught |\n|---|" + "---|" * (len(checks) + 1) + "\n"
     lines = []
     for r in rows:
         cells = []
-        for c in CHECKS:
+        for c in checks:
             status = r.get(c, "–")
             cell = "FAIL" if status == "fail" else status
             cells.append(f"**{cell}**" if c in r["expected"] else cell)
         caught = all(r.get(c) == "fail" for c in r["expected"]) if r["expected"] else not any(
-            r.get(c) == "fail" for c in CHECKS)
+            r.get(c) == "fail" for c in checks)
         lines.append(f"| {r['fault']} | " + " | ".join(cells) + f" | {'yes' if caught else 'NO'} |")
     return head + "\n".join(lines) + "\n"
 
@@ -214,11 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="outputs/preflight-report")
     args = ap.parse_args(argv)
     rows = matrix(Path(tempfile.mkdtemp(prefix="stic-preflight-report-")))
+    generation = generation_matrix()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = ("Stage 1 (dpo)\n\n" + markdown(rows) + "\nThe generation stages (selfgen, eval)\n\n"
+             + markdown(generation, GENERATION_CHECKS))
     (out / "matrix.md").write_text(table)
-    (out / "matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "matrix.json").write_text(json.dumps({"dpo": rows, "generation": generation}, indent=1) + "\n")
     print(table)
     print(f"written: {out / 'matrix.md'}, {out / 'matrix.json'}")
 
