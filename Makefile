@@ -13,7 +13,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-full selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
+.PHONY: install demo demo-full demo-methods selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(STAMP)
 # The same with every ablation of the paper's Tables 2 and 3 in miniature (longer).
 demo-full: $(STAMP)
 	$(BIN)/python -m stic.shapes.demo --ablations --out outputs/demo-full $(if $(WORLD),--world $(WORLD)) $(DEMO_ARGS)
+
+# Issue 23's pre-registered comparison of pair constructions (recipes/shapesworld/hypotheses-methods.md).
+demo-methods: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo --methods $(if $(WORLD),--world $(WORLD)) $(DEMO_ARGS)
 
 selfgen: $(STAMP)
 	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)

@@ -189,4 +189,5 @@ def test_the_cpu_runnable_path_end_to_end(tmp_path):
     assert set(rows["preflight"]["numbers"]["checks"]) >= {"image_tokens", "model_inputs", "tokens", "reference"}
     assert rows["selfgen batched"]["numbers"]["tokens_per_s"] > 0
     assert rows["stage 1 LoRA"]["numbers"]["steps"] == 2
+    assert rows["stage 1 LoRA"]["numbers"]["estimate_bytes"] > 0  # preflight's check 8, beside the peak on a GPU
     assert not list((tmp_path / "models").iterdir())  # the model folder is removed afterwards

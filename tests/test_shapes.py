@@ -340,6 +340,35 @@ def test_paired_bootstrap_on_hand_made_runs():
     assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
 
 
+def test_the_methods_hypotheses_are_read_as_pre_registered():
+    """H5: one arm below SFT on chosen by > 2 SE with recall within 2 points; H6: the margin CI above 0; H7: the
+    grounding gap below STIC's in every seed (recipes/shapesworld/hypotheses-methods.md)."""
+    from stic.shapes.stats import judge_method_hypotheses, paired_bootstrap_arrays
+
+    def d(diff, se):
+        return {"difference": diff, "se": se}
+
+    ci = {"STIC + conditional - control: SFT on chosen": d(-0.004, 0.001),  # 4 SE better ...
+          "STIC + conditional - control: SFT on chosen (recall)": d(-0.03, 0.01),  # ... but 3 recall points lost
+          "on-policy: grounding - control: SFT on chosen": d(-0.001, 0.001),  # 1 SE: not enough
+          "on-policy: grounding - control: SFT on chosen (recall)": d(0.0, 0.01)}
+    rng = np.random.default_rng(0)
+    plain = [rng.normal(0.0, 1.0, 300) for _ in range(3)]
+    conditional = [m + 0.5 for m in plain]
+    gaps = {"seed0/stic": {"gap": 15.0}, "seed0/ground": {"gap": 2.0}, "seed1/stic": {"gap": 14.0},
+            "seed1/ground": {"gap": 16.0}}
+    got = judge_method_hypotheses(ci, {"STIC stage 1": plain, "STIC + conditional": conditional}, gaps)
+    assert got["H5"]["held"] is False and set(got["H5"]["arms"]) == {"STIC + conditional", "on-policy: grounding"}
+    ci["STIC + conditional - control: SFT on chosen (recall)"] = d(-0.01, 0.01)
+    assert judge_method_hypotheses(ci, None, gaps)["H5"]["held"] is True
+    assert got["H6"]["held"] is True and got["H6"]["difference"] == pytest.approx(0.5)
+    assert judge_method_hypotheses(ci, {"STIC stage 1": plain, "STIC + conditional": plain}, gaps)["H6"]["held"] is False
+    assert got["H7"]["held"] is False  # seed 1's grounding gap is larger
+    assert judge_method_hypotheses({}, None, {})["H7"]["held"] is None
+    same = paired_bootstrap_arrays(plain, plain, replicates=50)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
 def test_base_calibration_is_reused_only_for_its_world_and_size(tmp_path, monkeypatch):
     from stic.shapes import calibrate
 

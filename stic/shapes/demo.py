@@ -99,8 +99,17 @@ def step0_logp_gap(run: Path) -> dict | None:
             "gap": first["logps/chosen"] - first["logps/rejected"]}
 
 
+# issue 23's arms (`--methods`): tag -> (arm, changes to the seed's recipe, the STIC pairs reused or None)
+METHOD_ARMS = {
+    "cond": ("STIC + conditional", {"dpo": {"conditional_weight": 1.0, "anchor_weight": 1.0}}, "stic"),
+    "ground": ("on-policy: grounding", {"selfgen": {"pair_source": "grounding"}}, None),
+    "selffb": ("on-policy: self-feedback", {"selfgen": {"pair_source": "self_feedback"}}, None),
+}
+MARGIN_SCENES = 500  # the held-out scenes H6's image-use margin is measured on (the first, in file order)
+
+
 def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False,
-             world_file: str | None = None, calibration_scenes: int = 1000) -> dict:
+             world_file: str | None = None, calibration_scenes: int = 1000, methods: bool = False) -> dict:
     from stic import dpo, evaluate, infuse, models, selfgen
     from stic.shapes import world as W
     from stic.shapes.calibrate import base_calibration, base_for_world
@@ -133,11 +142,15 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
 
     results: dict[str, list[dict]] = {}
     diagnostics: dict = {}
+    costs: dict = {}  # arm -> seconds of selfgen and of stage 1, summed over seeds (a resumed step counts ~0)
+    stage1_of: dict = {}  # seed -> its stage1 function (round 2 of the best runs after every seed's round 1)
     arm_runs: dict[str, list[str]] = {}  # arm -> its evaluation runs, one per seed (for the paired bootstrap)
     arm_of: dict[str, str] = {}
     calibration = base_calibration(Path(base_dir), world, calibration_scenes)  # the base only, as calibration.md
+    from stic.shapes.stats import METHOD_HYPOTHESES
+
     (out / "hypotheses.md").write_text("Written before the run.\n\n" + "".join(
-        f"- **{k}**: {v}\n" for k, v in HYPOTHESES.items()))
+        f"- **{k}**: {v}\n" for k, v in (METHOD_HYPOTHESES if methods else HYPOTHESES).items()))
     base_dir = str(base_dir)
     arm_of.update({"base": "base", "base+dar": "base + DaR"})
     results["base"] = [evaluate_model(base_dir, "base", ("shapes_describe", "shapes_qa"))]
@@ -160,11 +173,16 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             to the seed's recipe (round 2's includes the model: the merged stage-1 model is the base)."""
             gen_dir, run = s / f"selfgen-{dataset_from or tag}", s / f"dpo-{tag}"
             changes = changes or {}
+            cost = costs.setdefault(arm_of.get(f"s{seed}-{tag}", tag), {"selfgen_s": 0.0, "stage1_s": 0.0})
+            started = time.time()
             if dataset_from is None:
                 selfgen.run_selfgen(variant(seeded, **{**changes, "selfgen": {**changes.get("selfgen", {}),
                                                                               "output_dir": str(gen_dir)}}))
+            cost["selfgen_s"] += time.time() - started
+            started = time.time()
             train_once(variant(seeded, model=changes.get("model", {}), dpo={
                 **changes.get("dpo", {}), "dataset": str(gen_dir), "output_dir": str(run)}))
+            cost["stage1_s"] += time.time() - started
             gap = step0_logp_gap(run)
             if gap is not None:  # how separable the pairs are before training (without looking at the image)
                 diagnostics.setdefault("step0_logp_gap", {})[f"seed{seed}/{tag}"] = gap
@@ -173,6 +191,12 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         results.setdefault("STIC stage 1", []).append(stage1("stic"))
         results.setdefault("control: SFT on chosen", []).append(
             stage1("sftpos", {"dpo": {"mode": "sft_positive"}}, "stic"))
+        stage1_of[seed] = (s, stage1)
+        if methods:
+            for tag, (arm, changes, reuse) in METHOD_ARMS.items():
+                arm_of[f"s{seed}-{tag}"] = arm
+                results.setdefault(arm, []).append(stage1(tag, changes, reuse))
+            continue
         cont = _continued_pretraining_set(train, s / "contpre-data", seed, world)
         run = s / "dpo-contpre"
         steps = json.loads((s / "dpo-stic" / "run_summary.json").read_text())["global_step"]
@@ -213,9 +237,45 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         results.setdefault("STIC stage 2 + DaR", []).append(
             evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))
 
-    ci = confidence_intervals(out / "eval", arm_runs)
-    hypotheses = judge_hypotheses(ci)
-    table = summarize(results, seeds) + "\n" + ci_table(ci) + "\n" + "".join(
+    margins = None
+    if methods:
+        from stic.shapes.stats import METHOD_ARMS as ARMS_JUDGED
+        from stic.shapes.stats import judge_method_hypotheses, method_comparisons
+
+        mean_rate = {tag: statistics.mean(r["shapes_describe"]["hallucination_rate"] for r in results[arm])
+                     for tag, (arm, _, _) in METHOD_ARMS.items()}
+        best = min(METHOD_ARMS, key=lambda tag: mean_rate[tag])  # ties: the earlier arm (min keeps the first)
+        diagnostics["round2_of"] = METHOD_ARMS[best][0]
+        for seed in seeds:
+            s, stage1 = stage1_of[seed]
+            merged = s / f"{best}-merged"
+            if not (merged / "config.json").exists():
+                from stic.config import ModelSpec
+
+                models.merge_adapter(ModelSpec(name_or_path=base_dir, dtype="float32"), str(s / f"dpo-{best}"),
+                                     str(merged), dtype="float32")
+            _, changes, _ = METHOD_ARMS[best]
+            arm_of[f"s{seed}-{best}-r2"] = "round 2 of the best"
+            results.setdefault("round 2 of the best", []).append(
+                stage1(f"{best}-r2", {**changes, "model": {"name_or_path": str(merged)}}))
+        margins = {arm: [image_use_margins(in_world, stage1_of[seed][0] / f"dpo-{tag}", heldout_root, seed)
+                         for seed in seeds] for tag, arm in (("stic", "STIC stage 1"), ("cond", "STIC + conditional"))}
+        diagnostics["image_use_margin"] = {arm: [float(m.mean()) for m in ms] for arm, ms in margins.items()}
+        ci = confidence_intervals(out / "eval", arm_runs, comparisons=method_comparisons(ARMS_JUDGED))
+        hypotheses = judge_method_hypotheses(ci, margins, diagnostics.get("step0_logp_gap", {}))
+        diagnostics["costs"] = {arm: {k: round(v, 1) for k, v in c.items()} for arm, c in costs.items()}
+    else:
+        ci = confidence_intervals(out / "eval", arm_runs)
+        hypotheses = judge_hypotheses(ci)
+    extra = ""
+    if methods:
+        extra = ("\n| arm | selfgen s | stage 1 s |\n|---|---|---|\n" + "".join(
+            f"| {arm} | {c['selfgen_s']:.0f} | {c['stage1_s']:.0f} |\n" for arm, c in diagnostics["costs"].items())
+            + "\nImage-use margin (nats, per seed): " + "; ".join(
+                f"{arm}: {', '.join(f'{v:+.3f}' for v in vals)}"
+                for arm, vals in diagnostics["image_use_margin"].items())
+            + f"\nRound 2 ran on the best label-free arm: {diagnostics['round2_of']}\n")
+    table = summarize(results, seeds) + extra + "\n" + ci_table(ci) + "\n" + "".join(
         f"- **{k}** ({'held' if h['held'] else 'not held' if h['held'] is False else 'not run'}): "
         f"{h['statement']}\n" for k, h in hypotheses.items())
     (out / "results.json").write_text(json.dumps({"world": world.name, "world_digest": world.digest(),
@@ -234,6 +294,37 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     print(f"demo: {time.time() - started:.0f}s; results in {out}/results.md, results.png, scenes.html, "
           "training_curves_stage1.png")
     return results
+
+
+def image_use_margins(recipe, adapter_dir: Path, heldout_root: Path, seed: int,
+                      n: int = MARGIN_SCENES) -> "np.ndarray":
+    """Per held-out scene: log p(y | image) - log p(y | corrupted image), y the scene's true description under the
+    describe prompt, for the base with the stage-1 adapter; the corruption is the one stage 1's conditional term
+    trains against (`stic.dpo.conditional_image`, seeded per scene)."""
+    import numpy as np
+    from PIL import Image
+
+    from stic.dpo import conditional_image
+    from stic.generation import BatchGenerator, Request
+    from stic.models import load_for_inference
+    from stic.preflight import answer_logps
+    from stic.shapes import world as W
+
+    split = heldout_root / "shapesworld"
+    world = W.load_world(split / "world.yaml") if (split / "world.yaml").exists() else W.DEFAULT
+    scenes = [W.Scene.from_json(json.loads(line)) for line in (split / "scenes.jsonl").read_text().splitlines()][:n]
+    model, processor = load_for_inference(recipe.model, [str(adapter_dir)], "cpu")
+    gen = BatchGenerator(model, processor, 32, system_prompt=recipe.model.system_prompt)
+    out = []
+    for start in range(0, len(scenes), 32):
+        chunk = scenes[start:start + 32]
+        images = [Image.open(split / "images" / f"{sc.id}.png").convert("RGB") for sc in chunk]
+        answers = [W.describe(sc.objects) for sc in chunk]
+        clean = [Request(im, world.prompts.describe) for im in images]
+        corrupted = [Request(conditional_image(im, recipe.dpo, sc.id), world.prompts.describe)
+                     for im, sc in zip(images, chunk)]
+        out.append((answer_logps(gen, clean, answers) - answer_logps(gen, corrupted, answers)).numpy())
+    return np.concatenate(out)
 
 
 def _fmt(values: list[float]) -> str:
@@ -337,6 +428,8 @@ def main(argv=None):
     ap.add_argument("--heldout", type=int, default=3000)
     ap.add_argument("--world", help="world file (default: recipes/shapesworld/world.yaml)")
     ap.add_argument("--out", help="default: outputs/demo, or outputs/demo-<world name> for another world")
+    ap.add_argument("--methods", action="store_true",
+                    help="issue 23's arms instead of the paper's (recipes/shapesworld/hypotheses-methods.md)")
     ap.add_argument("--ablations", action="store_true",
                     help="also the ablations: negatives by kind, alpha = 0, self-consistency, 2x images")
     args = ap.parse_args(argv)
@@ -346,7 +439,11 @@ def main(argv=None):
 
         w = W.load_world(args.world)
         out = "outputs/demo" if w.digest() == W.DEFAULT.digest() else f"outputs/demo-{w.name}-{w.digest()}"
-    run_demo(args.seeds, args.train, args.heldout, Path(out), ablations=args.ablations, world_file=args.world)
+        out += "-methods" if args.methods else ""
+    if args.methods and args.ablations:
+        ap.error("--methods and --ablations are separate experiments: run one at a time")
+    run_demo(args.seeds, args.train, args.heldout, Path(out), ablations=args.ablations, world_file=args.world,
+             methods=args.methods)
 
 
 if __name__ == "__main__":

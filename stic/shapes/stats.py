@@ -99,10 +99,11 @@ COMPARISONS = [
 ]
 
 
-def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000) -> dict:
+def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000,
+                         comparisons=COMPARISONS) -> dict:
     """Each comparison whose two arms were run: {name: paired_difference}."""
     out = {}
-    for name, a, b, metric in COMPARISONS:
+    for name, a, b, metric in comparisons:
         if a not in arm_runs or b not in arm_runs:
             continue
         load = load_qa if metric == "qa_accuracy" else load_describe
@@ -143,3 +144,71 @@ def ci_table(ci: dict) -> str:
         lines.append(f"| {name} | {d['metric']} | {100 * d['difference']:+.2f} | "
                      f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {rel} |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `make demo-methods` (issue 23): pre-registered in recipes/shapesworld/hypotheses-methods.md
+
+METHOD_HYPOTHESES = {
+    "H5": "at least one label-free construction (STIC + conditional, on-policy grounding, on-policy self-feedback, "
+          "or the round 2 of the best) has a hallucination rate below SFT on chosen by more than 2 bootstrap "
+          "standard errors of the paired difference, with recall no more than 2 points below it (point estimate)",
+    "H6": "conditional preference raises the image-use margin (log p(y | image) - log p(y | corrupted image), y the "
+          "true description) more than plain DPO: the 95% CI of STIC + conditional - STIC stage 1 lies above 0",
+    "H7": "the grounding arm's pairs have a smaller step-0 log-prob gap (chosen - rejected) than STIC's pairs in "
+          "every seed",
+}
+LABEL_FREE_ARMS = ["STIC + conditional", "on-policy: grounding", "on-policy: self-feedback"]
+METHOD_ARMS = LABEL_FREE_ARMS + ["round 2 of the best"]
+
+
+def method_comparisons(arms: list[str]) -> list[tuple[str, str, str, str]]:
+    """Each new arm against the control to beat (hallucination rate and recall) and against STIC stage 1."""
+    out = []
+    for arm in arms:
+        out += [(f"{arm} - control: SFT on chosen", arm, "control: SFT on chosen", "hallucination_rate"),
+                (f"{arm} - control: SFT on chosen (recall)", arm, "control: SFT on chosen", "recall"),
+                (f"{arm} - STIC stage 1", arm, "STIC stage 1", "hallucination_rate")]
+    return out
+
+
+def paired_bootstrap_arrays(a: list[np.ndarray], b: list[np.ndarray], replicates: int = 1000, seed: int = 0) -> dict:
+    """mean(a) - mean(b) of per-item values, one array per seed on the same items: a 95% percentile CI and SE from
+    resampling items and seeds, as paired_difference does for the judge's metrics."""
+    k, n = len(a), len(a[0])
+    if len(b) != k or any(len(x) != n for x in a + b):
+        raise ValueError("the two arms differ in seeds or items")
+    A, B = np.stack(a), np.stack(b)
+    point = float(A.mean() - B.mean())
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(replicates):
+        idx, seeds = rng.integers(0, n, n), rng.integers(0, k, k)
+        draws.append(A[seeds][:, idx].mean() - B[seeds][:, idx].mean())
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"difference": point, "ci95": [float(lo), float(hi)], "se": float(np.std(draws))}
+
+
+def judge_method_hypotheses(ci: dict, margins: dict | None, step0: dict) -> dict:
+    """H5-H7 from the comparisons, the image-use margins ({arm: [per-scene array per seed]}) and the step-0 gaps
+    ({"seed<s>/<tag>": {"gap": ...}})."""
+    out: dict = {}
+    holds = {}
+    for arm in METHOD_ARMS:
+        h, r = ci.get(f"{arm} - control: SFT on chosen"), ci.get(f"{arm} - control: SFT on chosen (recall)")
+        if h and r:
+            holds[arm] = {"held": bool(h["difference"] < -2 * h["se"] and r["difference"] >= -0.02),
+                          "margin_in_se": h["difference"] / h["se"] if h["se"] else None,
+                          "recall_difference": r["difference"]}
+    out["H5"] = {"held": any(v["held"] for v in holds.values()), "arms": holds} if holds else None
+    if margins and "STIC + conditional" in margins and "STIC stage 1" in margins:
+        d = paired_bootstrap_arrays(margins["STIC + conditional"], margins["STIC stage 1"])
+        out["H6"] = {"held": bool(d["ci95"][0] > 0), **d}
+    else:
+        out["H6"] = None
+    seeds = sorted({k.split("/")[0] for k in step0})
+    pairs = [(step0.get(f"{s}/ground"), step0.get(f"{s}/stic")) for s in seeds]
+    pairs = [(g["gap"], st["gap"]) for g, st in pairs if g and st]
+    out["H7"] = {"held": all(g < st for g, st in pairs), "gaps": pairs} if pairs else None
+    return {k: ({"statement": METHOD_HYPOTHESES[k], **v} if v else {"statement": METHOD_HYPOTHESES[k], "held": None})
+            for k, v in out.items()}
