@@ -13,7 +13,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-full demo-methods selfgen dpo infuse-sft eval merge test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
+.PHONY: install demo demo-full demo-methods selfgen dpo infuse-sft eval merge rounds test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ EVAL_FIXTURE := outputs/default/eval_fixture
 eval: $(STAMP)
 	$(if $(filter recipes/default.yaml,$(RECIPE)),$(BIN)/python -m stic.eval_fixtures $(EVAL_FIXTURE))
 	$(BIN)/accelerate launch --quiet $(LAUNCH) eval/run.py --recipe $(RECIPE) --model $(MODEL) $(EVAL_ARGS) $(ARGS)
+
+# selfgen, stage 1, eval and merge, repeated: make rounds ROUNDS=3 (each round generates with the last merged model;
+# a rerun resumes at the last finished step). Default: the recipe's rounds.count. Output: its rounds.output_dir.
+ROUNDS ?=
+rounds: $(STAMP)
+	$(if $(filter recipes/default.yaml,$(RECIPE)),$(BIN)/python -m stic.eval_fixtures $(EVAL_FIXTURE))
+	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic rounds --recipe $(RECIPE) $(if $(ROUNDS),--rounds $(ROUNDS)) $(ARGS)
 
 # Standalone model folder from the stage-1 adapter: make merge MERGED=outputs/merged
 MERGED ?= outputs/merged

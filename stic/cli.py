@@ -7,6 +7,7 @@
     stic eval --recipe recipes/default.yaml --model base|stage1|stage2|PATH [--dar] [--benchmarks ...]
     stic score --benchmark mmvet --predictions RUN/mmvet/predictions.jsonl [--recipe R] [--judge MODEL|mock]
     stic merge --recipe recipes/default.yaml [--adapter DIR] -o OUT
+    stic rounds --recipe recipes/default.yaml [--rounds N] [rounds.key=value ...]
     stic tiny-model --family llava -o DIR
     stic corrupt IMG --kind color_jitter -o out.png [--seed N] [--set key=value ...]
 """
@@ -101,6 +102,16 @@ def _merge(args) -> int:
     out, report = merge_adapter(recipe.model, adapter, args.output, dtype=args.dtype, force=args.force,
                                 overwrite=args.overwrite)
     print(f"merged {adapter} into {recipe.model.name_or_path} ({report['dtype']}): {out}")
+    return 0
+
+
+def _rounds(args) -> int:
+    data = load_recipe_dict(args.recipe, args.overrides, default_section="rounds")
+    from stic.models import refuse_sharding_without_cuda
+    from stic.rounds import run_rounds
+
+    refuse_sharding_without_cuda()  # before stage 1's section is built: TrainingArguments sets up DeepSpeed itself
+    run_rounds(data, args.rounds)
     return 0
 
 
@@ -401,6 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier merge in the output folder")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_merge)
+
+    p = stage_parser(sub, "rounds", ("rounds",),
+                     help="repeat selfgen, stage 1, eval and merge, each round generating with the last merged model",
+                     description="Each round: selfgen with the previous round's merged model (round 1: the base), "
+                                 "stage 1, eval of rounds.benchmarks, merge. Resumes at the last finished step; "
+                                 "stops early when rounds.metric stops improving. The stages' own recipe keys apply "
+                                 "as in their commands (see stic/rounds.py for the layout).")
+    p.add_argument("--recipe", required=True, help="recipe YAML (its model:, selfgen:, dpo:, eval: and rounds: sections)")
+    p.add_argument("--rounds", type=int, help="rounds at most (default: the recipe's rounds.count)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds.min_improvement=0.01 dpo.max_steps=20")
+    p.set_defaults(func=_rounds)
 
     p = sub.add_parser("shapes", help="ShapesWorld: scenes with ground truth, and its toy VLM")
     shapes = p.add_subparsers(dest="shapes_command", required=True)

@@ -309,4 +309,4 @@ def load_recipe_dict(path: str | Path | None, overrides: list[str] = (), default
 
 
 # Every section a recipe may hold; stic.recipe.parse_recipe parses them all into one Recipe.
-SECTIONS = ("name", "description", "model", "generation", "selfgen", "dpo", "infuse_sft", "eval")
+SECTIONS = ("name", "description", "model", "generation", "selfgen", "dpo", "infuse_sft", "eval", "rounds")

@@ -574,7 +574,7 @@ class MergeRefused(SticError, RuntimeError):
 
 
 def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: str | None = None,
-                  force: bool = False, overwrite: bool = False) -> tuple[Path, dict]:
+                  force: bool = False, overwrite: bool = False, fallback_dtype: str | None = None) -> tuple[Path, dict]:
     """Write base + adapter as one standalone model folder that plain transformers (and vLLM etc.) load.
 
     The merge is done in float32. `dtype` is the stored precision (default: `model.dtype`, or the checkpoint's
@@ -583,13 +583,16 @@ def merge_adapter(model_cfg: ModelSpec, adapter_dir: str, out_dir: str, dtype: s
     trained at lr 1e-7 is mostly the base model again.
 
     The folder is written beside `out_dir` and renamed into place with its report, so it exists whole or not at
-    all. An existing `out_dir` is replaced only if it is an earlier complete merge and `overwrite` is set."""
+    all. An existing `out_dir` is replaced only if it is an earlier complete merge and `overwrite` is set.
+
+    `fallback_dtype` (`stic rounds` passes float32): where `dtype` would be refused, store in it instead of refusing;
+    the report's `requested_dtype` keeps the dtype asked for."""
     from stic.locks import output_lock
 
     out = Path(out_dir)
     with output_lock(out):  # one merge at a time writes out_dir and its partial sibling
         _check_merge_target(out, overwrite)
-        return _merge(model_cfg, adapter_dir, out, dtype, force)
+        return _merge(model_cfg, adapter_dir, out, dtype, force, fallback_dtype)
 
 
 def _check_merge_target(out: Path, overwrite: bool) -> None:
@@ -603,7 +606,8 @@ def _check_merge_target(out: Path, overwrite: bool) -> None:
                            "--output")
 
 
-def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None, force: bool) -> tuple[Path, dict]:
+def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None, force: bool,
+           fallback_dtype: str | None = None) -> tuple[Path, dict]:
     from peft import PeftModel
 
     if model_cfg.load_in_4bit:
@@ -623,6 +627,10 @@ def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None,
               "bfloat16_error": adapter_survival(peft_model, torch.bfloat16)["error"]}
     print(f"merge: storing in {dtype} changes the adapter's update by {report['error']:.2%} (relative error; "
           f"bfloat16 {report['bfloat16_error']:.2%}, float16 {report['float16_error']:.2%}, float32 0%)")
+    if report["error"] > MAX_UPDATE_ERROR and not force and fallback_dtype not in (None, dtype):
+        print(f"merge: storing in {fallback_dtype} instead, which keeps the update")
+        report = {**report, "requested_dtype": dtype, **adapter_survival(peft_model, _DTYPES[fallback_dtype])}
+        dtype = fallback_dtype
     if report["error"] > MAX_UPDATE_ERROR and not force:
         raise MergeRefused(f"{dtype} would change the adapter's update by {report['error']:.0%} (relative error, "
                            f"limit {MAX_UPDATE_ERROR:.0%}); merge with --dtype float32 (or float16 if it keeps the "

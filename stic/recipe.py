@@ -7,6 +7,7 @@
     dpo:         DPOStageConfig     stage 1 (every TRL DPOConfig option too)
     infuse_sft:  InfuseSFTConfig    stage 2 (every TRL SFTConfig option too)
     eval:        EvalConfig         benchmarks
+    rounds:      RoundsConfig       `stic rounds`: selfgen, stage 1, eval and merge, repeated
 
 Each stage reads the previous stage's output unless the recipe names its input: dpo.dataset defaults to
 selfgen.output_dir, infuse_sft.stage1_adapter to dpo.output_dir (`CHAINED_DEFAULTS`).
@@ -369,6 +370,37 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# rounds (`stic rounds`, stic/rounds.py)
+
+
+@dataclasses.dataclass
+class RoundsConfig:
+    output_dir: str = option(
+        "outputs/rounds", help="the rounds' folder: round-<k>/{selfgen,dpo,eval,merged}, rounds_state.json, and "
+                               "rounds.md, rounds.json, rounds.png")
+    count: int = option(3, help="rounds at most (an early stop may end sooner); `stic rounds --rounds N` sets it")
+    benchmarks: list[str] | None = option(None, help="what each round is evaluated on; null: eval.benchmarks")
+    metric: str | None = option(
+        None, help="the benchmark whose headline value decides the early stop (its direction: the benchmark's); "
+                   "null: the first of benchmarks")
+    min_improvement: float | None = option(
+        0.0, help="a round must beat the best earlier value of the metric by more than this, in the headline's "
+                  "units, or the rounds stop; null: never stop early")
+    eval_base: bool = option(
+        True, help="round 1 also evaluates its base (round 0 of the table: the first value the metric must beat)")
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"count must be at least 1, got {self.count}")
+        if self.min_improvement is not None and self.min_improvement < 0:
+            raise ValueError(f"min_improvement must be at least 0 (null: never stop early), got {self.min_improvement}")
+        if self.benchmarks is not None and not self.benchmarks:
+            raise ValueError("benchmarks is empty; null takes eval.benchmarks")
+        if self.metric is not None and self.benchmarks is not None and self.metric not in self.benchmarks:
+            raise ValueError(f"metric {self.metric} is not one of benchmarks ({', '.join(self.benchmarks)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The recipe
 
 
@@ -385,6 +417,7 @@ class Recipe:
     dpo: DPOStageConfig | None = dataclasses.field(default_factory=DPOStageConfig)
     infuse_sft: InfuseSFTConfig | None = dataclasses.field(default_factory=InfuseSFTConfig)
     eval: EvalConfig | None = dataclasses.field(default_factory=EvalConfig)
+    rounds: RoundsConfig | None = dataclasses.field(default_factory=RoundsConfig)
     # the checked keys of the sections left unbuilt, so that a command can read e.g. another stage's output_dir
     unbuilt: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -398,7 +431,7 @@ class Recipe:
 
 
 SECTION_CLASSES = {"model": ModelSpec, "generation": BackendConfig, "selfgen": SelfGenConfig, "dpo": DPOStageConfig,
-                   "infuse_sft": InfuseSFTConfig, "eval": EvalConfig}
+                   "infuse_sft": InfuseSFTConfig, "eval": EvalConfig, "rounds": RoundsConfig}
 ALL_SECTIONS = tuple(SECTION_CLASSES)
 
 # (section, key, source): a key left out of the recipe takes the source's value, the previous stage's output
@@ -463,7 +496,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 SECTION_TYPES = {"model": ModelSpec, "generation": BackendConfig, "selfgen": SelfGenConfig, "dpo": DPOStageConfig,
-                 "infuse_sft": InfuseSFTConfig, "eval": EvalConfig}
+                 "infuse_sft": InfuseSFTConfig, "eval": EvalConfig, "rounds": RoundsConfig}
 
 
 def _type_text(tp: Any) -> str:

@@ -15,7 +15,7 @@ LAYERS = {
         "stic.benchmarks", "stic.hf_benchmarks", "stic.judge", "stic.training", "stic.store", "stic.report",
         "stic.recipe_cache"],
     3: ["stic.recipe"],
-    4: ["stic.selfgen", "stic.dpo", "stic.infuse", "stic.evaluate"],  # the stages, in their order
+    4: ["stic.selfgen", "stic.dpo", "stic.infuse", "stic.evaluate", "stic.rounds"],  # the stages, in their order
     5: ["stic.shapes", "stic.bench", "stic.preflight", "stic.eval_fixtures", "stic.cli", "stic.__main__", "eval.run"],  # the toy world, tools, entry points
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("target, expected", [
     ("demo", "-m stic.shapes.demo"), ("selfgen", "-m stic selfgen --recipe recipes/default.yaml"),
     ("dpo", "-m stic dpo"), ("infuse-sft", "-m stic infuse-sft"), ("eval", "eval/run.py --recipe"),
-    ("test", "-m pytest"), ("bench-selfgen", "-m stic.bench.selfgen"), ("bench-dpo", "-m stic.bench.dpo"),
+    ("rounds", "-m stic rounds --recipe recipes/default.yaml"), ("test", "-m pytest"), ("bench-selfgen", "-m stic.bench.selfgen"), ("bench-dpo", "-m stic.bench.dpo"),
 ])
 def test_make_targets_run_their_stage(target, expected):
     # run as a top-level make even when the suite itself runs under `make test`

@@ -529,3 +529,13 @@ def test_merge_reports_survival_and_refuses_bf16(realistic, reference, tmp_path,
     assert exit_.value.code == 0
     report = json.loads((tmp_path / "forced" / "merge_report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["forced"] and report["error"] > 0.7
+
+
+def test_merge_falls_back_to_float32_where_the_dtype_would_erase_the_update(realistic, tmp_path):
+    """`stic rounds`' merge: the dtype asked for where the update survives it, else float32 instead of a refusal."""
+    base_dir, adapter = realistic
+    cfg16 = ModelSpec(name_or_path=str(base_dir), dtype="bfloat16")
+    out, report = merge_adapter(cfg16, str(adapter), str(tmp_path / "m"), fallback_dtype="float32")
+    assert report["dtype"] == "float32" and report["requested_dtype"] == "bfloat16" and report["error"] < 1e-3
+    assert json.loads((out / "merge_report.json").read_text())["dtype"] == "float32"
+    assert merged_folder_config(cfg16, str(out)).dtype == "float32"  # the next round loads it so

@@ -1,0 +1,225 @@
+"""`stic rounds`: the state and resume logic with the stages replaced by recorders (fast), the early stop on a
+hand-fed metric sequence, the refusals, and two real rounds of the tiny model killed in round 2's stage 1 (slow)."""
+
+import fcntl
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stic import dpo, evaluate, models, selfgen
+from stic.config import RecipeError
+from stic.locks import OutputLocked, lock_path
+from stic.rounds import STATE_FILE, RoundsStateError, run_rounds
+
+
+def round_of(folder) -> int:
+    """k of a stage folder round-<k>/<stage>."""
+    return int(Path(folder).parent.name.removeprefix("round-"))
+
+
+class FakeStages:
+    """The four stage functions replaced by recorders that write what the rounds read of their outputs.
+    `values[(k, spec)]` is the metric an eval of round k returns; `die_in_dpo_of` a round whose stage 1 is
+    killed once, after writing a checkpoint."""
+
+    def __init__(self, monkeypatch, values: dict, die_in_dpo_of: int | None = None):
+        self.calls, self.values, self.die = [], values, die_in_dpo_of
+        monkeypatch.setattr(selfgen, "run_selfgen", self.selfgen)
+        monkeypatch.setattr(dpo, "run_dpo", self.dpo)
+        monkeypatch.setattr(evaluate, "run_eval", self.eval)
+        monkeypatch.setattr(models, "merge_adapter", self.merge)
+
+    def selfgen(self, recipe, overwrite=False):
+        out = Path(recipe.selfgen.output_dir)
+        self.calls.append(("selfgen", round_of(out), recipe.model.name_or_path))
+        out.mkdir(parents=True, exist_ok=True)
+        return {"counts": {"rows": 3}}
+
+    def dpo(self, recipe):
+        out = Path(recipe.dpo.output_dir)
+        k = round_of(out)
+        self.calls.append(("dpo", k, recipe.model.name_or_path, recipe.model.dtype, recipe.dpo.dataset,
+                           recipe.dpo.resume))
+        if k == self.die:
+            self.die = None
+            (out / "checkpoint-2").mkdir(parents=True)
+            raise KeyboardInterrupt("simulated kill in stage 1")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(json.dumps({"round": k}))
+        (out / "adapter_model.safetensors").write_bytes(f"adapter {k}".encode())
+        (out / "run_summary.json").write_text(json.dumps({"global_step": 4}))
+
+    def eval(self, recipe, spec, dar, benchmarks):
+        k = round_of(recipe.eval.output_dir)
+        self.calls.append(("eval", k, spec))
+        return {"benchmarks": {b: {"value": self.values[(k, spec)]} for b in benchmarks}}
+
+    def merge(self, model_cfg, adapter, out, dtype=None, force=False, overwrite=False, fallback_dtype=None):
+        out = Path(out)
+        self.calls.append(("merge", round_of(out), model_cfg.name_or_path, adapter, fallback_dtype))
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(f"merged {round_of(out)}".encode())
+        report = {"adapter": adapter, "dtype": "float32", "requested_dtype": "bfloat16", "error": 0.0}
+        (out / models.MERGE_REPORT).write_text(json.dumps(report))
+        return out, report
+
+
+def recipe_data(tmp_path, **rounds) -> dict:
+    base = tmp_path / "base"  # a model folder that nothing loads
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"base weights")
+    return {"model": {"name_or_path": str(base), "dtype": "bfloat16"},
+            "rounds": {"output_dir": str(tmp_path / "rounds"), "benchmarks": ["pope"], **rounds}}
+
+
+def test_a_run_killed_in_round_2s_stage_1_resumes_there(monkeypatch, tmp_path):
+    out = tmp_path / "rounds"
+    values = {(1, "base"): 0.5, (1, "stage1"): 0.6, (2, "stage1"): 0.7}
+    fake = FakeStages(monkeypatch, values, die_in_dpo_of=2)
+    data = recipe_data(tmp_path)
+    base, merged1 = data["model"]["name_or_path"], str(out / "round-1" / "merged")
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(data, 2)
+    assert fake.calls == [
+        ("selfgen", 1, base), ("dpo", 1, base, "bfloat16", str(out / "round-1/selfgen"), False),
+        ("eval", 1, "base"), ("eval", 1, "stage1"), ("merge", 1, base, str(out / "round-1/dpo"), "float32"),
+        # round 2 generates and trains with round 1's merged model, in the dtype it was stored in
+        ("selfgen", 2, merged1), ("dpo", 2, merged1, "float32", str(out / "round-2/selfgen"), False)]
+    state = json.loads((out / STATE_FILE).read_text())
+    assert list(state["rounds"]["1"]) == ["selfgen", "dpo", "eval", "merge"] and list(state["rounds"]["2"]) == ["selfgen"]
+
+    fake.calls.clear()
+    report = run_rounds(data, 2)
+    # neither round 1 nor round 2's pairs again; stage 1 resumes through its own resume (its checkpoint)
+    assert fake.calls == [("dpo", 2, merged1, "float32", str(out / "round-2/selfgen"), True),
+                          ("eval", 2, "stage1"), ("merge", 2, merged1, str(out / "round-2/dpo"), "float32")]
+    rows = report["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and [r["values"]["pope"] for r in rows] == [0.5, 0.6, 0.7]
+    # which model made which data: round 1's merged folder (its digest) generated round 2's pairs
+    assert rows[1]["generator"]["model"] == base and rows[1]["generator"]["digest"].startswith("sha256:")
+    assert rows[2]["generator"]["model"] == merged1 == rows[1]["merged"]
+    assert rows[2]["generator"]["digest"] == rows[1]["merged_digest"] != rows[2]["merged_digest"]
+    assert rows[2]["pairs"] == str(out / "round-2/selfgen") and rows[2]["adapter"] == str(out / "round-2/dpo")
+    assert report["best_round"] == 2 and report["stopped_early"] is None
+    assert json.loads((out / "rounds.json").read_text()) == report
+    table = (out / "rounds.md").read_text()
+    assert "| 0 (base) |" in table and f"| 2 | {merged1} (" in table
+    assert (out / "rounds.png").stat().st_size > 0
+    assert not list(out.glob(".*.tmp"))  # the state and reports are written through a rename
+
+    fake.calls.clear()
+    run_rounds(data, 2)  # all finished: nothing runs again
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("metric, values, margin, stops_after, best, merged", [
+    # higher is better: round 3 gains 0.005, not more than the margin; still the best, so it is merged
+    ("pope", [0.5, 0.6, 0.65, 0.655, 0.9], 0.01, 3, 3, [1, 2, 3]),
+    # CHAIR: lower is better; round 2 is worse than round 1, and not merged
+    ("chair", [0.5, 0.4, 0.41, 0.3, 0.2], 0.0, 2, 1, [1]),
+])
+def test_the_rounds_stop_when_the_metric_stops_improving(monkeypatch, tmp_path, metric, values, margin, stops_after,
+                                                         best, merged):
+    values_by_eval = {(1, "base"): values[0], **{(k, "stage1"): v for k, v in enumerate(values) if k}}
+    fake = FakeStages(monkeypatch, values_by_eval)
+    data = recipe_data(tmp_path, benchmarks=[metric], metric=metric, min_improvement=margin)
+    report = run_rounds(data, 4)
+    assert max(c[1] for c in fake.calls) == stops_after
+    assert [c[1] for c in fake.calls if c[0] == "merge"] == merged
+    assert f"round {stops_after}'s {metric}" in report["stopped_early"] and report["best_round"] == best
+    assert "Stopped early" in (tmp_path / "rounds" / "rounds.md").read_text()
+
+    fake.calls.clear()
+    assert run_rounds(data, 4)["stopped_early"] == report["stopped_early"] and fake.calls == []  # decided again
+    # without a margin the stopped round is merged and the next one runs
+    data["rounds"]["min_improvement"] = None
+    run_rounds(data, stops_after + 1)
+    k = stops_after
+    next_round = [("selfgen", k + 1), ("dpo", k + 1), ("eval", k + 1), ("merge", k + 1)]
+    assert [c[:2] for c in fake.calls] == ([] if k in merged else [("merge", k)]) + next_round
+    assert [c[2] for c in fake.calls if c[0] == "selfgen"] == [str(tmp_path / "rounds" / f"round-{k}" / "merged")]
+
+
+def test_refusals_before_any_work(monkeypatch, tmp_path, capsys):
+    fake = FakeStages(monkeypatch, {(1, "base"): 0.5, (1, "stage1"): 0.6})
+    data = recipe_data(tmp_path)
+    with pytest.raises(RecipeError, match="rounds.metric mmvet is scored by an LLM judge"):
+        run_rounds({**data, "rounds": {**data["rounds"], "benchmarks": ["mmvet"]}}, 1)
+    with pytest.raises(RecipeError, match="rounds: metric chair is not one of benchmarks"):
+        run_rounds({**data, "rounds": {**data["rounds"], "metric": "chair"}}, 1)
+    with open(lock_path(tmp_path / "rounds"), "a+") as held:  # another run holds the folder's lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(OutputLocked):
+            run_rounds(data, 1)
+    run_rounds(data, 1)
+    other = {**data, "model": {**data["model"], "dtype": "float32"}}
+    with pytest.raises(RoundsStateError, match=r"rounds of a recipe whose model settings differ"):
+        run_rounds(other, 2)
+    assert [c[0] for c in fake.calls] == ["selfgen", "dpo", "eval", "eval", "merge"]  # the one run that ran
+
+    from stic.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit) as exit_:
+        main(["rounds", "--recipe", str(path), "--rounds", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err == ["stic: recipe error: --rounds must be at least 1, got 0"]
+
+
+def spy_on_stages(monkeypatch) -> list:
+    """Record (stage function, round) of each call of the real selfgen, dpo and eval."""
+    calls = []
+    for module, name, section in ((selfgen, "run_selfgen", "selfgen"), (dpo, "run_dpo", "dpo"),
+                                  (evaluate, "run_eval", "eval")):
+        def spy(recipe, *args, _real=getattr(module, name), _name=name, _section=section, **kwargs):
+            calls.append((_name, round_of(getattr(recipe, _section).output_dir)))
+            return _real(recipe, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.slow  # two real rounds of the tiny model and a resume: about 26 s of CPU, 50 s on busy cores
+def test_two_real_rounds_killed_in_round_2s_stage_1_and_resumed(monkeypatch, tmp_path, photo_dir, eval_root):
+    import pyarrow.parquet as pq
+    from trl import DPOTrainer
+
+    from tests.conftest import die_on_call
+
+    out = tmp_path / "rounds"
+    data = {"model": {"name_or_path": "tiny:llava", "dtype": "float32"},
+            "selfgen": {"images": {"type": "folder", "path": str(photo_dir), "limit": 3},
+                        "chosen_sampling": {"max_new_tokens": 6},
+                        "rejected_sampling": {"max_new_tokens": 6, "do_sample": True}, "batch_size": 4},
+            "dpo": {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-3, "max_steps": 2, "save_steps": 1,
+                    "per_device_train_batch_size": 2, "report_to": [], "plot": False, "image_margin_probe": 0,
+                    "activation_checkpointing": False},
+            "eval": {"data_root": str(eval_root), "limit": 2},
+            "rounds": {"output_dir": str(out), "benchmarks": ["pope"], "min_improvement": None}}
+    calls = spy_on_stages(monkeypatch)
+    die_on_call(monkeypatch, DPOTrainer, "training_step", 4)  # round 2's second step, after its checkpoint-1
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(data, 2)
+    assert calls[-2:] == [("run_selfgen", 2), ("run_dpo", 2)]
+    assert (out / "round-2" / "dpo" / "checkpoint-1").is_dir()
+
+    monkeypatch.undo()  # the kill, and the spies
+    calls = spy_on_stages(monkeypatch)
+    report = run_rounds(data, 2)
+    assert calls == [("run_dpo", 2), ("run_eval", 2)]  # round 1 and round 2's pairs are not made again
+    summary = json.loads((out / "round-2" / "dpo" / "run_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-1") and summary["global_step"] == 2
+    rows = report["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["values"]["pope"] is not None for r in rows)
+    merged1 = str(out / "round-1" / "merged")
+    assert rows[2]["generator"]["model"] == merged1 and rows[2]["generator"]["digest"] == rows[1]["merged_digest"]
+    # the pairs themselves name their generator
+    made_by = {m for part in (out / "round-2" / "selfgen" / "data").glob("*.parquet")
+               for m in pq.read_table(part, columns=["model"]).column("model").to_pylist()}
+    assert made_by == {merged1}
+    assert json.loads((out / "round-2" / "merged" / "merge_report.json").read_text())["base"] == merged1
