@@ -37,7 +37,7 @@ from stic.models import (ModelSetupError, language_model_name, lora_config, outp
                          training_device)
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
-from stic.report import projector_record, write_dpo_report
+from stic.report import projector_record, vision_lora_record, write_dpo_report
 from stic.training import has_text_only_rows, is_main_rank, last_complete_checkpoint, precision_record, trainer_class
 
 
@@ -374,7 +374,8 @@ def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
     check. Returns what run_summary.json records of them."""
     from stic.training import apply_global_batch, check_max_length
 
-    setup = {"batch": apply_global_batch(cfg), "projector": projector_record(cfg)}
+    setup = {"batch": apply_global_batch(cfg), "projector": projector_record(cfg),
+             "vision_lora": vision_lora_record(cfg)}
     if cfg.paper_alpha is not None:
         mean_len = mean_chosen_tokens(dataset, processor, limit=None)
         cfg.apply_paper_alpha(mean_len)

@@ -25,7 +25,7 @@ from typing import Callable
 from stic.config import ModelSpec, to_dict
 from stic.generation import BatchGenerator, Output, Request, SamplingConfig, stable_seed
 from stic.images import ImageRef
-from stic.instructions import choose_subset, load_instructions
+from stic.instructions import composition, load_instructions, select_subset
 from stic.models import (ModelSetupError, lora_config, process_state, refuse_sharding_without_cuda,
                          require_cuda_for_4bit, training_device)
 from stic.recipe import DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe  # noqa: F401  (re-exported)
@@ -199,6 +199,7 @@ def load_model_for_training(recipe: Recipe):
         model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
         _adapter_in_float32(model, cfg.stage1_adapter)
         _projector_as_configured(model, cfg)
+        _vision_lora_as_configured(model, cfg)
         return model, None
     return model, (lora_config(cfg, model) if cfg.use_peft else None)
 
@@ -230,6 +231,27 @@ def _projector_as_configured(model, cfg: InfuseSFTConfig) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad and "modules_to_save" in name:
             p.requires_grad = False
+
+
+def _vision_lora_as_configured(model, cfg: InfuseSFTConfig) -> None:
+    """A continued stage-1 adapter trains its vision-encoder LoRA only when infuse_sft.lora_vision says so (else
+    the vision deltas stay as stage 1 left them); and it can only when stage 1 trained one."""
+    from stic.models import vision_tower_name
+    from stic.training import TrainingSetupError
+
+    try:
+        prefix = vision_tower_name(model) + "."
+    except ModelSetupError:
+        if cfg.lora_vision:
+            raise
+        return  # no vision encoder found by name: stage 1 could not have adapted one either
+    vision = [p for n, p in model.named_parameters() if n.startswith(prefix) and ".lora_" in n]
+    if cfg.lora_vision and not vision:
+        raise TrainingSetupError(
+            f"infuse_sft.lora_vision is true but the stage-1 adapter {cfg.stage1_adapter} holds no vision LoRA "
+            "(stage 1 ran with lora_vision: false); train stage 1 with dpo.lora_vision: true, or use adapter_mode: new")
+    for p in vision:
+        p.requires_grad = cfg.lora_vision
 
 
 def sft_sequence_need(train_set, processor) -> dict:
@@ -277,13 +299,18 @@ def _train(recipe: Recipe, state) -> dict | None:
         detail = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         raise InstructionDataError(f"no usable record in {cfg.data.path} ({len(skipped)} skipped: {detail})"
                                    if skipped else f"no usable record in {cfg.data.path}: it holds none")
-    subset = choose_subset(records, cfg.subset)
+    subset, yes_no = select_subset(records, cfg.subset)
+    if yes_no["target_ratio"] is not None and state.is_main_process:
+        b, a = yes_no["before"], yes_no["after"]
+        print(f"infuse-sft: yes/no records re-sampled from {b['yes']} yes : {b['no']} no to {a['yes']} : {a['no']} "
+              f"(target {yes_no['target_ratio']}:1), {len(subset)} records in all")
     started = time.time()
     descriptions = describe_images(recipe, subset)
     state.wait_for_everyone()
     train_set, undescribed = build_training_set(subset, descriptions, cfg.template, recipe.model.system_prompt)
     if state.is_main_process:
-        write_infused_data_report(Path(cfg.output_dir), skipped, train_set)
+        write_infused_data_report(Path(cfg.output_dir), skipped, train_set,
+                                  subset={"composition": composition(subset), "yes_no": yes_no})
 
     processor = load_processor(stage1_model_config(recipe))
     length_check = (check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
@@ -305,7 +332,7 @@ def _train(recipe: Recipe, state) -> dict | None:
         summary = write_infuse_report(
             cfg, stage1_model_config(recipe), trainer, result, usable_records=len(records), skipped=skipped,
             subset=subset, undescribed=undescribed, trained_records=len(train_set), batch=batch,
-            length_check=length_check, seconds=time.time() - started,
+            length_check=length_check, seconds=time.time() - started, yes_no=yes_no,
             precision=precision_record(stage1_model_config(recipe), loaded_dtype, trainer))
     trainer.accelerator.wait_for_everyone()
     return summary

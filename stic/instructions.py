@@ -19,6 +19,7 @@ from typing import Literal
 from stic.config import option
 from stic.errors import SticError
 from stic.images import escapes
+from stic.metrics import pope_parse
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
@@ -59,10 +60,16 @@ class SubsetConfig:
         None, help="balanced: a record's source, from this field, else the first folder of its image path (coco/ ...)")
     prefer_informative: bool = option(
         False, help="balanced: within each source, take the records that mention the most concept words first")
+    yes_no_ratio: float | None = option(
+        None, help="re-sample the records whose first answer is yes or no to this yes:no ratio (1.0: 1:1), keeping "
+                   "the subset's size and its number of yes/no records (SVIT's balance); null: off")
 
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"size must be at least 1, got {self.size}")
+        if self.yes_no_ratio is not None and not self.yes_no_ratio > 0:
+            raise ValueError(f"yes_no_ratio must be positive (1.0: as many yes as no answers; null: off), got "
+                             f"{self.yes_no_ratio}")
 
 
 def resolve_image(folder: str | None, rel: str) -> str:
@@ -223,25 +230,109 @@ def informativeness(record: dict) -> int:
 
 
 def choose_subset(records: list[dict], cfg: SubsetConfig) -> list[dict]:
-    """N records chosen with `seed`: uniformly, or evenly across sources (round-robin over shuffled sources)."""
-    rng = random.Random(cfg.seed)
+    """N records chosen with `seed`: uniformly, or evenly across sources (round-robin over shuffled sources); then,
+    with `yes_no_ratio`, its yes/no records re-sampled to that ratio (see `select_subset`)."""
+    return select_subset(records, cfg)[0]
+
+
+def _by_strategy(records: list[dict], cfg: SubsetConfig) -> list[int]:
+    """Indices of the strategy's subset: sorted (random), or in the order the round-robin took them (balanced)."""
     n = min(cfg.size, len(records))
     if cfg.strategy == "random":
-        return [records[i] for i in sorted(rng.sample(range(len(records)), n))]
-    groups: dict[str, list[dict]] = {}
-    for rec in records:
+        return sorted(random.Random(cfg.seed).sample(range(len(records)), n))
+    return _source_round_robin(records, cfg)[:n]
+
+
+def _source_round_robin(records: list[dict], cfg: SubsetConfig) -> list[int]:
+    """Every record's index in the order the balanced strategy takes them: round-robin over the sources, each
+    source's records shuffled with `seed` (and, with prefer_informative, the most informative first)."""
+    rng = random.Random(cfg.seed)
+    groups: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
         key = str(rec.get(cfg.source_field) or rec["source"]) if cfg.source_field else rec["source"]
-        groups.setdefault(key, []).append(rec)
+        groups.setdefault(key, []).append(i)
     for key in sorted(groups):
         rng.shuffle(groups[key])
         if cfg.prefer_informative:  # stable sort keeps the shuffled order among equal scores
-            groups[key].sort(key=informativeness, reverse=True)
-    chosen, order = [], sorted(groups)
-    while len(chosen) < n:
-        for key in order:
-            if groups[key] and len(chosen) < n:
-                chosen.append(groups[key].pop(0))
-    return chosen
+            groups[key].sort(key=lambda i: informativeness(records[i]), reverse=True)
+    order, queues = [], [groups[key] for key in sorted(groups)]
+    while any(queues):
+        for queue in queues:
+            if queue:
+                order.append(queue.pop(0))
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Yes/no balance (SVIT, Zhao et al. 2023): a mix heavy on "yes" answers teaches the model to answer "yes"
+
+
+def yes_no_answer(text: str) -> str | None:
+    """'yes' or 'no' for an answer whose first word is yes or no (any case), read as POPE's scorer reads answers
+    (stic.metrics.pope_parse: 'no' or 'not' in the first sentence makes it no, so "Yes, it is not red." is no);
+    None for any other answer."""
+    first = re.match(r"\W*([A-Za-z]+)", text)
+    if not first or first.group(1).lower() not in ("yes", "no"):
+        return None
+    return pope_parse(first.group(1).lower() + text[first.end():])
+
+
+def yes_no_label(record: dict) -> str | None:
+    """A record's yes/no class: that of its first assistant answer. Only the first counts: a LLaVA VQA record asks
+    several questions of one image, and a record is kept or dropped whole."""
+    answer = next((m["content"] for m in record["messages"] if m["role"] == "assistant"), None)
+    return yes_no_answer(answer) if isinstance(answer, str) else None
+
+
+def yes_no_counts(records: list[dict]) -> dict:
+    """Records by yes_no_label, with the yes:no ratio (None without a no record)."""
+    labels = Counter(yes_no_label(r) for r in records)
+    yes, no = labels["yes"], labels["no"]
+    return {"yes": yes, "no": no, "other": len(records) - yes - no, "ratio": round(yes / no, 4) if no else None}
+
+
+def select_subset(records: list[dict], cfg: SubsetConfig) -> tuple[list[dict], dict]:
+    """(the subset, {target_ratio, before, after}: its yes_no_counts before and after yes_no_ratio re-sampled it).
+
+    In order: (1) the strategy ranks every record (random: a seeded shuffle of its subset, then of the rest;
+    balanced: its source round-robin, informative first with prefer_informative) and its first `size` records are
+    the plain subset; (2) the plain subset's yes/no records fix how many yes/no records the subset holds, split to
+    the target ratio (a class the data holds too few of shrinks both, keeping the ratio; other records take the
+    slots freed); (3) the ranking is walked again, each record taken while its class (yes, no, other) has room.
+    Source balance and informativeness thus decide which records of each class are kept; the size stays."""
+    plain = _by_strategy(records, cfg)
+    before = yes_no_counts([records[i] for i in plain])
+    if cfg.yes_no_ratio is None:
+        return [records[i] for i in plain], {"target_ratio": None, "before": before, "after": before}
+    labels = [yes_no_label(r) for r in records]
+    if cfg.strategy == "random":
+        rng = random.Random(f"{cfg.seed}\x1fyes_no")
+        kept, chosen = list(plain), set(plain)
+        rest = [i for i in range(len(records)) if i not in chosen]
+        rng.shuffle(kept)
+        rng.shuffle(rest)
+        ranking = kept + rest
+    else:
+        ranking = _source_round_robin(records, cfg)
+    ratio, slots = cfg.yes_no_ratio, before["yes"] + before["no"]
+    yes = int(slots * ratio / (1 + ratio) + 0.5)
+    no = slots - yes
+    held = Counter(labels)
+    scale = min(1.0, held["yes"] / yes if yes else 1.0, held["no"] / no if no else 1.0)
+    room = {"yes": int(yes * scale), "no": int(no * scale)}
+    room[None] = len(plain) - room["yes"] - room["no"]
+    taken, left = [], []
+    for i in ranking:
+        if room[labels[i]] > 0:
+            room[labels[i]] -= 1
+            taken.append(i)
+        else:
+            left.append(i)
+    taken += left[:len(plain) - len(taken)]  # too few other records: the size comes first
+    if cfg.strategy == "random":
+        taken.sort()
+    subset = [records[i] for i in taken]
+    return subset, {"target_ratio": ratio, "before": before, "after": yes_no_counts(subset)}
 
 
 def composition(records: list[dict]) -> dict:

@@ -290,11 +290,27 @@ class LoraOptions:
     mm_projector_lr: float | None = option(
         None, help="the projector's learning rate (its own optimizer parameter group); None: the stage's "
                    "learning_rate")
+    lora_vision: bool = option(
+        False, help="also adapt the vision encoder with LoRA, as SQ-LLaVA trains it (its base weights stay "
+                    "frozen); in stage 2's continue mode: keep training the vision LoRA of the stage-1 adapter")
+    lora_vision_r: int = option(32, help="LoRA rank of the vision encoder's layers (SQ-LLaVA: 32)")
+    lora_vision_alpha: int = option(64, help="LoRA scaling alpha of the vision encoder's layers (SQ-LLaVA: 64)")
+    lora_vision_target_modules: list[str] | None = option(
+        None, help="layer names inside the vision encoder to adapt (e.g. [q_proj, v_proj]; Qwen2.5-VL: [qkv]); "
+                   "None: every linear layer of the vision encoder, not the projector")
 
     def __post_init__(self):
         if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise ValueError(f"lora_r must be at least 1, lora_alpha positive and lora_dropout in [0, 1), got "
                              f"{self.lora_r}, {self.lora_alpha} and {self.lora_dropout}")
+        if self.lora_vision and not self.use_peft:
+            raise ValueError("lora_vision needs use_peft: true (full fine-tuning keeps the vision encoder frozen)")
+        if self.lora_vision and (self.lora_vision_r < 1 or self.lora_vision_alpha <= 0):
+            raise ValueError(f"lora_vision_r must be at least 1 and lora_vision_alpha positive, got "
+                             f"{self.lora_vision_r} and {self.lora_vision_alpha}")
+        if self.lora_vision_target_modules is not None and not self.lora_vision:
+            raise ValueError("lora_vision_target_modules is set but lora_vision is false; set lora_vision: true "
+                             "or remove lora_vision_target_modules")
         if self.mm_projector_lr is not None:
             if not self.train_projector:
                 raise ValueError("mm_projector_lr is set but train_projector is false; set train_projector: true "
@@ -342,13 +358,91 @@ def language_model_linear_regex(model) -> str:
     if not linears:
         raise ModelSetupError(f"found no linear layer in the language model of {type(model).__name__}; "
                               "set lora_target_modules in the recipe")
-    prefix = re.escape(language_model_name(model))
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-    regex = rf"{prefix}\.(?:.*\.)?({'|'.join(map(re.escape, leaves))})"
-    if {n for n, _ in model.named_modules() if re.fullmatch(regex, n)} != set(linears):
-        # a non-linear module shares a leaf name with a linear one (PEFT would refuse it): list every layer
-        regex = "|".join(map(re.escape, linears))
-    return regex
+    return _exact_regex(model, language_model_name(model), linears)
+
+
+def _exact_regex(model, prefix: str, linears: list[str]) -> str:
+    """A PEFT target regex that fullmatches exactly the qualified names `linears`, all under `prefix`: by their last
+    name, else by their last name and layer number, else (another module shares a last name with one of them, which
+    PEFT would refuse or adapt) every name listed."""
+    import re
+
+    leaves = "|".join(map(re.escape, sorted({n.rsplit(".", 1)[-1] for n in linears})))
+    layers = sorted({int(m.group(1)) for n in linears if (m := re.search(r"\.(?:layers|blocks)\.(\d+)\.", n))})
+    numbers = "|".join(map(str, layers))
+    candidates = [rf"{re.escape(prefix)}\.(?:.*\.)?({leaves})"]
+    if layers:
+        candidates.append(rf"{re.escape(prefix)}\.(?:.*\.)?(?:layers|blocks)\.({numbers})\.(?:.*\.)?({leaves})")
+    names = [n for n, _ in model.named_modules()]
+    for regex in candidates:
+        if {n for n in names if re.fullmatch(regex, n)} == set(linears):
+            return regex
+    return "|".join(map(re.escape, linears))
+
+
+# The vision encoder, by the name each family gives it: LLaVA and LLaVA-NeXT `vision_tower`, Qwen2.5-VL `visual`
+# (which holds the projector, `visual.merger`), Idefics3/SmolVLM `vision_model`.
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model")
+
+
+def vision_tower_name(model) -> str:
+    """Qualified name of the vision encoder (the outermost module with one of VISION_TOWER_NAMES)."""
+    names = [n for n, _ in model.named_modules()]
+    for candidate in VISION_TOWER_NAMES:
+        found = [n for n in names if n == candidate or n.endswith("." + candidate)]
+        if found:
+            return found[0]
+    raise ModelSetupError(f"no vision encoder ({', '.join(VISION_TOWER_NAMES)}) in {type(model).__name__}; "
+                          "lora_vision cannot find the layers to adapt")
+
+
+def vision_layers_read(model) -> int | None:
+    """How many encoder layers of the vision encoder reach the image features: LLaVA and LLaVA-NeXT read the hidden
+    state `vision_feature_layer` (-2: the one before the last layer), so the layers after it never reach the loss.
+    None: every layer (Qwen2.5-VL, Idefics3)."""
+    config = getattr(model, "config", None)
+    feature = getattr(config, "vision_feature_layer", None)
+    depth = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
+    if feature is None or depth is None:
+        return None
+    read = [feature] if isinstance(feature, int) else list(feature)
+    return max(f if f >= 0 else depth + 1 + f for f in read)  # hidden state h is the output of layer h - 1
+
+
+def vision_linears(model) -> list[str]:
+    """Qualified names of the nn.Linear layers of the vision encoder whose output the model uses: not a projector
+    inside it (Qwen's merger), nor a layer after the one LLaVA takes its features from (it would get no gradient,
+    and DDP refuses a trainable parameter without one)."""
+    import re
+
+    prefix = vision_tower_name(model) + "."
+    try:
+        projector = projector_module(model) + "."
+    except ModelSetupError:
+        projector = None
+    read = vision_layers_read(model)
+
+    def used(name: str) -> bool:
+        layer = re.search(r"\.layers\.(\d+)\.", name[len(prefix) - 1:])
+        return read is None or layer is None or int(layer.group(1)) < read
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix)
+            and not (projector and n.startswith(projector)) and used(n)]
+
+
+def vision_linear_regex(model, leaves: list[str] | None = None) -> str:
+    """A PEFT target regex selecting the vision encoder's linear layers (those named `leaves`, else all)."""
+    linears = vision_linears(model)
+    if leaves:
+        found = {n.rsplit(".", 1)[-1] for n in linears}
+        missing = [leaf for leaf in leaves if leaf not in found]
+        if missing:
+            raise ModelSetupError(f"lora_vision_target_modules: no layer {', '.join(missing)} in the vision encoder "
+                                  f"of {type(model).__name__} (it has: {', '.join(sorted(found))})")
+        linears = [n for n in linears if n.rsplit(".", 1)[-1] in leaves]
+    if not linears:
+        raise ModelSetupError(f"found no linear layer in the vision encoder of {type(model).__name__}")
+    return _exact_regex(model, vision_tower_name(model), linears)
 
 
 def quantization_skip_patterns(model_or_config, trust_remote_code: bool = False) -> list[str]:
@@ -401,12 +495,23 @@ def projector_module(model) -> str:
 
 
 def lora_config(cfg: LoraOptions, model):
+    """One LoraConfig for the stage: the language model's layers at lora_r/lora_alpha and, with lora_vision, the
+    vision encoder's at lora_vision_r/lora_vision_alpha (PEFT's rank_pattern/alpha_pattern), in one adapter."""
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules or language_model_linear_regex(model)
+    vision = {}
+    if cfg.lora_vision:
+        import re
+
+        regex = vision_linear_regex(model, cfg.lora_vision_target_modules)
+        # names in lora_target_modules keep PEFT's meaning (the name, or its last parts) outside the vision encoder
+        language = targets if isinstance(targets, str) else rf"(?:.*\.)?(?:{'|'.join(map(re.escape, targets))})"
+        targets = rf"(?!{re.escape(vision_tower_name(model))}\.)(?:{language})|(?:{regex})"
+        vision = {"rank_pattern": {regex: cfg.lora_vision_r}, "alpha_pattern": {regex: cfg.lora_vision_alpha}}
     return LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM",
+        modules_to_save=[projector_module(model)] if cfg.train_projector else None, task_type="CAUSAL_LM", **vision,
     )
 
 

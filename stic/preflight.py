@@ -182,25 +182,28 @@ def check_tokens(processor, examples, batch) -> Check:
 
 
 def check_parameters(trainer) -> Check:
-    from stic.models import ModelSetupError, language_model_name, output_head_name, projector_module
+    from stic.models import (ModelSetupError, language_model_name, output_head_name, projector_module,
+                             vision_tower_name)
 
     model = trainer.model
-    try:
-        lm = language_model_name(model) + "."
-    except ModelSetupError:
-        lm = None
-    try:
-        projector = projector_module(model) + "."
-    except ModelSetupError:
-        projector = None
+
+    def prefix(find) -> str | None:
+        try:
+            return find(model) + "."
+        except ModelSetupError:
+            return None
+
+    lm, projector, vision = prefix(language_model_name), prefix(projector_module), prefix(vision_tower_name)
     head = (output_head_name(model) or "lm_head") + "."
 
     def group(name: str) -> str:
         if lm and name.startswith(lm):
             return "language_model"
-        if projector and name.startswith(projector):
+        if projector and name.startswith(projector):  # first: Qwen2.5-VL's projector lies inside its vision encoder
             return "projector"
-        return "lm_head" if name.startswith(head) else "vision/other"
+        if vision and name.startswith(vision):
+            return "vision"
+        return "lm_head" if name.startswith(head) else "other"
 
     counts: dict = {}
     for name, p in model.named_parameters():

@@ -201,6 +201,16 @@ def projector_record(cfg) -> dict:
     return {"trained": True, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.learning_rate}
 
 
+def vision_lora_record(cfg) -> dict:
+    """Whether a training stage trains LoRA on the vision encoder (lora_vision), at which rank and alpha."""
+    if not getattr(cfg, "lora_vision", False):
+        return {"trained": False}
+    if getattr(cfg, "adapter_mode", None) == "continue":
+        return {"trained": True, "adapter": "the stage-1 adapter's, continued"}
+    return {"trained": True, "r": cfg.lora_vision_r, "alpha": cfg.lora_vision_alpha,
+            "target_modules": cfg.lora_vision_target_modules or "every linear layer of the vision encoder"}
+
+
 def distributed_record(trainer) -> dict:
     """What run_summary.json says of the processes: the strategy accelerate ran (MULTI_GPU/MULTI_CPU = DDP, FSDP,
     DEEPSPEED, NO) and, under DDP, find_unused_parameters as the DDP wrapper holds it."""
@@ -260,10 +270,14 @@ def skip_reasons(skipped: list[dict]) -> Counter:
                    for s in skipped)
 
 
-def write_infused_data_report(out_dir: Path, skipped: list[dict], train_set, samples: int = 20) -> None:
-    """skipped_records.jsonl (every record left out, with its reason) and infused_samples.jsonl (the first
-    infused records, to read what stage 2 trains on)."""
+def write_infused_data_report(out_dir: Path, skipped: list[dict], train_set, samples: int = 20,
+                              subset: dict | None = None) -> None:
+    """skipped_records.jsonl (every record left out, with its reason), infused_samples.jsonl (the first
+    infused records, to read what stage 2 trains on) and, given, subset.json (the chosen subset's composition and
+    yes/no balance), all written before training starts."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if subset is not None:
+        (out_dir / "subset.json").write_text(json.dumps(subset, indent=2) + "\n")
     write_jsonl(out_dir / "skipped_records.jsonl", skipped)
     write_jsonl(out_dir / "infused_samples.jsonl", ({"id": row["id"], "messages": row["messages"]}
                                                     for row in train_set.select(range(min(samples, len(train_set))))))
@@ -271,9 +285,11 @@ def write_infused_data_report(out_dir: Path, skipped: list[dict], train_set, sam
 
 def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int, skipped: list[dict],
                         subset: list[dict], undescribed: list[str], trained_records: int, batch: dict,
-                        length_check: dict | None, seconds: float, precision: dict | None = None) -> dict:
+                        length_check: dict | None, seconds: float, precision: dict | None = None,
+                        yes_no: dict | None = None) -> dict:
     """run_summary.json, log_history.json and training_curves.png of a finished infuse-sft run; returns the
-    summary. `model_cfg` is the stage-1 model the run trained on."""
+    summary. `model_cfg` is the stage-1 model the run trained on; `yes_no` the subset's yes/no record counts before
+    and after subset.yes_no_ratio (stic.instructions.select_subset)."""
     from stic.instructions import composition
 
     out = Path(cfg.output_dir)
@@ -284,7 +300,8 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
         "adapter_mode": cfg.adapter_mode,
         "data": {"source": cfg.data.path, "usable_records": usable_records, "skipped_records": len(skipped),
                  "skipped_by_reason": dict(skip_reasons(skipped))},
-        "subset": {**to_dict(cfg.subset), "composition": composition(subset)},
+        "subset": {**to_dict(cfg.subset), "composition": composition(subset),
+                   **({"yes_no": yes_no} if yes_no is not None else {})},
         "descriptions": {"images": len({r["image"] for r in subset if r["image"]}),
                          "records_without_description": undescribed},
         "trained_records": trained_records,
@@ -294,6 +311,7 @@ def write_infuse_report(cfg, model_cfg, trainer, result, *, usable_records: int,
         "batch": batch,
         "max_length_check": length_check,
         "projector": projector_record(cfg),
+        "vision_lora": vision_lora_record(cfg),
         "precision": precision,
         "global_step": trainer.state.global_step,
         "train_metrics": result.metrics,

@@ -244,6 +244,63 @@ def test_stage2_trains_the_projector_at_its_own_rate(tmp_path, llava_mix):
                                                                         train_projector=True)))
 
 
+def test_stage2_continue_keeps_training_the_stage1_vision_lora(tmp_path, llava_mix):
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from stic.infuse import build_training_set, load_model_for_training
+    from stic.models import LoraOptions, lora_config
+    from stic.training import TrainingSetupError, trainer_class
+    from tests.test_training import vision_parts
+
+    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
+    model = load_model(mcfg)  # a stage 1 that ran with lora_vision
+    options = LoraOptions(lora_r=4, lora_alpha=8, lora_vision=True, lora_vision_r=2, lora_vision_alpha=4)
+    get_peft_model(model, lora_config(options, model)).save_pretrained(tmp_path / "stage1")
+    cfg = stage2_cfg(tmp_path, llava_mix, tmp_path / "stage1", lora_vision=True, max_steps=1, lora_dropout=0.0)
+    model, peft_config = load_model_for_training(Recipe(model=mcfg, infuse_sft=cfg))
+    lora, own = vision_parts(model)
+    assert peft_config is None and lora and all(p.requires_grad for p in lora.values())
+    assert not any(p.requires_grad for p in own.values())
+    records, _ = load_instructions(llava_mix)
+    ds, _ = build_training_set(records[:2], {"coco/0.jpg": "A block.", "coco/1.jpg": "Two blocks."}, DEFAULT_TEMPLATE)
+    trainer = trainer_class(SFTTrainer, cfg)(model=model, args=cfg, train_dataset=ds,
+                                             processing_class=load_processor(mcfg))
+    lora_b = {n: p.detach().clone() for n, p in lora.items() if "lora_B" in n}
+    trainer.train()
+    assert lora_b and [n for n in lora_b if torch.equal(lora[n].detach(), lora_b[n])] == []
+
+    # lora_vision: false keeps the vision deltas as stage 1 left them; an adapter without any cannot train them
+    frozen, _ = vision_parts(load_model_for_training(
+        Recipe(model=mcfg, infuse_sft=stage2_cfg(tmp_path, llava_mix, tmp_path / "stage1")))[0])
+    assert frozen and not any(p.requires_grad for p in frozen.values())
+    with pytest.raises(TrainingSetupError, match="holds no vision LoRA .* dpo.lora_vision: true"):
+        load_model_for_training(Recipe(model=mcfg, infuse_sft=stage2_cfg(
+            tmp_path, llava_mix, make_adapter(tmp_path / "plain"), lora_vision=True)))
+
+
+def test_stage2_reports_the_yes_no_balance_of_its_subset(tmp_path, llava_mix):
+    """subset.yes_no_ratio: the subset stage 2 trains on is re-sampled, and the run summary and the data report
+    (subset.json, written before training) give its yes/no records before and after."""
+    from stic.instructions import select_subset
+
+    answers = ["Yes."] * 9 + ["No, it is blue."] * 3 + ["It is red."] * 4
+    records = [{"id": f"q{i}", "image": f"coco/{i % 4}.jpg", "conversations": conv(f"<image>\nIs block {i} red?", a)}
+               for i, a in enumerate(answers)]
+    Path(llava_mix.path).write_text(json.dumps(records))
+    subset = SubsetConfig(size=8, seed=3, yes_no_ratio=1.0)  # its random 8 hold 5 yes, 1 no
+    cfg = stage2_cfg(tmp_path, llava_mix, make_adapter(tmp_path / "stage1"), subset=subset, max_steps=1)
+    summary = run_infuse_sft(Recipe(model=ModelSpec(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
+    chosen, expected = select_subset(load_instructions(llava_mix)[0], subset)
+    assert summary["subset"]["yes_no"] == expected and summary["trained_records"] == 8
+    assert expected["before"]["yes"] > expected["before"]["no"]
+    assert expected["after"]["yes"] == expected["after"]["no"] and expected["after"]["ratio"] == 1.0
+    report = json.loads((Path(cfg.output_dir) / "subset.json").read_text())
+    assert report["yes_no"] == expected and report["composition"]["records"] == 8
+    samples = (Path(cfg.output_dir) / "infused_samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in samples] == [r["id"] for r in chosen]
+
+
 def test_stage2_global_batch_and_max_length(tmp_path, llava_mix, monkeypatch):
     import re
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -96,3 +97,63 @@ def test_balanced_subset_spreads_over_sources_and_can_prefer_informative():
     coco = [r for r in inf if r["source"] == "coco"]
     assert all(informativeness(r) == 4 for r in coco)
     assert convert_llava_record({"conversations": conv("hi", "yo")}, 0, InstructionDataConfig())[1].startswith("text")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subset.yes_no_ratio (SVIT's yes/no balance)
+
+
+def test_yes_no_answers_are_read_as_pope_reads_them():
+    from stic.instructions import yes_no_answer, yes_no_label
+
+    assert [yes_no_answer(a) for a in ("Yes", "yes.", "Yes, the mug is red.", "NO", "No.", "no, it is blue")] == [
+        "yes", "yes", "yes", "no", "no", "no"]
+    assert yes_no_answer("Yes, it is not red.") == "no"  # POPE's scorer: 'not' in the first sentence
+    assert [yes_no_answer(a) for a in ("Nothing.", "Yesterday.", "It is yes.", "Red", "")] == [None] * 5
+    record = {"messages": [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Red."},
+                           {"role": "user", "content": "Is it big?"}, {"role": "assistant", "content": "Yes"}]}
+    assert yes_no_label(record) is None  # the first answer decides
+
+
+def yes_no_records(yes: int, no: int, other: int, sources=("coco", "gqa")) -> list[dict]:
+    """Records whose first answers are `yes` yes, `no` no and `other` neither, spread over `sources`."""
+    answers = ["Yes."] * yes + ["No, it is not."] * no + ["A red mug."] * other
+    return [{"id": f"{a[0]}{i}", "image": f"x/{i}.jpg", "image_path": None, "source": sources[i % len(sources)],
+             "messages": [{"role": "user", "content": "Is there a mug?" if i % 3 else "Is there a red left mug?"},
+                          {"role": "assistant", "content": a}]} for i, a in enumerate(answers)]
+
+
+@pytest.mark.parametrize("strategy, seed, before, after", [
+    ("random", 4, (30, 10, 10), {1.0: (20, 20), 0.5: (13, 27)}),
+    ("balanced", 0, (24, 10, 16), {1.0: (17, 17), 0.5: (11, 23)}),  # 13.3 yes for 26.7 no: 13 and 27
+])
+def test_yes_no_ratio_resamples_to_the_target_keeping_the_size(strategy, seed, before, after):
+    """The strategy's subset fixes the number of yes/no records (40, 34) and of other records; yes_no_ratio splits
+    the yes/no ones to the target (yes rounded half up), drawing the records in the strategy's own order."""
+    from stic.instructions import select_subset
+
+    records = yes_no_records(yes=70, no=30, other=30)
+    plain = SubsetConfig(size=50, seed=seed, strategy=strategy, prefer_informative=strategy == "balanced")
+    counts = {**dict(zip(("yes", "no", "other"), before)), "ratio": before[0] / before[1]}
+    assert select_subset(records, plain)[1] == {"target_ratio": None, "before": counts, "after": counts}
+    for ratio, (yes, no) in after.items():
+        cfg = dataclasses.replace(plain, yes_no_ratio=ratio)
+        subset, report = select_subset(records, cfg)
+        assert report["after"] == {"yes": yes, "no": no, "other": before[2], "ratio": round(yes / no, 4)}
+        assert report["before"]["ratio"] == before[0] / before[1] and report["target_ratio"] == ratio
+        assert len(subset) == 50 and len({r["id"] for r in subset}) == 50
+        assert [r["id"] for r in choose_subset(records, cfg)] == [r["id"] for r in subset]  # seeded: the same again
+    other_seed = select_subset(records, dataclasses.replace(plain, seed=seed + 1, yes_no_ratio=0.5))[0]
+    assert {r["id"] for r in other_seed} != {r["id"] for r in subset}
+
+
+def test_yes_no_ratio_keeps_the_ratio_when_the_data_has_too_few_of_one_answer():
+    from stic.instructions import select_subset
+
+    records = yes_no_records(yes=40, no=2, other=40, sources=("coco",))
+    subset, report = select_subset(records, SubsetConfig(size=30, seed=0, yes_no_ratio=1.0))
+    # both no records, as many yes records, the rest other records: still 30
+    assert report["after"] == {"yes": 2, "no": 2, "other": 26, "ratio": 1.0} and len(subset) == 30
+    with pytest.raises(ValueError, match="yes_no_ratio must be positive"):
+        SubsetConfig(yes_no_ratio=0)
+    assert select_subset(records, SubsetConfig(size=30, seed=0))[1]["target_ratio"] is None

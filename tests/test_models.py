@@ -239,6 +239,62 @@ def test_default_lora_adapts_exactly_the_language_models_linears(family):
         assert projector_module(model) == "model.visual.merger"
 
 
+# Each family's vision encoder, and the linears in it that lora_vision leaves alone: a projector inside it
+# (Qwen2.5-VL's merger), or the layer after the hidden state LLaVA reads its image features from (-2)
+VISION = {"llava": "model.vision_tower", "llava_next": "model.vision_tower", "qwen2_5_vl": "model.visual",
+          "idefics3": "model.vision_model"}
+VISION_UNUSED = {"llava": ["model.vision_tower.encoder.layers.1"],
+                 "llava_next": ["model.vision_tower.encoder.layers.1"],
+                 "qwen2_5_vl": ["model.visual.merger"], "idefics3": []}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_lora_adapts_the_vision_encoders_used_linears_at_their_own_rank(family):
+    """lora_vision (SQ-LLaVA): one adapter, the language model at lora_r/lora_alpha as before and every vision linear
+    whose output reaches the loss at lora_vision_r/lora_vision_alpha (PEFT's rank_pattern/alpha_pattern)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from stic.models import LoraOptions, lora_config
+    from stic.tiny import build_tiny_model
+
+    model = build_tiny_model(family)[0]
+    text_linears = linears_under(model, [TEXT_MODEL[family]])
+    vision_linears = linears_under(model, [VISION[family]]) - linears_under(model, VISION_UNUSED[family])
+    options = LoraOptions(lora_r=4, lora_alpha=8, lora_vision=True, lora_vision_r=2, lora_vision_alpha=6)
+    peft_model = get_peft_model(model, lora_config(options, model))
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    vision = {n for n in layers if n.startswith(VISION[family] + ".")}
+    assert vision and vision == vision_linears
+    assert set(layers) - vision == text_linears
+    assert {(layers[n].r["default"], layers[n].scaling["default"]) for n in vision} == {(2, 3.0)}
+    assert {(layers[n].r["default"], layers[n].scaling["default"]) for n in text_linears} == {(4, 2.0)}
+
+
+def test_vision_lora_target_modules_name_layers_inside_the_vision_encoder():
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from stic.models import LoraOptions, lora_config
+    from stic.tiny import build_tiny_model
+
+    model = build_tiny_model("llava")[0]
+    # q_proj is a layer name in the language model and in CLIP: lora_target_modules keeps to the language side
+    options = LoraOptions(lora_target_modules=["q_proj"], lora_vision=True, lora_vision_target_modules=["fc1"])
+    peft_model = get_peft_model(model, lora_config(options, model))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted == {f"model.language_model.layers.{i}.self_attn.q_proj" for i in (0, 1)} | {
+        "model.vision_tower.encoder.layers.0.mlp.fc1"}
+    with pytest.raises(ModelSetupError, match=r"no layer qkv in the vision encoder .*\(it has: fc1, fc2, k_proj"):
+        lora_config(LoraOptions(lora_vision=True, lora_vision_target_modules=["qkv"]), build_tiny_model("llava")[0])
+    with pytest.raises(ValueError, match="lora_vision needs use_peft: true"):
+        LoraOptions(use_peft=False, lora_vision=True)
+    with pytest.raises(ValueError, match="lora_vision_target_modules is set but lora_vision is false"):
+        LoraOptions(lora_vision_target_modules=["fc1"])
+    with pytest.raises(ValueError, match="lora_vision_r must be at least 1"):
+        LoraOptions(lora_vision=True, lora_vision_r=0)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Adapters at inference and `stic merge`
 

@@ -231,6 +231,88 @@ def _mix(tmp_path):
     return InstructionDataConfig(path=str(tmp_path / "mix.json"), image_folder=str(tmp_path / "img"))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# lora_vision: LoRA on the vision encoder (SQ-LLaVA), the encoder's own weights frozen
+
+
+def vision_parts(model) -> tuple[dict, dict]:
+    """({name: vision LoRA tensor}, {name: the vision encoder's own tensor}) of a PEFT model."""
+    from stic.models import vision_tower_name
+
+    prefix = vision_tower_name(model) + "."
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix)]
+    return {n: p for n, p in named if ".lora_" in n}, {n: p for n, p in named if ".lora_" not in n}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_lora_trains_in_float32_on_a_frozen_vision_encoder(hub_models, pairs, tmp_path, family):
+    """A bf16 hub checkpoint with lora_vision: once the trainer is built every trainable tensor (the vision LoRA
+    too) is float32 and preflight's parameters check shows a float32 `vision` group; the encoder's own weights are
+    frozen and stay bf16; one step moves every vision B matrix (B starts at 0: each one that moved got a gradient,
+    so none is an unused layer that DDP would refuse) and leaves the encoder's own weights as they were."""
+    from trl import DPOTrainer
+
+    from stic.preflight import check_parameters
+
+    mcfg = ModelSpec(name_or_path=str(hub_models(family, "bfloat16")), dtype="bfloat16")
+    cfg = dpo_cfg(tmp_path, pairs, lora_r=4, lora_alpha=8, lora_vision=True, lora_vision_r=2, lora_vision_alpha=4,
+                  max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, lora_dropout=0.0)
+    model = load_model(mcfg)
+    trainer = trainer_class(DPOTrainer, cfg)(model=model, args=cfg, train_dataset=load_preference_dataset(cfg),
+                                             processing_class=load_processor(mcfg),
+                                             peft_config=lora_config(cfg, model))
+    lora, own = vision_parts(trainer.model)
+    assert lora and all(p.requires_grad and p.dtype == torch.float32 for p in lora.values())
+    assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in own.values())
+    assert {p.dtype for p in trainable(trainer.model).values()} == {torch.float32}
+    check = check_parameters(trainer)
+    assert check.status == "pass", check.detail
+    assert set(check.numbers["trainable"]) == {"language_model float32", "vision float32"}
+    assert check.numbers["trainable"]["vision float32"] == sum(p.numel() for p in lora.values())
+
+    lora_b = {n: p.detach().clone() for n, p in lora.items() if "lora_B" in n}
+    own_before = {n: p.detach().clone() for n, p in own.items()}
+    trainer.train()
+    assert [n for n in lora_b if torch.equal(lora[n].detach(), lora_b[n])] == []
+    assert all(torch.equal(own[n], own_before[n]) for n in own)
+
+
+def test_vision_lora_run_moves_the_vision_deltas_and_merge_keeps_them(hub_models, pairs, tmp_path, monkeypatch):
+    """A step of run_dpo with lora_vision on a bf16 checkpoint moves every element of the vision B matrices; the
+    adapter saves them in float32, the survival guard counts them, and `stic merge` (float32) writes the vision
+    encoder as base + delta."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from stic.models import merge_adapter, vision_tower_name
+
+    seen = spy_on_training(monkeypatch)
+    base = hub_models("llava", "bfloat16")
+    cfg = dpo_cfg(tmp_path, pairs, max_steps=1, per_device_train_batch_size=2, lora_r=4, lora_alpha=8,
+                  lora_vision=True, lora_vision_r=2, lora_vision_alpha=4, learning_rate=1e-5, lora_dropout=0.0,
+                  image_margin_probe=0)
+    summary = run_dpo(Recipe(model=ModelSpec(name_or_path=str(base), dtype="bfloat16"), dpo=cfg))
+    vision_b = [n for n in seen["before"] if "vision_tower" in n and "lora_B" in n]
+    assert vision_b and share_moved(seen["before"], seen["after"], vision_b) == 1.0
+    assert summary["vision_lora"] == {"trained": True, "r": 2, "alpha": 4,
+                                      "target_modules": "every linear layer of the vision encoder"}
+    saved = load_file(f"{cfg.output_dir}/adapter_model.safetensors")
+    assert {k for k in saved if "vision_tower" in k and "lora_B" in k} and all(
+        v.dtype == torch.float32 for v in saved.values())
+
+    out, report = merge_adapter(ModelSpec(name_or_path=str(base), dtype="bfloat16"), cfg.output_dir,
+                                str(tmp_path / "merged"), dtype="float32")
+    stage1 = PeftModel.from_pretrained(load_model(ModelSpec(name_or_path=str(base), dtype="float32")), cfg.output_dir)
+    prefix = vision_tower_name(stage1) + "."
+    expected = {n.removeprefix("base_model.model."): (m.get_base_layer().weight + m.get_delta_weight("default"))
+                for n, m in stage1.named_modules() if n.startswith(prefix) and hasattr(m, "lora_A")}
+    merged = dict(load_model(ModelSpec(name_or_path=str(out), dtype="float32")).named_modules())
+    assert expected and all(torch.allclose(merged[n].weight, w, atol=1e-7, rtol=0) for n, w in expected.items())
+    assert any(not torch.equal(m.get_delta_weight("default"), torch.zeros_like(m.get_delta_weight("default")))
+               for n, m in stage1.named_modules() if n.startswith(prefix) and hasattr(m, "lora_A"))
+    assert report["tensors"] == sum(1 for _, m in stage1.named_modules() if hasattr(m, "lora_A")) > len(expected)
+
+
 def test_fsdp_without_mixed_precision_is_refused_for_half_precision_weights(hub_models, pairs, tmp_path,
                                                                             monkeypatch):
     """Under FSDP/DeepSpeed the strategy keeps the float32 masters, but only with mixed precision on."""
