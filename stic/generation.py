@@ -58,6 +58,8 @@ class Request:
     # seeds this request's own sampling stream (selfgen: from seed and image id), so what is sampled for it does
     # not depend on which other requests share its batch; None: from the call's seed and the request's position
     seed: int | None = None
+    # the start of the answer, already written (self-questioning: the questioner marker); the output is what follows
+    answer_prefix: str = ""
 
 
 @dataclasses.dataclass
@@ -130,13 +132,17 @@ class BatchGenerator:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
 
-    def prompt_text(self, prompt: str, image: Image.Image | None) -> str:
-        return self.processor.apply_chat_template(conversation(prompt, image, self.system_prompt),
-                                                  add_generation_prompt=True, tokenize=False)
+    def prompt_text(self, prompt: str, image: Image.Image | None, answer_prefix: str = "") -> str:
+        messages = conversation(prompt, image, self.system_prompt)
+        if not answer_prefix:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # an assistant turn rendered as training renders one, left open after the prefix
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_prefix}]})
+        return self.processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
 
     def encode(self, requests: Sequence[Request]) -> dict:
         """Model inputs for a batch, left-padded, exactly as generation sees them."""
-        texts = [self.prompt_text(r.prompt, r.image) for r in requests]
+        texts = [self.prompt_text(r.prompt, r.image, r.answer_prefix) for r in requests]
         images = [[r.image] if r.image is not None else [] for r in requests]
         kwargs = {"images": images} if any(images) else {}
         return self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",

@@ -4,7 +4,8 @@
 2. The stage-1 model describes each image with an ordinary captioning prompt, on the image, using the
    same sharded, resumable engine as selfgen (`store.run_sharded`).
 3. The first user turn becomes `Image description: {description}\\n{instruction}`; answers and later turns
-   stay as they were.
+   stay as they were, except that with `self_questioning: delta` a share delta of the later user turns become
+   questioner turns whose question is trained as well (SQ-LLaVA; see stic/self_questions.py).
 4. TRL's SFTTrainer trains on the result for one epoch, the loss on assistant tokens only, continuing the
    stage-1 adapter (as the paper does) or a new adapter on a merged stage-1 model.
 
@@ -31,6 +32,7 @@ from stic.models import (ModelSetupError, lora_config, process_state, refuse_sha
 from stic.recipe import DEFAULT_TEMPLATE, DescribeConfig, InfuseSFTConfig, Recipe  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import skip_reasons, write_infuse_report, write_infused_data_report
+from stic.self_questions import IgnoreToken, QuestionerTurns, questioner_turns
 from stic.training import has_text_only_rows, precision_record, trainer_class
 
 
@@ -151,7 +153,10 @@ def infuse_record(record: dict, description: str | None, template: str, system_p
             "images": [record.get("image_bytes") or record["image_path"]] if record["image"] else []}
 
 
-def build_training_set(records, descriptions, template, system_prompt: str | None = None):
+def build_training_set(records, descriptions, template, system_prompt: str | None = None,
+                       questioning: QuestionerTurns | None = None):
+    """The infused records as a dataset; `questioning` (infuse_sft.self_questioning) turns later user turns of
+    records with an image into questioner turns."""
     import datasets
 
     rows, missing = [], []
@@ -159,7 +164,10 @@ def build_training_set(records, descriptions, template, system_prompt: str | Non
         if rec["image"] and rec["image"] not in descriptions:
             missing.append(rec["id"])  # its image could not be read when describing
             continue
-        rows.append(infuse_record(rec, descriptions.get(rec["image"]), template, system_prompt))
+        row = infuse_record(rec, descriptions.get(rec["image"]), template, system_prompt)
+        if questioning and rec["image"]:
+            row["messages"], _ = questioning.apply(row["messages"], row["id"])
+        rows.append(row)
     ds = datasets.Dataset.from_list(
         [{"id": r["id"], "messages": r["messages"],
           "images": [{"bytes": i, "path": None} if isinstance(i, bytes) else {"bytes": None, "path": i}
@@ -177,14 +185,38 @@ def build_training_set(records, descriptions, template, system_prompt: str | Non
 # Step 4: SFT
 
 
-def load_model_for_training(recipe: Recipe):
-    from peft import PeftModel
+def add_questioner_token(recipe: Recipe, processor) -> tuple[int, int] | None:
+    """infuse_sft.questioner_token added to the processor's tokenizer: (its id, the tokenizer's size before), which
+    load_model_for_training grows the embeddings for; None when the recipe adds no token."""
+    from stic import self_questions
+
+    cfg = recipe.infuse_sft
+    if not (cfg.questioner_token and cfg.self_questioning):
+        return None
+    known = len(processor.tokenizer)
+    return self_questions.add_questioner_token(processor, cfg.questioner_token), known
+
+
+def load_model_for_training(recipe: Recipe, questioner_token: tuple[int, int] | None = None):
+    """(model, peft_config for the trainer or None). `questioner_token` (add_questioner_token): the embeddings are
+    grown to hold it before any adapter wraps them, and the adapter trains its rows."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils import set_peft_model_state_dict
 
     from stic.models import load_adapted_model, load_model
+    from stic.self_questions import make_room_for_token, token_rows_to_train
 
     cfg = recipe.infuse_sft
     mcfg = stage1_model_config(recipe)
     require_cuda_for_4bit(mcfg)
+
+    def with_token(model, peft_config):
+        if questioner_token is not None:
+            make_room_for_token(model, *questioner_token)
+            if peft_config is not None:
+                peft_config.trainable_token_indices = token_rows_to_train(model, questioner_token[0])
+        return model, peft_config
+
     if cfg.adapter_mode == "new" and cfg.stage1_adapter:
         # a new adapter on top of the stage-1 model: fold stage 1 in first, in fp32 unless its update survives
         # the model's dtype (merged into bf16 weights, an lr-1e-7 update rounds back to the base)
@@ -193,27 +225,43 @@ def load_model_for_training(recipe: Recipe):
                                "infuse_sft.stage1_model to the merged folder")
         model, _ = load_adapted_model(mcfg, [cfg.stage1_adapter],
                                       training_device(mcfg, cfg))
-        return model, (lora_config(cfg, model) if cfg.use_peft else None)
+        return with_token(model, lora_config(cfg, model) if cfg.use_peft else None)
     model = load_model(mcfg, training_device(mcfg, cfg))
     if cfg.adapter_mode == "continue":
-        model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
+        if questioner_token is None:
+            model = PeftModel.from_pretrained(model, cfg.stage1_adapter, is_trainable=True)
+        else:  # the continued adapter gains the token's rows, which stage 1's saved tensors lack
+            stage1 = LoraConfig.from_pretrained(cfg.stage1_adapter)
+            stage1.inference_mode = False
+            model = get_peft_model(*with_token(model, stage1))
+            set_peft_model_state_dict(model, _stage1_weights(model, cfg.stage1_adapter))
         _adapter_in_float32(model, cfg.stage1_adapter)
         _projector_as_configured(model, cfg)
         _vision_lora_as_configured(model, cfg)
         return model, None
-    return model, (lora_config(cfg, model) if cfg.use_peft else None)
+    return with_token(model, lora_config(cfg, model) if cfg.use_peft else None)
 
 
 def _adapter_in_float32(model, adapter_dir: str) -> None:
     """The continued adapter exactly as stage 1 saved it (float32): PEFT builds the projector copy
     (modules_to_save) in the base's dtype and loads the saved weights into it, rounding stage 1's projector update
     to bf16/fp16. Upcast the adapter's tensors, then load the saved ones again."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
     from stic.training import keep_trainable_in_float32
 
     if keep_trainable_in_float32(model, select=lambda n: "modules_to_save" in n or ".lora_" in n):
-        set_peft_model_state_dict(model, load_peft_weights(adapter_dir))
+        set_peft_model_state_dict(model, _stage1_weights(model, adapter_dir))
+
+
+def _stage1_weights(model, adapter_dir: str) -> dict:
+    """The stage-1 adapter's saved tensors, plus the model's own rows of a questioner token stage 1 never had
+    (PEFT's loader wants an entry for every layer it wraps)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    own = {k: v for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+           if "trainable_tokens_delta" in k}
+    return {**own, **load_peft_weights(adapter_dir)}
 
 
 def _projector_as_configured(model, cfg: InfuseSFTConfig) -> None:
@@ -307,24 +355,31 @@ def _train(recipe: Recipe, state) -> dict | None:
     started = time.time()
     descriptions = describe_images(recipe, subset)
     state.wait_for_everyone()
-    train_set, undescribed = build_training_set(subset, descriptions, cfg.template, recipe.model.system_prompt)
+    questioning = questioner_turns(cfg)
+    train_set, undescribed = build_training_set(subset, descriptions, cfg.template, recipe.model.system_prompt,
+                                                questioning)
     if state.is_main_process:
         write_infused_data_report(Path(cfg.output_dir), skipped, train_set,
                                   subset={"composition": composition(subset), "yes_no": yes_no})
 
     processor = load_processor(stage1_model_config(recipe))
+    questioner_token = add_questioner_token(recipe, processor)
     length_check = (check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
                     if cfg.max_length is not None else None)
-    model, peft_config = load_model_for_training(recipe)
+    model, peft_config = load_model_for_training(recipe, questioner_token)
     loaded_dtype = model.dtype
     trainer = trainer_class(SFTTrainer, cfg, has_text_only_rows(train_set))(
         model=model, args=cfg, train_dataset=train_set, processing_class=processor, peft_config=peft_config)
+    if questioner_token:  # a trigger given in the prompt, never a target
+        trainer.data_collator = IgnoreToken(trainer.data_collator, questioner_token[0])
     resume_from = last_complete_checkpoint(cfg.output_dir, "infuse_sft") if cfg.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(cfg.output_dir)
     summary = None
     if trainer.accelerator.is_main_process:
-        load_processor(stage1_model_config(recipe), raw=True).save_pretrained(cfg.output_dir)  # as published
+        published = load_processor(stage1_model_config(recipe), raw=True)  # as published
+        add_questioner_token(recipe, published)  # with the token the adapter's rows belong to
+        published.save_pretrained(cfg.output_dir)
         if not cfg.use_peft and cfg.adapter_mode != "continue":
             from stic.models import record_trained_precision
 
@@ -334,8 +389,21 @@ def _train(recipe: Recipe, state) -> dict | None:
             subset=subset, undescribed=undescribed, trained_records=len(train_set), batch=batch,
             length_check=length_check, seconds=time.time() - started, yes_no=yes_no,
             precision=precision_record(stage1_model_config(recipe), loaded_dtype, trainer))
+        if questioning:
+            _record_self_questioning(Path(cfg.output_dir), summary, questioning.count(
+                [r for r in subset if r["image"] and r["image"] in descriptions]), questioner_token)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def _record_self_questioning(out: Path, summary: dict, counts: dict, token: tuple[int, int] | None) -> None:
+    """run_summary.json gains what self-questioning did: turns made questioner turns, and the token added."""
+    import json
+
+    summary["self_questioning"] = {**counts, "token_id": token[0] if token else None}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"infuse_sft: self-questioning made {counts['questioner_turns']} of {counts['later_user_turns']} later "
+          f"user turns questioner turns (delta {counts['delta']})")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -604,6 +604,60 @@ def _float32_base(cfg: ModelSpec, device):
     return load_model(fp32, device)
 
 
+def adapter_token_rows(adapter: str) -> int | None:
+    """The embedding rows an adapter's own tokens need (stage 2's questioner_token: PEFT trainable_token_indices),
+    None for an adapter without tokens of its own (or not a local folder)."""
+    path = Path(adapter) / "adapter_config.json"
+    indices = json.loads(path.read_text()).get("trainable_token_indices") if path.is_file() else None
+    if not indices:
+        return None
+    ids = [i for v in indices.values() for i in v] if isinstance(indices, dict) else list(indices)
+    return max(ids) + 1
+
+
+def grow_token_embeddings(model, rows: int, known_rows: int, reset_from: int | None = None) -> dict:
+    """Grow the input embeddings (and an untied output head) to at least `rows` rows. Rows from `reset_from`
+    (default: the first new one) start at the mean of the first `known_rows` rows: deterministic, unlike
+    transformers' mean_resizing, which draws them at random around that mean."""
+    before = model.get_input_embeddings().weight.shape[0]
+    if rows > before:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    start = before if reset_from is None else reset_from
+    layers = [model.get_input_embeddings()]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not layers[0].weight:
+        layers.append(head)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight[start:rows] = layer.weight[:known_rows].float().mean(0).to(layer.weight.dtype)
+    return {"rows_before": before, "rows": model.get_input_embeddings().weight.shape[0]}
+
+
+def grow_embeddings_for(model, adapter: str) -> None:
+    """Grow the base's embeddings to hold the adapter's own tokens before it is applied (as stage 2 grew them; the
+    adapter holds the trained input rows)."""
+    rows = adapter_token_rows(adapter)
+    before = model.get_input_embeddings().weight.shape[0]
+    if rows and rows > before:
+        grow_token_embeddings(model, rows, before)
+
+
+def adapter_processor(cfg: ModelSpec, adapters: list[str], raw: bool = False):
+    """The processor to use with `adapters`: the one saved beside the last adapter that added tokens (stage 2 saves
+    it with its questioner token), otherwise the base's."""
+    from transformers import AutoProcessor
+
+    own = [a for a in adapters if adapter_token_rows(a)]
+    if not own:
+        return load_processor(cfg, raw=raw)
+    processor = AutoProcessor.from_pretrained(own[-1])
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if not raw and getattr(processor, "chat_template", None):
+        processor.chat_template = trained_chat_template(processor)
+    return processor
+
+
 def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
                        compared_with: list[str] = ()) -> tuple[object, dict]:
     """The model with trained adapters applied in order, for inference (eval, DaR, stage-2 descriptions).
@@ -628,6 +682,7 @@ def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
         model = load_model(dataclasses.replace(cfg, dtype="float32"), device)
         if adapters:
             print("note: 4-bit model: the adapter runs unmerged, with float32 compute")
+            grow_embeddings_for(model, adapters[0])
             model = PeftModel.from_pretrained(model, adapters[0]).eval()
         return model, {"dtype": "nf4 (float32 compute)", "adapters": [{"adapter": a} for a in adapters]}
     if target == torch.float32:
@@ -641,6 +696,7 @@ def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
     reports = []
     for adapter in others:  # judged, not applied
         originals = dict(model.named_modules())
+        grow_embeddings_for(model, adapter)
         peft_model = PeftModel.from_pretrained(model, adapter)
         reports.append({"adapter": adapter, "applied": False, **adapter_survival(peft_model, target)})
         model = peft_model.unload()
@@ -650,6 +706,7 @@ def load_adapted_model(cfg: ModelSpec, adapters: list[str], device,
             if name and name in originals and originals[name] is not module:
                 model.set_submodule(name, originals[name])
     for adapter in adapters:
+        grow_embeddings_for(model, adapter)
         peft_model = PeftModel.from_pretrained(model, adapter)
         reports.append({"adapter": adapter, **adapter_survival(peft_model, target)})
         model = peft_model.merge_and_unload()
@@ -671,7 +728,7 @@ def load_for_inference(cfg: ModelSpec, adapters: list[str], device,
     The precision it runs in is the model's `stic_precision` attribute."""
     model, precision = load_adapted_model(cfg, adapters, device, compared_with)
     model.stic_precision = precision
-    return model, load_processor(cfg)
+    return model, adapter_processor(cfg, adapters)
 
 
 class MergeRefused(SticError, RuntimeError):
@@ -725,6 +782,7 @@ def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None,
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise MergeRefused(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    grow_embeddings_for(base, adapter_dir)
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     report = {"adapter": adapter_dir, "base": model_cfg.name_or_path,
               **adapter_survival(peft_model, _DTYPES[dtype]),
@@ -744,7 +802,8 @@ def _merge(model_cfg: ModelSpec, adapter_dir: str, out: Path, dtype: str | None,
     partial, replaced = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.replaced"
     shutil.rmtree(partial, ignore_errors=True)  # left by a merge killed while writing
     merged.save_pretrained(partial)
-    load_processor(model_cfg, raw=True).save_pretrained(partial)  # the template as published: the folder is standard
+    # the template as published: the folder is standard (with the adapter's own tokens, if it added any)
+    adapter_processor(model_cfg, [adapter_dir], raw=True).save_pretrained(partial)
     (partial / MERGE_REPORT).write_text(json.dumps(
         {**report, "forced": force and report["error"] > MAX_UPDATE_ERROR}, indent=2) + "\n")
     if out.exists():  # an earlier merge (checked above) or an empty folder: moved aside, then dropped

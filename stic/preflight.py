@@ -852,7 +852,9 @@ def _infuse_checks(recipe, scratch: str, rows: int, device_memory: int | None) -
 
     from trl import SFTTrainer
 
-    from stic.infuse import build_training_set, load_model_for_training, sft_sequence_need, stage1_model_config
+    from stic.infuse import (add_questioner_token, build_training_set, load_model_for_training, sft_sequence_need,
+                             stage1_model_config)
+    from stic.self_questions import IgnoreToken, questioner_turns
     from stic.instructions import load_instructions
     from stic.models import load_processor
     from stic.training import TrainingSetupError, check_max_length, has_text_only_rows, trainer_class
@@ -872,16 +874,19 @@ def _infuse_checks(recipe, scratch: str, rows: int, device_memory: int | None) -
     # the longest description the describe step may write: max_new_tokens words
     description = " ".join(["detail"] * cfg.describe.sampling.max_new_tokens)
     train_set, _ = build_training_set(records, {r["image"]: description for r in records if r["image"]},
-                                      cfg.template, recipe.model.system_prompt)
+                                      cfg.template, recipe.model.system_prompt, questioner_turns(cfg))
     processor = load_processor(stage1_model_config(recipe))
+    questioner_token = add_questioner_token(recipe, processor)
     try:
         if cfg.max_length is not None:
             check_max_length("infuse_sft", cfg.max_length, sft_sequence_need(train_set, processor))
     except TrainingSetupError as err:
         return head + [Check("image_tokens", FAIL, one_line(err), "raise infuse_sft.max_length (or null)")]
-    model, peft_config = load_model_for_training(recipe)
+    model, peft_config = load_model_for_training(recipe, questioner_token)
     trainer = trainer_class(SFTTrainer, cfg, has_text_only_rows(train_set))(
         model=model, args=cfg, train_dataset=train_set, processing_class=processor, peft_config=peft_config)
+    if questioner_token:
+        trainer.data_collator = IgnoreToken(trainer.data_collator, questioner_token[0])
     trainer.model.eval()
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     batch = trainer.data_collator(examples)

@@ -109,6 +109,11 @@ class PromptsConfig:
     hallucination_kinds: list[str] = option(
         factory=lambda: ["objects"], help="built-in hallucination prompts to draw from: objects (the paper's "
                                           "pool), and opt-in text, numbers, attributes (colours, counts, positions)")
+    question_prompts_file: str | None = option(
+        None, help="pair_source self_questions: replaces the pool of prompts that ask the model for a question")
+    answer_hallucination_prompts_file: str | None = option(
+        None, help="pair_source self_questions: replaces the pool of prompts that induce a hallucinated answer; "
+                   "each holds {question}")
 
     def __post_init__(self):
         hallucination_pool(self.hallucination_kinds)  # refuses an unknown kind

@@ -76,6 +76,17 @@ class SelfGenConfig:
         "stic", help="how pairs are made: stic (the paper's: a described clean image against a hallucination "
                      "prompt or a corrupted image), grounding or self_feedback (on-policy: k answers to the normal "
                      "prompt ranked without labels), self_questions (the model's own questions about the image)")
+    # pair_source self_questions (stic/self_questions.py)
+    questions_per_image: int = option(
+        2, help="self_questions: questions the model asks about each image, one generation each; each answered "
+                "question becomes one pair")
+    question_sampling: SamplingConfig = option(
+        factory=lambda: SamplingConfig(max_new_tokens=48, do_sample=True, temperature=1.0, top_p=0.95),
+        help="self_questions: sampling of the questions")
+    questioner_role: str | None = option(
+        None, help="self_questions: the questioner marker the model was trained with in stage 2 "
+                   "(infuse_sft.questioner_token, else infuse_sft.questioner_role): its answer is started with the "
+                   "marker, so it asks in that role; unset: a question-asking prompt alone")
 
     def __post_init__(self):
         if self.pair_source not in PAIR_SOURCES:
@@ -88,6 +99,13 @@ class SelfGenConfig:
             raise ValueError("batch_size, images_per_part and consistency_samples must be at least 1")
         if self.min_agreement is not None and self.consistency_samples < 2:
             raise ValueError("min_agreement needs consistency_samples of 2 or more")
+        if self.questions_per_image < 1:
+            raise ValueError(f"questions_per_image must be at least 1, got {self.questions_per_image}")
+        if self.pair_source == "self_questions" and self.consistency_samples > 1:
+            raise ValueError("consistency_samples picks among descriptions (pair_source stic); self_questions "
+                             "answers each question once: set consistency_samples to 1")
+        if self.questioner_role is not None and not self.questioner_role.strip():
+            raise ValueError("questioner_role is empty; unset it to ask with a prompt alone")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +279,15 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
     plot: bool = option(True, help="write a PNG of the training curves")
     num_train_epochs: float = option(1.0, help="passes over the subset")
     assistant_only_loss: bool = option(True, help="the loss on assistant tokens only")
+    self_questioning: float = option(
+        0.0, help="delta of SQ-LLaVA: the share of user turns after the first (in records with an image) that "
+                  "become questioner turns, the question trained as well as its answer; 0: off")
+    questioner_role: str = option(
+        "VUSER:", help="the marker that opens a questioner turn (an assistant-side turn of the family's chat "
+                       "template: the marker and the question are trained)")
+    questioner_token: str | None = option(
+        None, help="a new special token (SQ-LLaVA: [vusr]) used as the marker instead of questioner_role: added to "
+                   "the tokenizer, the embeddings resized, its input and output rows trained")
     global_batch_size: int | None = option(
         None, help="sequences per optimizer step over all processes: sets gradient_accumulation_steps at run time")
     max_length: int | None = option(None, help="None: no truncation (TRL's default 1024 would cut image tokens)")
@@ -274,6 +301,15 @@ class InfuseSFTConfig(LoraOptions, SFTConfig):
             raise ValueError("set stage1_adapter or stage1_model, not both")
         if self.adapter_mode == "continue" and not self.stage1_adapter:
             raise ValueError("adapter_mode: continue needs stage1_adapter")
+        if not 0.0 <= self.self_questioning <= 1.0:
+            raise ValueError(f"self_questioning must lie in [0, 1], got {self.self_questioning}")
+        if not self.questioner_role.strip():
+            raise ValueError("questioner_role is empty")
+        if self.questioner_token is not None:
+            if not self.questioner_token.strip() or any(c.isspace() for c in self.questioner_token):
+                raise ValueError(f"questioner_token must be one word without spaces, got {self.questioner_token!r}")
+            if self.self_questioning == 0:
+                raise ValueError("questioner_token is set but self_questioning is 0: nothing would use the token")
         check_training_numbers(self)
         check_global_batch(self)
         train_on_cpu_without_cuda(self)

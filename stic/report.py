@@ -39,11 +39,13 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
 
 
 def write_selfgen_manifest(store: ShardedOutput, recipe, refs, run_stats: list[dict], resumed_from: int,
-                           id_column: str) -> dict:
-    """manifest.json, rejects.jsonl and preview.html of a selfgen output folder; returns the manifest."""
+                           id_column: str, row_id_column: str | None = None) -> dict:
+    """manifest.json, rejects.jsonl and preview.html of a selfgen output folder; returns the manifest. `id_column`
+    names a row's image, `row_id_column` the row itself where an image gives several rows (self-questioning)."""
     import pyarrow.parquet as pq
 
     ids = store.row_ids(id_column)
+    row_ids = store.row_ids(row_id_column) if row_id_column and row_id_column != id_column else ids
     branches: Counter = Counter()
     finish: Counter = Counter()
     for part in store.part_files():
@@ -64,7 +66,7 @@ def write_selfgen_manifest(store: ShardedOutput, recipe, refs, run_stats: list[d
         "counts": {
             "images_in_source": len(refs),
             "rows": len(ids),
-            "duplicate_rows": len(ids) - len(set(ids)),
+            "duplicate_rows": len(row_ids) - len(set(row_ids)),
             "rejected_images": len(rejects),
             "dropped_pairs": dropped,
             "rejected_branch": dict(branches),

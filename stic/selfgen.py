@@ -7,6 +7,9 @@ For each image, with a private random stream seeded by (seed, image id):
      otherwise:          y_l = model(x, corrupted image), the corruption drawn from the recipe's list;
   4. store (clean image, x, y_w, y_l). Training uses x with the clean image for both responses.
 
+This is `selfgen.pair_source: stic`; `self_questions` (stic/self_questions.py) builds pairs from questions the model
+asks about each image instead, through the same sharded, resumable run.
+
 The output is a parquet dataset in TRL's conversational preference format ({prompt, chosen, rejected,
 images}) plus provenance columns, written in atomic parts so a killed run resumes where it stopped, and
 shardable over `accelerate launch` processes.
@@ -179,6 +182,10 @@ def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
         sg.pop(key)
     sg["images"].pop("limit")
     sg["prompt_sets"] = dataclasses.asdict(prompts)
+    if recipe.selfgen.pair_source == "self_questions":
+        from stic.self_questions import load_question_prompts
+
+        sg["question_prompt_sets"] = dataclasses.asdict(load_question_prompts(recipe.selfgen.prompts))
     config = {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
     backend = run_identity(recipe.generation, served_model(recipe.generation, recipe.model))
     if backend:  # answers sampled by a server differ from local ones: the two never mix in one output
@@ -245,6 +252,28 @@ class PairGenerator:
         return rows, drops
 
 
+def make_pair_generator(engine, cfg: SelfGenConfig, prompts: PromptSets, model_name: str):
+    """The worker of the recipe's pair source."""
+    if cfg.pair_source == "self_questions":
+        from stic.self_questions import QuestionPairGenerator, load_question_prompts
+
+        return QuestionPairGenerator(engine, cfg, load_question_prompts(cfg.prompts), model_name,
+                                     _corruption_specs(cfg.corruptions), drop_reason)
+    return PairGenerator(engine, cfg, prompts, model_name)
+
+
+def _check_pair_source(recipe: Recipe) -> None:
+    """Refuse, before any model loads, what the pair source cannot run with."""
+    cfg = recipe.selfgen
+    if cfg.pair_source == "self_questions":
+        from stic.self_questions import load_question_prompts
+
+        load_question_prompts(cfg.prompts)  # a missing or malformed prompt file
+        if cfg.questioner_role and recipe.generation.backend != "local":
+            raise RecipeError("selfgen.questioner_role starts each answer with the questioner marker, which a "
+                              "server's chat API cannot do: use generation.backend: local, or unset questioner_role")
+
+
 def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
     """Run the stage; returns the manifest on the main process."""
     from stic.models import load_model, load_processor, process_state
@@ -260,6 +289,7 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
         resolve_model_path(recipe.model.name_or_path)  # a missing model: refused before the folder is prepared
     prompts = load_prompts(cfg.prompts)
     _corruption_specs(cfg.corruptions)  # refuse bad corruption settings before loading anything
+    _check_pair_source(recipe)
     refs = list_images(cfg.images)
 
     model_name = served_model(recipe.generation, recipe.model, job="selfgen")
@@ -268,7 +298,7 @@ def run_selfgen(recipe: Recipe, overwrite: bool = False) -> dict | None:
         engine = make_engine(recipe.generation, model_name, recipe.model.system_prompt, lambda: BatchGenerator(
             load_model(recipe.model, device), load_processor(recipe.model), cfg.batch_size, cfg.group_by_length,
             recipe.model.system_prompt))
-        return PairGenerator(engine, cfg, prompts, model_name)
+        return make_pair_generator(engine, cfg, prompts, model_name)
 
     with main_process_lock(cfg.output_dir, process_state().is_main_process):  # the manifest too
         return _generate(recipe, refs, prompts, make_worker, overwrite)
@@ -278,12 +308,17 @@ def _generate(recipe: Recipe, refs, prompts, make_worker, overwrite: bool) -> di
     from stic.store import run_sharded
 
     cfg = recipe.selfgen
+    row_features, id_column = features(), ID_COLUMN
+    if cfg.pair_source == "self_questions":  # several rows per image: an image is done when its rows are written
+        from stic import self_questions
+
+        row_features, id_column = self_questions.features(row_features), self_questions.SOURCE_COLUMN
     job = run_sharded(
         name="selfgen", out_dir=cfg.output_dir, refs=refs, run_config=run_config(recipe, prompts),
-        load=ImageLoader(cfg.images), make_worker=make_worker, features=features(), id_column=ID_COLUMN,
+        load=ImageLoader(cfg.images), make_worker=make_worker, features=row_features, id_column=id_column,
         items_per_part=cfg.images_per_part, overwrite=overwrite,
     )
     if job is None:  # not the main process
         return None
     return write_selfgen_manifest(job.store, recipe, refs, job.run_stats, resumed_from=job.done_at_start,
-                                  id_column=ID_COLUMN)
+                                  id_column=id_column, row_id_column=ID_COLUMN)
