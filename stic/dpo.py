@@ -40,8 +40,7 @@ from stic.models import (ModelSetupError, language_model_name, lora_config, outp
 from stic.recipe import DPOStageConfig, Recipe, paper_alpha_to_sft_weight  # noqa: F401  (re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
 from stic.report import projector_record, write_dpo_report
-from stic.training import (TrainingSetupError, has_text_only_rows, is_main_rank, last_complete_checkpoint,
-                           precision_record, trainer_class)
+from stic.training import has_text_only_rows, is_main_rank, last_complete_checkpoint, precision_record, trainer_class
 
 
 def parse_recipe(data: dict) -> Recipe:
@@ -505,6 +504,8 @@ class ConditionalPreferenceMixin:
         super().__init__(*args, **kwargs)
         from accelerate.utils import is_peft_model
 
+        from stic.training import TrainingSetupError
+
         if self.conditional_weight:
             if self.ref_model is None and not is_peft_model(self.model):
                 raise TrainingSetupError("dpo.conditional_weight needs the reference model during training; "
@@ -563,15 +564,15 @@ def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
     from stic.training import apply_global_batch, check_max_length
 
     setup = {"batch": apply_global_batch(cfg), "projector": projector_record(cfg)}
-    if cfg.conditional_weight or cfg.anchor_weight:
-        setup["conditional_preference"] = {
-            "conditional_weight": cfg.conditional_weight, "anchor_weight": cfg.anchor_weight,
-            "conditional_corruption": cfg.conditional_corruption_spec() if cfg.conditional_weight else None}
     if cfg.paper_alpha is not None:
         mean_len = mean_chosen_tokens(dataset, processor, limit=None)
         cfg.apply_paper_alpha(mean_len)
         setup["paper_alpha"] = {"paper_alpha": cfg.paper_alpha, "mean_chosen_tokens": round(mean_len, 2),
                                 "sft_weight": cfg.sft_weight}
+    if cfg.conditional_weight or cfg.anchor_weight:
+        setup["conditional_preference"] = {
+            "conditional_weight": cfg.conditional_weight, "anchor_weight": cfg.anchor_weight,
+            "conditional_corruption": cfg.conditional_corruption_spec() if cfg.conditional_weight else None}
     if cfg.max_length is not None:
         need = preference_sequence_need(dataset, processor)
         setup["max_length_check"] = check_max_length("dpo", cfg.max_length, need)
