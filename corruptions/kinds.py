@@ -98,6 +98,35 @@ class Occlusion(Corruption):
         return v2.RandomErasing(p=1.0, scale=tuple(s["scale"]), ratio=tuple(s["ratio"]), value=s["value"])
 
 
+class _CropBack(v2.Transform):
+    def __init__(self, scale: list[float], ratio: list[float]):
+        super().__init__()
+        self.crop = v2.RandomResizedCrop(size=1, scale=tuple(scale), ratio=tuple(ratio))  # draws the box only
+
+    def make_params(self, flat_inputs):
+        return self.crop.make_params(flat_inputs)
+
+    def transform(self, inpt, params):
+        size = list(inpt.shape[-2:])
+        return F.resized_crop(inpt, params["top"], params["left"], params["height"], params["width"], size,
+                              antialias=True)
+
+
+@register
+class RandomCrop(Corruption):
+    """Keep a random rectangle of `scale` (a share of the area) and scale it back to the full size: most of the
+    scene is gone. mDPO's corrupted image (Wang et al. 2024: a crop of 0-20% of the image; their code draws
+    RandomResizedCrop's scale from 0.01 to 0.2)."""
+
+    name = "random_crop"
+    defaults = {"scale": [0.01, 0.2], "ratio": [0.75, 4 / 3]}
+
+    def build(self, **s):
+        if not 0 < _range(s["scale"])[0] <= _range(s["scale"])[1] <= 1:
+            raise ValueError(f"random_crop.scale must be shares of the area in (0, 1], low first, got {s['scale']}")
+        return _CropBack(_range(s["scale"]), _range(s["ratio"]))
+
+
 class _PatchMask(v2.Transform):
     def __init__(self, grid: int, ratio: float, value: int):
         super().__init__()

@@ -19,6 +19,7 @@ Every `DPOConfig` option works in the recipe's `dpo:` section; the stage adds th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from trl import DPOConfig
 
@@ -308,7 +310,13 @@ def build_trainer(recipe: Recipe, processor, dataset):
     if not cfg.use_peft:
         ref_cfg = dataclasses.replace(model_cfg, name_or_path=cfg.ref_model or model_cfg.name_or_path)
         ref_model = load_model(ref_cfg, training_device(ref_cfg, cfg))
-    cls = trainer_class(DPOTrainer, cfg, has_text_only_rows(dataset))
+    text_only_rows = has_text_only_rows(dataset)
+    cls = trainer_class(DPOTrainer, cfg, text_only_rows)
+    if cfg.conditional_weight or cfg.anchor_weight:
+        if cfg.conditional_weight and text_only_rows:
+            raise DatasetError(f"dpo.conditional_weight needs an image in every row; dataset {cfg.dataset} has rows "
+                               "without one")
+        cls = with_conditional_preference(cls, cfg)
     probe = [dataset[i] for i in range(len(dataset)) if dataset[i].get("images")][:cfg.image_margin_probe]
     if probe:
         cls = type(cls.__name__, (ImageMarginLogMixin, cls), {"margin_probe": probe})
@@ -331,8 +339,29 @@ def blank_copy(example: dict) -> dict:
 
 
 def collate(trainer, examples: list[dict]) -> dict:
-    batch = trainer.data_collator([copy.deepcopy(e) for e in examples])  # the collator edits its examples
-    return {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """TRL's DPO batch of `examples` (chosen rows, then rejected rows) on the trainer's device."""
+    collator = getattr(trainer.data_collator, "preference_collator", trainer.data_collator)  # without mDPO's extra
+    return _on_device(collator([copy.deepcopy(e) for e in examples]), trainer.accelerator.device)
+
+
+def training_batch(trainer, examples: list[dict]) -> dict:
+    """The batch a training step of `examples` gets: `collate`'s, plus mDPO's conditional part where it is on."""
+    return _on_device(trainer.data_collator([copy.deepcopy(e) for e in examples]), trainer.accelerator.device)
+
+
+def _on_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else _on_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
+
+
+def completion_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probabilities of each sequence's completion: the forward TRL's DPO loss makes (its fused LM head,
+    labels outside the completion masked), summed as it sums them. Gradients flow unless the caller stops them."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+    mask = batch["completion_mask"][..., 1:]
+    return out.log_probs[:, -mask.size(1):].sum(dim=1)
 
 
 def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tensor:
@@ -340,12 +369,8 @@ def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tenso
     if reference:
         chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
         return torch.cat([chosen, rejected]).float()
-    kwargs = {k: v for k, v in batch.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad(), trainer.accelerator.autocast():
-        out = trainer.model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
-    mask = batch["completion_mask"][..., 1:]
-    return out.log_probs[:, -mask.size(1):].sum(dim=1).float()
+        return completion_logps(trainer.model, batch).float()
 
 
 def image_margin(trainer, examples, batch) -> torch.Tensor:
@@ -368,6 +393,170 @@ class ImageMarginLogMixin:
         return super().log(logs, *args, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# mDPO (Wang et al. 2024): the chosen answer preferred with its image over a corrupted one, and a reward anchor
+#
+#     L = TRL's loss + conditional_weight * -log sigmoid(r(y_w | image) - r(y_w | corrupted image))
+#                    + anchor_weight * -log sigmoid(r(y_w | image)),        r = beta * (log pi - log pi_ref)
+#
+# TRL's collator gives chosen and rejected the same image, so the conditional pair has a batch of its own: the
+# collator below wraps TRL's and adds, under CONDITIONAL, TRL's batch of the same rows with the corrupted image, cut
+# to its chosen half. The trainer mixin runs TRL's loss unchanged and reads the chosen log-probs of the policy and
+# reference forwards TRL makes (hooks on the models it calls); the policy then scores the conditional batch through
+# the same fused LM head, and the reference through TRL's compute_ref_log_probs (under LoRA the base with the
+# adapter disabled, else ref_model). Sums are over whole answers, as mDPO's.
+
+CONDITIONAL = "conditional"
+
+
+def conditional_seed(seed: int, example: dict) -> int:
+    """The corruption seed of one row: from the run's seed and the row's content (prompt, chosen answer, image
+    pixels), so a row is corrupted alike in every epoch, process and resumed run, whatever the order."""
+    import hashlib
+
+    h = hashlib.sha256(f"{seed}\x1f".encode())
+    h.update(json.dumps([example["prompt"], example["chosen"]], sort_keys=True, default=str).encode())
+    for image in example["images"]:
+        h.update(f"{image.mode}{image.size}".encode() + image.tobytes())
+    return int.from_bytes(h.digest()[:4], "big") >> 1
+
+
+def corrupted_copy(example: dict, spec: dict, seed: int) -> dict:
+    """The example with each image corrupted by `spec` ({"kind": ..., **settings}), seeded per row."""
+    from corruptions import make_corruption
+
+    corruption = make_corruption(spec["kind"], **{k: v for k, v in spec.items() if k != "kind"})
+    row_seed = conditional_seed(seed, example)
+    out = copy.deepcopy({k: v for k, v in example.items() if k != "images"})
+    out["images"] = [corruption(image, row_seed + i)[0] for i, image in enumerate(example["images"])]
+    return out
+
+
+def chosen_rows(batch: dict, n: int) -> dict:
+    """The first `n` sequences of a TRL DPO batch of 2n (its chosen half), with the image inputs that belong to them,
+    cut to the longest of them. Per-sequence tensors lead with 2n; Qwen2-VL's patches are flat, `image_grid_thw`
+    gives each image's count."""
+    grid = batch.get("image_grid_thw")
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values" and grid is not None:
+            out[key] = value[:int(grid[:n].prod(dim=-1).sum())]
+        elif torch.is_tensor(value) and value.dim() and value.size(0) == 2 * n:
+            out[key] = value[:n]
+        else:
+            out[key] = value
+    length = int(out["attention_mask"].sum(dim=0).nonzero().max()) + 1  # the rejected answers padded further
+    shape = out["input_ids"].shape
+    return {k: v[:, :length] if torch.is_tensor(v) and v.shape == shape else v for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class ConditionalCollator:
+    """TRL's preference collator, plus the conditional batch: the same rows with the corrupted image, chosen
+    answers only."""
+
+    preference_collator: object
+    corruption: dict
+    seed: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        corrupted = [corrupted_copy(e, self.corruption, self.seed) for e in examples]  # before TRL edits them
+        batch = self.preference_collator(examples)
+        batch[CONDITIONAL] = chosen_rows(self.preference_collator(corrupted), len(examples))
+        return batch
+
+
+@contextlib.contextmanager
+def recorded_log_probs(*modules):
+    """The per-token log-probs of each fused-LM-head forward the modules run inside the block, in call order."""
+    seen = []
+
+    def keep(module, args, output):
+        if getattr(output, "log_probs", None) is not None:
+            seen.append(output.log_probs)
+
+    handles = [m.register_forward_hook(keep) for m in dict.fromkeys(modules) if m is not None]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def conditional_logps(trainer, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) log p(chosen answer | corrupted image) of a conditional batch: the policy with gradients
+    through `model` (the module TRL's loss calls), the reference by TRL's compute_ref_log_probs."""
+    policy = completion_logps(model, batch)
+    reference_model = trainer.model if trainer.ref_model is None else trainer.ref_model  # TRL's choice too
+    reference = torch.cat(trainer.compute_ref_log_probs(reference_model, batch))
+    return policy, reference
+
+
+class ConditionalPreferenceMixin:
+    """DPOTrainer mixin: mDPO's conditional pair and reward anchor added to TRL's loss (see above), each term and
+    the conditional margin logged with TRL's metrics."""
+
+    conditional_weight: float = 0.0
+    anchor_weight: float = 0.0
+    conditional_corruption: dict | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from accelerate.utils import is_peft_model
+
+        from stic.training import TrainingSetupError
+
+        if self.conditional_weight:
+            if self.ref_model is None and not is_peft_model(self.model):
+                raise TrainingSetupError("dpo.conditional_weight needs the reference model during training; "
+                                         "precompute_ref_log_probs with full fine-tuning drops it")
+            self.data_collator = ConditionalCollator(self.data_collator, self.conditional_corruption, self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        conditional = inputs.pop(CONDITIONAL, None)
+        with recorded_log_probs(self.model, self.ref_model) as forwards:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if len(forwards) != (1 if self.precompute_ref_logps else 2):
+            raise RuntimeError(f"TRL's DPO loss made {len(forwards)} log-prob forwards, not the policy's and the "
+                               "reference's: this TRL version is not supported with conditional_weight/anchor_weight")
+        n = inputs["input_ids"].size(0) // 2
+        answer = inputs["completion_mask"].size(1) - 1
+        chosen = forwards[0][:n, -answer:].sum(dim=1)
+        ref_chosen = (inputs["ref_chosen_logps"] if self.precompute_ref_logps
+                      else forwards[1][:n, -answer:].sum(dim=1))
+        reward = self.beta * (chosen - ref_chosen.detach())
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        extra = 0.0
+        if self.anchor_weight:
+            anchor = -F.logsigmoid(reward).mean()
+            extra = extra + self.anchor_weight * anchor
+            metrics["anchor/loss"].append(self.accelerator.gather(anchor.detach()).mean().item())
+        if self.conditional_weight:
+            if conditional is None:
+                raise RuntimeError("dpo.conditional_weight: the batch has no conditional part; was it built by "
+                                   "the trainer's data_collator?")
+            policy, reference = conditional_logps(self, model, conditional)
+            margin = reward - self.beta * (policy - reference.detach())
+            cond = -F.logsigmoid(margin).mean()
+            extra = extra + self.conditional_weight * cond
+            metrics["conditional/loss"].append(self.accelerator.gather(cond.detach()).mean().item())
+            metrics["conditional/margin"].append(self.accelerator.gather(margin.detach()).mean().item())
+            metrics["conditional/logps"].append(self.accelerator.gather(policy.detach()).mean().item())
+        if return_outputs:
+            return result[0] + extra, result[1]
+        return result + extra
+
+
+def with_conditional_preference(trainer_cls: type, cfg: DPOStageConfig) -> type:
+    """`trainer_cls` (a DPOTrainer) training with mDPO's terms at the recipe's weights."""
+    spec = cfg.conditional_corruption_spec() if cfg.conditional_weight else None
+    return type(trainer_cls.__name__, (ConditionalPreferenceMixin, trainer_cls),
+                {"conditional_weight": float(cfg.conditional_weight), "anchor_weight": float(cfg.anchor_weight),
+                 "conditional_corruption": spec})
+
+
 def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
     """Settings known only once the data and the processes are: the sft weight from `paper_alpha` and the
     dataset's mean chosen length, gradient_accumulation_steps from `global_batch_size`, and the `max_length`
@@ -381,6 +570,10 @@ def prepare_stage(cfg: DPOStageConfig, processor, dataset) -> dict:
         cfg.apply_paper_alpha(mean_len)
         setup["paper_alpha"] = {"paper_alpha": cfg.paper_alpha, "mean_chosen_tokens": round(mean_len, 2),
                                 "sft_weight": cfg.sft_weight}
+    if cfg.conditional_weight or cfg.anchor_weight:
+        setup["conditional_preference"] = {
+            "conditional_weight": cfg.conditional_weight, "anchor_weight": cfg.anchor_weight,
+            "conditional_corruption": cfg.conditional_corruption_spec() if cfg.conditional_weight else None}
     if cfg.max_length is not None:
         need = preference_sequence_need(dataset, processor)
         setup["max_length_check"] = check_max_length("dpo", cfg.max_length, need)

@@ -37,7 +37,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stic.dpo import collate, image_margin, sequence_logps
+from stic.dpo import collate, image_margin, sequence_logps, training_batch
 from stic.errors import one_line
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -808,7 +808,8 @@ def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> l
         checks += [check_reference(trainer, batch), check_image_used(trainer, examples, batch)]
     checks.append(check_update(trainer))
     if error is None:
-        checks.append(check_memory(trainer, batch, len(examples), "dpo", device_memory))
+        # a training step's batch: with dpo.conditional_weight, also the chosen answers on the corrupted image
+        checks.append(check_memory(trainer, training_batch(trainer, examples), len(examples), "dpo", device_memory))
     return head + checks
 
 

@@ -161,6 +161,17 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         2, help="rows of a fixed probe batch on which every training log records the image-use margin, "
                 "log p(answer | image) - log p(answer | blank image), for chosen and rejected (does DPO teach the "
                 "model to look, or only to avoid words?); 0: off")
+    conditional_weight: float = option(
+        0.0, help="mDPO's image-conditional preference (Wang et al. 2024): adds this weight x -log sigmoid(beta * "
+                  "[chosen reward on the image - chosen reward on a corrupted image]), the same answer preferred "
+                  "with the real image; costs one more forward of the chosen sequences, policy and reference; 0: off")
+    conditional_corruption: str | dict = option(
+        "random_crop", help="the corrupted image of the conditional pair: a corruption kind, or {kind: name, "
+                            "<setting>: value, ...}, seeded per row by (seed, image, prompt, chosen answer). "
+                            "Default: mDPO's, a random crop of 1-20% of the image scaled back to full size")
+    anchor_weight: float = option(
+        0.0, help="mDPO's reward anchor: adds this weight x -log sigmoid(beta * [log pi(y_w) - log pi_ref(y_w)]), "
+                  "which keeps the chosen reward above 0; no extra forward; 0: off")
     report_to: str | list[str] = option(factory=lambda: ["tensorboard"], help="TRL's loggers")
     logging_steps: float = option(1, help="log every N optimizer steps")
 
@@ -201,7 +212,38 @@ class DPOStageConfig(LoraOptions, DPOConfig):
         train_on_cpu_without_cuda(self)
         if self.mode == "sft_positive" and self.ref_model:
             raise ValueError("ref_model has no use in mode sft_positive")
+        self._check_conditional_preference()
         super().__post_init__()
+
+    def _check_conditional_preference(self) -> None:
+        """mDPO's two terms: weights, the corruption (built once, so a bad setting fails at parse time), and the
+        settings they cannot work with."""
+        for key in ("conditional_weight", "anchor_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 (off) or positive, got {getattr(self, key)}")
+        if not (self.conditional_weight or self.anchor_weight):
+            return
+        keys = " and ".join(k for k in ("conditional_weight", "anchor_weight") if getattr(self, k))
+        if self.mode == "sft_positive":
+            raise ValueError(f"{keys} add to the DPO loss: they have no use in mode sft_positive")
+        if self.ld_alpha is not None:  # its length weighting splits a batch into chosen and rejected halves
+            raise ValueError(f"{keys} use whole-answer log-probabilities: set ld_alpha to null")
+        if self.conditional_weight:
+            self.conditional_corruption_spec()
+
+    def conditional_corruption_spec(self) -> dict:
+        """`conditional_corruption` as {"kind": ..., **settings}, checked by building it."""
+        from corruptions import make_corruption
+
+        item = self.conditional_corruption
+        spec = {"kind": item} if isinstance(item, str) else dict(item)
+        if "kind" not in spec:
+            raise ValueError("conditional_corruption: a mapping needs a 'kind' key")
+        try:
+            make_corruption(spec["kind"], **{k: v for k, v in spec.items() if k != "kind"})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"conditional_corruption: {err}") from None
+        return spec
 
     def apply_paper_alpha(self, mean_chosen_tokens: float) -> float:
         """Set sft_weight, and TRL's loss_type/loss_weights, from paper_alpha and the dataset's mean chosen length

@@ -30,7 +30,7 @@ def test_each_corruption_is_seeded_deterministic_and_changes_pixels(kind):
 
 
 @pytest.mark.parametrize("kind", ["color_jitter", "gaussian_noise", "jpeg", "occlusion", "patch_mask",
-                                  "diffusion_noise", "gaussian_blur"])
+                                  "diffusion_noise", "gaussian_blur", "random_crop"])
 def test_random_kinds_vary_with_the_seed(kind):
     image = photo(1, size=(96, 80))
     outs = [np.asarray(corrupt(image, kind, seed=s)[0]) for s in range(4)]
@@ -64,6 +64,20 @@ def test_lower_resolution_keeps_size_and_loses_detail():
     # high-frequency energy (pixel-to-pixel differences) drops sharply
     diff = lambda a: np.abs(np.diff(np.asarray(a, dtype=float), axis=1)).mean()
     assert diff(out) < diff(image)
+
+
+def test_random_crop_keeps_one_to_twenty_percent_of_the_image_at_full_size():
+    image = photo(6, size=(160, 120))
+    for seed in range(6):
+        out, rec = corrupt(image, "random_crop", seed=seed)
+        box = rec["sampled"]
+        assert out.size == image.size
+        assert 0.009 <= box["height"] * box["width"] / (160 * 120) <= 0.21  # mDPO's 1-20%, up to rounding
+        crop = image.crop((box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"]))
+        scaled = np.asarray(crop.resize(image.size), dtype=float)
+        assert np.abs(np.asarray(out, dtype=float) - scaled).mean() < 3  # that box, scaled back up
+    with pytest.raises(ValueError, match="scale"):
+        make_corruption("random_crop", scale=[0.5, 1.5])
 
 
 def test_diffusion_noise_grows_with_the_step():

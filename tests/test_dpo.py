@@ -630,3 +630,173 @@ def test_max_length_below_image_prompt_and_answer_is_refused(tmp_path):
     with pytest.raises(TrainingSetupError,
                        match=rf"\+ 300 answer tokens \(selfgen max_new_tokens\) = {image + prompt + 300}"):
         run_dpo(recipe("llava", dpo_cfg(tmp_path / "b", data, max_steps=1, max_length=image + prompt + 299)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mDPO: the chosen answer preferred with its image over a corrupted one (conditional_weight), the reward anchor
+
+
+def mdpo_trainer(tmp_path, family, n=2, **kw):
+    """A tiny fp32 trainer as the stage builds it, its adapter moved off zero so policy and reference differ."""
+    from stic.dpo import build_trainer
+    from stic.models import load_processor
+
+    data = make_dataset(tmp_path / "data", n=n)
+    cfg = dpo_cfg(tmp_path, data, per_device_train_batch_size=n, **kw)
+    r = recipe(family, cfg)
+    dataset = load_preference_dataset(cfg)
+    processor = load_processor(r.model)
+    trainer = build_trainer(r, processor, dataset)[0]
+    gen = torch.Generator().manual_seed(0)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    return trainer, processor, [dataset[i] for i in range(n)]
+
+
+def answer_logp(model, processor, example, image) -> torch.Tensor:
+    """log p(chosen answer | prompt, image) by hand: the chat template, the processor, the model's own logits and a
+    log-softmax, summed over the answer's tokens (no TRL code)."""
+    prompt = [{"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": example["prompt"][0]["content"]}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": example["chosen"][0]["content"]}]}]
+    prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = processor.apply_chat_template(prompt + answer, tokenize=False)
+    assert full_text.startswith(prompt_text)
+    inputs = processor(images=[[image]], text=[prompt_text], add_special_tokens=False, return_tensors="pt")
+    answer_ids = processor.tokenizer(full_text[len(prompt_text):], add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"]
+    start, shape = inputs["input_ids"].size(1), inputs["input_ids"].shape
+    for key, value in list(inputs.items()):  # token-aligned inputs grow by the answer
+        if value.shape == shape:
+            fill = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids)}.get(
+                key, torch.zeros_like(answer_ids))
+            inputs[key] = torch.cat([value, fill], dim=1)
+    logits = model(**inputs).logits[0].float()
+    ids = inputs["input_ids"][0]
+    return torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[1:, None])[start - 1:, 0].sum()
+
+
+def by_hand(trainer, processor, examples, corrupted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) answer log-probs of each example, on its image or its mDPO-corrupted image."""
+    from corruptions import corrupt
+    from stic.dpo import conditional_seed
+
+    images = [corrupt(e["images"][0], "random_crop", seed=conditional_seed(0, e))[0] if corrupted
+              else e["images"][0] for e in examples]
+    with torch.no_grad():
+        policy = torch.stack([answer_logp(trainer.model, processor, e, im) for e, im in zip(examples, images)])
+        with trainer.model.disable_adapter():
+            reference = torch.stack([answer_logp(trainer.model, processor, e, im) for e, im in zip(examples, images)])
+    return policy, reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conditional_log_probs_equal_a_manual_forward_on_the_corrupted_image(tmp_path, family):
+    from stic.dpo import CONDITIONAL, conditional_logps
+
+    trainer, processor, examples = mdpo_trainer(tmp_path, family, conditional_weight=1.0)
+    batch = trainer.data_collator([dict(e) for e in examples])  # TRL's batch plus the conditional one
+    with torch.no_grad():
+        policy, reference = conditional_logps(trainer, trainer.model, batch[CONDITIONAL])
+    hand_policy, hand_reference = by_hand(trainer, processor, examples, corrupted=True)
+    assert torch.allclose(policy, hand_policy, atol=1e-4), (policy, hand_policy)
+    assert torch.allclose(reference, hand_reference, atol=1e-4), (reference, hand_reference)  # adapter disabled
+    assert (policy - reference).abs().min() > 1e-3  # the two are different models
+    clean_policy, _ = by_hand(trainer, processor, examples, corrupted=False)
+    assert (policy - clean_policy).abs().min() > 1e-3  # and the image is the corrupted one
+
+
+def test_anchor_and_conditional_terms_add_to_trls_loss_as_computed_by_hand(tmp_path):
+    from trl import DPOTrainer
+
+    from stic.dpo import CONDITIONAL
+
+    beta, wc, wa = 0.5, 0.7, 0.3
+    trainer, processor, examples = mdpo_trainer(tmp_path, "llava", conditional_weight=wc, anchor_weight=wa, beta=beta)
+    batch = trainer.data_collator([dict(e) for e in examples])
+    total = trainer.compute_loss(trainer.model, batch)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trl_loss = DPOTrainer.compute_loss(trainer, trainer.model, {k: v for k, v in batch.items() if k != CONDITIONAL})
+    clean, clean_ref = by_hand(trainer, processor, examples, corrupted=False)
+    corrupted, corrupted_ref = by_hand(trainer, processor, examples, corrupted=True)
+    reward, corrupted_reward = beta * (clean - clean_ref), beta * (corrupted - corrupted_ref)
+    conditional = -torch.nn.functional.logsigmoid(reward - corrupted_reward).mean()
+    anchor = -torch.nn.functional.logsigmoid(reward).mean()
+    assert float(total.detach()) == pytest.approx(float(trl_loss + wc * conditional + wa * anchor), abs=1e-4)
+    assert (reward - corrupted_reward).abs().min() > 1e-3 and reward.abs().min() > 1e-3  # neither term is trivial
+    assert logged["conditional/loss"] == pytest.approx(float(conditional), abs=1e-4)
+    assert logged["conditional/margin"] == pytest.approx(float((reward - corrupted_reward).mean()), abs=1e-4)
+    assert logged["conditional/logps"] == pytest.approx(float(corrupted.mean()), abs=1e-4)
+    assert logged["anchor/loss"] == pytest.approx(float(anchor), abs=1e-4)
+    (total - trl_loss).backward()  # the two terms train the adapter
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters()
+               if "lora_" in n)
+
+
+def test_weights_zero_train_with_trls_loss_exactly(tmp_path):
+    from trl import DPOTrainer
+
+    from stic.dpo import CONDITIONAL, ConditionalPreferenceMixin
+
+    cfg = DPOStageConfig(output_dir="x", report_to=[])
+    assert cfg.conditional_weight == 0 and cfg.anchor_weight == 0  # off by default
+    trainer, _, examples = mdpo_trainer(tmp_path, "llava")
+    assert not isinstance(trainer, ConditionalPreferenceMixin)
+    batch = trainer.data_collator([dict(e) for e in examples])
+    assert CONDITIONAL not in batch  # TRL's collator, no extra image
+    assert torch.equal(trainer.compute_loss(trainer.model, batch), DPOTrainer.compute_loss(trainer, trainer.model, batch))
+
+
+def test_conditional_corruption_is_seeded_per_row(tmp_path):
+    from stic.dpo import corrupted_copy
+
+    rows = [{"prompt": [{"role": "user", "content": "Describe the image."}],
+             "chosen": [{"role": "assistant", "content": f"a {WORDS[i]} square"}],
+             "rejected": [{"role": "assistant", "content": "a dog"}], "images": [photo(i, size=(64, 48))]}
+            for i in range(3)]
+    spec = {"kind": "random_crop"}
+    pixels = lambda row, seed=0: np.asarray(corrupted_copy(row, spec, seed)["images"][0])
+    first = [pixels(r) for r in rows]
+    again = [pixels(r) for r in reversed(rows)][::-1]  # another call, another order: the same images
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], np.asarray(rows[0]["images"][0]))  # corrupted
+    twin = {**rows[0], "images": [photo(1, size=(64, 48))]}  # row 0's text with row 1's image: another crop
+    assert not np.array_equal(pixels(twin), first[1]) and not np.array_equal(pixels(twin), first[0])
+    assert not np.array_equal(pixels(rows[0], seed=1), first[0])  # the run's seed changes it
+    assert rows[0]["images"][0].size == (64, 48) and corrupted_copy(rows[0], spec, 0)["chosen"] == rows[0]["chosen"]
+    # the keys: checked when the recipe is read
+    path = tmp_path / "r.yaml"
+    for dpo, message in [({"conditional_weight": -1}, "conditional_weight must be 0 .off. or positive"),
+                         ({"conditional_weight": 1, "conditional_corruption": "sepia"},
+                          "conditional_corruption: unknown corruption 'sepia'"),
+                         ({"conditional_weight": 1, "conditional_corruption": {"kind": "random_crop", "area": 1}},
+                          "conditional_corruption: corruption 'random_crop' has no setting area"),
+                         ({"anchor_weight": 1, "ld_alpha": 0.5}, "set ld_alpha to null"),
+                         ({"anchor_weight": 1, "mode": "sft_positive"}, "no use in mode sft_positive")]:
+        path.write_text(yaml.safe_dump({"dpo": {**dpo, "report_to": []}}))
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe(load_recipe_dict(path))
+    path.write_text(yaml.safe_dump({"dpo": {"conditional_weight": 1, "report_to": [],
+                                            "conditional_corruption": {"kind": "patch_mask", "ratio": 0.8}}}))
+    assert parse_recipe(load_recipe_dict(path)).dpo.conditional_corruption_spec() == {"kind": "patch_mask",
+                                                                                      "ratio": 0.8}
+
+
+def test_run_with_conditional_preference_and_anchor_trains_and_logs_both(tmp_path):
+    data = make_dataset(tmp_path / "data", n=4)
+    cfg = dpo_cfg(tmp_path, data, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                  conditional_weight=1.0, anchor_weight=0.5, report_to=["tensorboard"])
+    summary = run_dpo(recipe("llava", cfg))
+    logs = summary_logs(tmp_path / "run")
+    assert summary["global_step"] == 2 and len(logs) == 2
+    keys = ("conditional/loss", "conditional/margin", "anchor/loss")
+    assert all(np.isfinite(h[k]) for h in logs for k in keys)
+    assert summary["conditional_preference"] == {"conditional_weight": 1.0, "anchor_weight": 0.5,
+                                                 "conditional_corruption": {"kind": "random_crop"}}
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run").rglob("events.out.tfevents*"))
+    assert all(k.encode() in events for k in keys)  # in TensorBoard too
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained (B starts at 0)
