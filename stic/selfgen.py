@@ -7,6 +7,9 @@ For each image, with a private random stream seeded by (seed, image id):
      otherwise:          y_l = model(x, corrupted image), the corruption drawn from the recipe's list;
   4. store (clean image, x, y_w, y_l). Training uses x with the clean image for both responses.
 
+With `pair_source: grounding | self_feedback` the pair is made on-policy instead (stic/onpolicy.py): k answers to
+the prompt, ranked without labels, the best against the worst.
+
 The output is a parquet dataset in TRL's conversational preference format ({prompt, chosen, rejected,
 images}) plus provenance columns, written in atomic parts so a killed run resumes where it stopped, and
 shardable over `accelerate launch` processes.
@@ -24,6 +27,7 @@ from typing import Any
 from stic.config import RecipeError, to_dict
 from stic.generation import BatchGenerator, Output, Request, prompt_messages, stable_seed
 from stic.images import ImageLoader, list_images
+from stic.onpolicy import ONPOLICY_SOURCES, SHARED_KEYS, SOURCE_KEYS, OnPolicyRanker, check_backend
 from stic.prompts import PromptSets, load_prompts
 from stic.recipe import Recipe, SelfGenConfig  # noqa: F401  (the stage's section, re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
@@ -34,7 +38,9 @@ from stic.serving import make_engine, run_identity, served_model
 def parse_recipe(data: dict) -> Recipe:
     """The recipe with the sections selfgen uses built; the others are only checked (building a TRL
     section runs TrainingArguments' setup, which belongs to the command that trains with it)."""
-    return parse_whole_recipe(data, build=("selfgen",))
+    recipe = parse_whole_recipe(data, build=("selfgen",))
+    check_backend(recipe.selfgen.pair_source, recipe.generation.backend)
+    return recipe
 
 
 ID_COLUMN = "image_id"
@@ -105,12 +111,16 @@ def features():
         # the field names of STIC's released preference records, for tools written against them
         "image_corruption": datasets.Value("bool"), "hallu_prompt": text,
         "chosen_agreement": datasets.Value("float32"),  # self-consistency score, null when it is off
+        # on-policy pairs: every sampled answer, its label-free score and the parts of it (JSON); null for stic
+        "candidates": datasets.List({"text": text, "score": datasets.Value("float64"), "role": text,
+                                     "finish_reason": text, "num_tokens": datasets.Value("int32"), "parts": text}),
     })
 
 
 def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_record: dict | None,
              prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str,
-             agreement: float | None = None, system_prompt: str | None = None) -> dict:
+             agreement: float | None = None, system_prompt: str | None = None,
+             candidates: list[dict] | None = None) -> dict:
     return {
         ID_COLUMN: plan.image_id,
         "prompt": prompt_messages(plan.caption_prompt, system_prompt),
@@ -129,6 +139,7 @@ def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_rec
         "image_corruption": plan.branch == "corruption",
         "hallu_prompt": plan.hallucination_prompt or "",
         "chosen_agreement": agreement,
+        "candidates": candidates,
     }
 
 
@@ -178,6 +189,11 @@ def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
     for key in ("output_dir", "batch_size", "images_per_part", "preview_pairs", "group_by_length"):
         sg.pop(key)
     sg["images"].pop("limit")
+    used = {key for source, keys in SOURCE_KEYS.items() if source == recipe.selfgen.pair_source for key in keys}
+    if recipe.selfgen.pair_source in ONPOLICY_SOURCES:
+        used |= set(SHARED_KEYS)
+    for key in {*SHARED_KEYS, *(k for keys in SOURCE_KEYS.values() for k in keys)} - used:
+        sg.pop(key)  # another source's keys: changing them changes nothing here
     sg["prompt_sets"] = dataclasses.asdict(prompts)
     config = {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
     backend = run_identity(recipe.generation, served_model(recipe.generation, recipe.model))
@@ -198,6 +214,10 @@ class PairGenerator:
         chosen = (to_dict(cfg.chosen_sampling) if cfg.consistency_samples == 1 else
                   {**to_dict(cfg.consistency_sampling), "self_consistency_samples": cfg.consistency_samples})
         self.generation = json.dumps({"chosen": chosen, "rejected": to_dict(cfg.rejected_sampling)}, sort_keys=True)
+        if cfg.pair_source in ONPOLICY_SOURCES:
+            self.ranker = OnPolicyRanker(generator, cfg, prompts.good, self.corruption_specs)
+            self.generation = json.dumps({"pair_source": cfg.pair_source, "candidates": cfg.candidates,
+                                          "sampling": to_dict(cfg.consistency_sampling)}, sort_keys=True)
 
     def plan(self, image_id: str) -> Plan:
         return plan_image(image_id, self.cfg, self.prompts, self.corruption_specs)
@@ -211,6 +231,8 @@ class PairGenerator:
 
     def __call__(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
         """items: (image_id, clean PIL image). Returns (rows, drops)."""
+        if self.cfg.pair_source in ONPOLICY_SOURCES:
+            return self.onpolicy_pairs(items, on_batch)
         plans = [self.plan(image_id) for image_id, _ in items]
         # every sampled answer draws from its own stream, seeded by (seed, image id, role): the pairs do not
         # depend on batch size, sharding or where a resumed run restarted
@@ -242,6 +264,30 @@ class PairGenerator:
             else:
                 rows.append(make_row(plan, image, c, r, record, self.prompts, self.cfg, self.model_name,
                                      self.generation, agree, getattr(self.gen, "system_prompt", None)))
+        return rows, drops
+
+    def onpolicy_pairs(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
+        """The best- against the worst-scored of k answers per image (stic/onpolicy.py); the row keeps the image's
+        caption prompt x as its prompt, as the stic rows do."""
+        plans = [self.plan(image_id) for image_id, _ in items]
+        rankings = self.ranker(items, [p.caption_prompt for p in plans], on_batch)
+        rows, drops = [], []
+        for plan, (_, image), ranking in zip(plans, items, rankings):
+            reason = ranking.pick if isinstance(ranking.pick, str) else None
+            if reason is None:
+                chosen, rejected = (ranking.candidates[i] for i in ranking.pick)
+                reason = drop_reason(chosen, rejected, self.cfg)
+            if reason:
+                drops.append({"id": plan.image_id, "status": "dropped", "reason": reason})
+                continue
+            ref = ranking.reference  # grounding's corrupted reference, shown in the preview
+            row_plan = Plan(plan.image_id, plan.caption_prompt, self.cfg.pair_source, None,
+                            {"kind": ref["kind"]} if ref else None, ref["seed"] if ref else None)
+            row = make_row(row_plan, image, chosen, rejected, ref, self.prompts, self.cfg, self.model_name,
+                           self.generation, None, getattr(self.gen, "system_prompt", None),
+                           ranking.candidate_records())
+            row.update(chosen_prompt=ranking.prompt, rejected_prompt=ranking.prompt)
+            rows.append(row)
         return rows, drops
 
 
