@@ -20,6 +20,7 @@ Each candidate's text, score and the parts of its score are kept in the row (`ca
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 from typing import Any, Callable, Sequence
@@ -38,6 +39,12 @@ SOURCE_KEYS = {
     "self_feedback": ("feedback_question", "feedback_score", "feedback_max_claims"),
 }
 SHARED_KEYS = ("candidates", "candidate_prompt", "min_score_gap")
+
+
+def unused_keys(pair_source: str) -> set[str]:
+    """The on-policy recipe keys that `pair_source` does not read (left out of the run's identity)."""
+    every = {*SHARED_KEYS, *(key for keys in SOURCE_KEYS.values() for key in keys)}
+    return every - ({*SHARED_KEYS, *SOURCE_KEYS[pair_source]} if pair_source in SOURCE_KEYS else set())
 
 # the yes/no answers of self_feedback: greedy and short, a word or a sentence is all pope_parse reads
 FEEDBACK_SAMPLING = SamplingConfig(max_new_tokens=8)
@@ -176,8 +183,6 @@ class Ranking:
     reference: dict | None  # grounding on a corrupted copy: its corruption record
 
     def candidate_records(self) -> list[dict]:
-        import json
-
         roles = {} if isinstance(self.pick, str) else {self.pick[0]: "chosen", self.pick[1]: "rejected"}
         return [{"text": c.text, "score": s, "role": roles.get(i, ""), "finish_reason": c.finish_reason,
                  "num_tokens": c.num_tokens, "parts": json.dumps(p, sort_keys=True)}
@@ -215,39 +220,39 @@ class OnPolicyRanker:
                     for (image_id, image), prompt in zip(items, prompts) for j in range(k)]
         outputs = self.engine.generate(requests, cfg.consistency_sampling, on_batch=on_batch)
         candidates = [outputs[i * k:(i + 1) * k] for i in range(len(items))]
+        # each distinct non-empty answer is scored once (a peaked model repeats itself); an empty one is no candidate
+        texts = [[t for t in dict.fromkeys(o.text for o in outs) if t] for outs in candidates]
         references = [None] * len(items)
         if cfg.pair_source == "grounding":
-            scored, references = self._grounding(items, prompts, candidates)
+            scored, references = self._grounding(items, prompts, texts)
         else:
-            scored = self._self_feedback(items, candidates, on_batch)
+            scored = self._self_feedback(items, texts, on_batch)
         rankings = []
-        for outs, results, prompt, ref in zip(candidates, scored, prompts, references):
-            scores = [s if o.text else None for o, (s, _) in zip(outs, results)]  # an empty answer is no candidate
-            rankings.append(Ranking(outs, scores, [p for _, p in results], pick_pair(scores, cfg.min_score_gap),
-                                    prompt, ref))
+        for outs, per_text, prompt, ref in zip(candidates, scored, prompts, references):
+            results = [per_text.get(o.text, (None, {})) for o in outs]
+            scores = [score for score, _ in results]
+            rankings.append(Ranking(outs, scores, [parts for _, parts in results],
+                                    pick_pair(scores, cfg.min_score_gap), prompt, ref))
         return rankings
 
-    def _grounding(self, items, prompts, candidates):
+    def _grounding(self, items, prompts, texts) -> tuple[list[dict], list[dict | None]]:
         refs = [self.reference(image_id, image) for image_id, image in items]
         clean, reference, answers = [], [], []
-        for (_, image), prompt, (ref_image, _), outs in zip(items, prompts, refs, candidates):
-            for o in outs:
+        for (_, image), prompt, (ref_image, _), per_image in zip(items, prompts, refs, texts):
+            for text in per_image:
                 clean.append(Request(image, prompt))
                 reference.append(Request(ref_image, prompt))
-                answers.append(o.text)
-        on_image = self.engine.answer_logprobs(clean, answers)
-        on_reference = self.engine.answer_logprobs(reference, answers)
-        k = self.cfg.candidates
-        scored = [[grounding_score(on_image[i * k + j], on_reference[i * k + j], split_claims(o.text),
-                                   self.cfg.grounding_score) for j, o in enumerate(outs)]
-                  for i, outs in enumerate(candidates)]
+                answers.append(text)
+        scores = iter(zip(self.engine.answer_logprobs(clean, answers), self.engine.answer_logprobs(reference, answers)))
+        scored = [{t: grounding_score(*next(scores), split_claims(t), self.cfg.grounding_score) for t in per_image}
+                  for per_image in texts]
         return scored, [record for _, record in refs]
 
-    def _self_feedback(self, items, candidates, on_batch):
+    def _self_feedback(self, items, texts, on_batch) -> list[dict]:
         cfg = self.cfg
-        claims = [[split_claims(o.text)[:cfg.feedback_max_claims] for o in outs] for outs in candidates]
+        claims = [[split_claims(t)[:cfg.feedback_max_claims] for t in per_image] for per_image in texts]
         questions = [Request(image, claim_question(c.text, cfg.feedback_question))
-                     for (_, image), per_image in zip(items, claims) for per_answer in per_image for c in per_answer]
+                     for (_, image), per_image in zip(items, claims) for per_text in per_image for c in per_text]
         answers = iter(o.text for o in self.engine.generate(questions, FEEDBACK_SAMPLING, on_batch=on_batch))
-        return [[feedback_score(cs, [next(answers) for _ in cs], cfg.feedback_score) for cs in per_image]
-                for per_image in claims]
+        return [{t: feedback_score(cs, [next(answers) for _ in cs], cfg.feedback_score)
+                 for t, cs in zip(per_image_texts, per_image)} for per_image_texts, per_image in zip(texts, claims)]

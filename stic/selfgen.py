@@ -27,7 +27,7 @@ from typing import Any
 from stic.config import RecipeError, to_dict
 from stic.generation import BatchGenerator, Output, Request, prompt_messages, stable_seed
 from stic.images import ImageLoader, list_images
-from stic.onpolicy import ONPOLICY_SOURCES, SHARED_KEYS, SOURCE_KEYS, OnPolicyRanker, check_backend
+from stic.onpolicy import ONPOLICY_SOURCES, OnPolicyRanker, check_backend, unused_keys
 from stic.prompts import PromptSets, load_prompts
 from stic.recipe import Recipe, SelfGenConfig  # noqa: F401  (the stage's section, re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
@@ -189,11 +189,8 @@ def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
     for key in ("output_dir", "batch_size", "images_per_part", "preview_pairs", "group_by_length"):
         sg.pop(key)
     sg["images"].pop("limit")
-    used = {key for source, keys in SOURCE_KEYS.items() if source == recipe.selfgen.pair_source for key in keys}
-    if recipe.selfgen.pair_source in ONPOLICY_SOURCES:
-        used |= set(SHARED_KEYS)
-    for key in {*SHARED_KEYS, *(k for keys in SOURCE_KEYS.values() for k in keys)} - used:
-        sg.pop(key)  # another source's keys: changing them changes nothing here
+    for key in unused_keys(recipe.selfgen.pair_source):
+        sg.pop(key)  # another pair source's keys: changing them changes nothing here
     sg["prompt_sets"] = dataclasses.asdict(prompts)
     config = {"stage": "selfgen", "model": to_dict(recipe.model), "selfgen": sg}
     backend = run_identity(recipe.generation, served_model(recipe.generation, recipe.model))

@@ -104,13 +104,17 @@ def test_grounding_prefers_answers_that_depend_on_the_image(mode, best):
         assert json.loads(rows[items.index((image_id, image))]["corruption_params"])["seed"] == seed
 
 
-def test_grounding_on_a_blank_reference():
-    model = FakeModel(["red square", "nice picture here"], seen={"red"})
+def test_grounding_on_a_blank_reference_scores_each_distinct_answer_once():
+    model = FakeModel(["red square", "nice picture here", "red square", ""], seen={"red"})
     items = [("img0.png", photo(0))]
     model.clean = dict(items)
-    cfg = onpolicy_config("grounding", candidates=2, grounding_reference="blank")
+    cfg = onpolicy_config("grounding", candidates=4, grounding_reference="blank")
     rows, _ = PairGenerator(model, cfg, PROMPTS, "m")(items)
     assert rows[0]["chosen"][0]["content"] == "red square" and rows[0]["corruption_params"] is None
+    assert len(model.scored) == 4  # two distinct answers, on the image and on the reference
+    cands = rows[0]["candidates"]
+    assert [c["role"] for c in cands] == ["chosen", "rejected", "", ""]
+    assert cands[2]["score"] == cands[0]["score"] and cands[3]["score"] is None  # a repeat; an empty answer
     blank = np.asarray([r for clean, r in model.scored if not clean][0].image)
     assert blank.shape == np.asarray(items[0][1]).shape and (blank == 128).all()
 
@@ -153,7 +157,8 @@ def test_self_feedback_prefers_the_answer_whose_claims_the_model_affirms(mode):
 
 
 def test_self_feedback_drops_an_image_whose_answers_tie():
-    judge = FakeJudge(["A red ball lies on a mat.", "The mat is blue."], set("a red ball lies on mat the is blue".split()))
+    truth = set("a red ball lies on mat the is blue".split())
+    judge = FakeJudge(["A red ball lies on a mat.", "The mat is blue."], truth)
     rows, drops = PairGenerator(judge, onpolicy_config("self_feedback", candidates=2), PROMPTS, "m")(
         [("img0.png", photo(0))])
     assert rows == [] and drops == [{"id": "img0.png", "status": "dropped", "reason": "tied_scores"}]
@@ -168,6 +173,16 @@ def test_onpolicy_settings_are_checked():
         SelfGenConfig(pair_source="grounding", hallucination_prob=1.0, corruptions=[])
     with pytest.raises(ValueError, match=r"\{claim\}"):
         SelfGenConfig(feedback_question="Is it true?")
+
+
+def test_a_stic_run_does_not_depend_on_the_onpolicy_keys():
+    from stic.prompts import PromptsConfig, load_prompts
+    from stic.selfgen import run_config
+
+    prompts = load_prompts(PromptsConfig())
+    config = lambda **sg: run_config(parse_recipe({"selfgen": sg}), prompts)  # noqa: E731
+    assert config(candidates=6, feedback_score="count") == config()  # a stic folder resumes whatever they say
+    assert config(pair_source="grounding", candidates=6) != config(pair_source="grounding")
 
 
 def test_grounding_on_a_server_backend_is_refused_with_one_line(tmp_path, capsys):
