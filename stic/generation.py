@@ -69,6 +69,19 @@ class Output:
     num_tokens: int
 
 
+@dataclasses.dataclass
+class AnswerLogprobs:
+    """The log-probs of an answer's completion tokens, and each token's character span in the answer (empty for the
+    template's tokens; None when the tokenizer gives no offsets)."""
+
+    token_logprobs: torch.Tensor
+    spans: list[tuple[int, int]] | None
+
+    @property
+    def total(self) -> float:
+        return float(self.token_logprobs.sum())
+
+
 def prompt_messages(prompt: str, system_prompt: str | None = None) -> list[dict]:
     """The prompt column of a training row: [system,] user. Generation renders the same messages."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -140,13 +153,65 @@ class BatchGenerator:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_prefix}]})
         return self.processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
 
-    def encode(self, requests: Sequence[Request]) -> dict:
+    def encode(self, requests: Sequence[Request], padding_side: str = "left") -> dict:
         """Model inputs for a batch, left-padded, exactly as generation sees them."""
         texts = [self.prompt_text(r.prompt, r.image, r.answer_prefix) for r in requests]
         images = [[r.image] if r.image is not None else [] for r in requests]
         kwargs = {"images": images} if any(images) else {}
-        return self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+        return self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
                               add_special_tokens=False, **kwargs)
+
+    def completion_text(self, prompt: str, image: Image.Image | None, answer: str) -> str:
+        """`answer` as training reads it: what the chat template writes after the prompt for an assistant turn
+        holding it, turn-end tokens included (TRL's DPO collator takes the completion the same way)."""
+        messages = conversation(prompt, image, self.system_prompt)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        full = self.processor.apply_chat_template(messages, tokenize=False)
+        head = self.prompt_text(prompt, image)
+        return full[len(head):] if full.startswith(head) else answer
+
+    @torch.inference_mode()
+    def answer_logprobs(self, requests: Sequence[Request], answers: Sequence[str]) -> list[AnswerLogprobs]:
+        """log p(token | prompt, image, earlier tokens) for every token of each answer's completion.
+
+        Each prompt + completion is packed from position 0 with padding only at the right end (as TRL's collator
+        flushes it left), so, with causal attention, a score does not depend on the batch it was computed in."""
+        tok = self.processor.tokenizer
+        device = self.model.device
+        results: list[AnswerLogprobs] = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = list(requests[start:start + self.batch_size])
+            texts = list(answers[start:start + self.batch_size])
+            encoded = self.encode(batch, padding_side="right")
+            prompt_lens = encoded["attention_mask"].sum(1).tolist()
+            completions = [self.completion_text(r.prompt, r.image, a) for r, a in zip(batch, texts)]
+            pieces = [tok(c, add_special_tokens=False, return_offsets_mapping=tok.is_fast) for c in completions]
+            ids = [p["input_ids"] for p in pieces]
+            width = max(p + len(c) for p, c in zip(prompt_lens, ids))
+            inputs = dict(encoded)
+            for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+                if key not in encoded:
+                    continue
+                packed = torch.full((len(batch), width), self.pad_id if key == "input_ids" else 0,
+                                    dtype=encoded[key].dtype)
+                for i, (p, c) in enumerate(zip(prompt_lens, ids)):
+                    packed[i, :p] = encoded[key][i, :p]
+                    packed[i, p:p + len(c)] = torch.tensor(c) if key == "input_ids" else int(key == "attention_mask")
+                inputs[key] = packed
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            first = min(prompt_lens) - 1  # the logits of the first completion token sit at its prompt's last position
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=width - first).logits.float()
+            logps = logits.log_softmax(-1)
+            for i, (p, c, piece, completion, answer) in enumerate(zip(prompt_lens, ids, pieces, completions, texts)):
+                rows = torch.arange(p - 1, p - 1 + len(c), device=logps.device) - first
+                picked = logps[i, rows].gather(-1, torch.tensor(c, device=logps.device)[:, None])[:, 0].cpu()
+                at = completion.find(answer) if answer else -1
+                clip = lambda x: min(max(x - at, 0), len(answer))  # noqa: E731  (template text: an empty span)
+                spans = [(clip(a), clip(b)) for a, b in piece["offset_mapping"]] if at >= 0 and tok.is_fast else None
+                results.append(AnswerLogprobs(picked, spans))
+        return results
 
     def _order(self, requests: Sequence[Request]) -> list[int]:
         if not self.group_by_length:

@@ -87,6 +87,30 @@ class SelfGenConfig:
         None, help="self_questions: the questioner marker the model was trained with in stage 2 "
                    "(infuse_sft.questioner_token, else infuse_sft.questioner_role): its answer is started with the "
                    "marker, so it asks in that role; unset: a question-asking prompt alone")
+    # on-policy pairs (pair_source grounding, self_feedback; see stic/onpolicy.py)
+    candidates: int = option(
+        4, help="grounding/self_feedback: answers sampled per image with consistency_sampling; the best-scored one "
+                "becomes the chosen answer, the worst-scored one the rejected answer")
+    candidate_prompt: Literal["good", "caption"] = option(
+        "good", help="grounding/self_feedback: the prompt the candidates are sampled and scored under: good (the "
+                     "step-by-step prompt of STIC's chosen answers) or caption (the image's caption prompt x, which "
+                     "the pair is trained with)")
+    min_score_gap: float = option(
+        0.0, help="grounding/self_feedback: drop an image whose best and worst scores differ by less (ties always)")
+    grounding_reference: Literal["corrupted", "blank"] = option(
+        "corrupted", help="grounding: score = log p(y | image) - log p(y | reference), the reference a copy corrupted "
+                          "by one of corruptions (drawn per image) or a blank grey image of the same size")
+    grounding_score: Literal["mean", "sum", "min_claim"] = option(
+        "mean", help="grounding: the margin per answer token (mean: no length bias), summed over the answer (sum: "
+                     "longer grounded answers score higher), or of the answer's least grounded claim (min_claim)")
+    feedback_question: str = option(
+        "Is it true that {claim}? Answer yes or no.",
+        help="self_feedback: the yes/no question the model answers about each claim of an answer ({claim})")
+    feedback_score: Literal["share", "count"] = option(
+        "share", help="self_feedback: an answer's score, the share of its claims the model affirms or their count "
+                      "(count favours longer answers)")
+    feedback_max_claims: int = option(
+        8, help="self_feedback: claims asked about per answer, the first ones (each is one short generation)")
 
     def __post_init__(self):
         if self.pair_source not in PAIR_SOURCES:
@@ -106,6 +130,22 @@ class SelfGenConfig:
                              "answers each question once: set consistency_samples to 1")
         if self.questioner_role is not None and not self.questioner_role.strip():
             raise ValueError("questioner_role is empty; unset it to ask with a prompt alone")
+        if "{claim}" not in self.feedback_question:
+            raise ValueError(f"feedback_question must hold {{claim}}, got {self.feedback_question!r}")
+        if self.feedback_max_claims < 1 or self.min_score_gap < 0:
+            raise ValueError("feedback_max_claims must be at least 1 and min_score_gap at least 0")
+        if self.pair_source in ("grounding", "self_feedback"):
+            if self.candidates < 2:
+                raise ValueError(f"pair_source {self.pair_source} ranks candidates: candidates must be at least 2, "
+                                 f"got {self.candidates}")
+            if not self.consistency_sampling.do_sample:
+                raise ValueError(f"pair_source {self.pair_source} samples its candidates with consistency_sampling, "
+                                 "which must sample (do_sample: true): greedy candidates are all the same answer")
+            if self.pair_source == "grounding" and self.grounding_reference == "corrupted" and not self.corruptions:
+                raise ValueError("grounding_reference corrupted draws from corruptions, which is empty")
+            if self.consistency_samples > 1:
+                raise ValueError(f"consistency_samples picks the chosen answer of pair_source stic; pair_source "
+                                 f"{self.pair_source} picks by its own score (set candidates instead)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def write_preview(store: ShardedOutput, n: int, id_column: str) -> None:
             shown = [("clean image", image)]
             if row["corruption_params"]:  # rebuilt from its record: the corrupted image itself is not stored
                 rec = json.loads(row["corruption_params"])
-                shown.append((f"{rec['kind']} (rejected's input)", corrupt(image, rec["kind"], rec["seed"],
+                role = "grounding reference" if row["rejected_branch"] == "grounding" else "rejected's input"
+                shown.append((f"{rec['kind']} ({role})", corrupt(image, rec["kind"], rec["seed"],
                                                                            **rec["settings"])[0]))
             imgs = "".join(f"<figure><img src='data:image/jpeg;base64,{_thumb(im)}'><figcaption>{html.escape(t)}"
                            f"</figcaption></figure>" for t, im in shown)
@@ -122,16 +123,39 @@ def write_preview(store: ShardedOutput, n: int, id_column: str) -> None:
                 f"<details class=prompt><summary>step-by-step prompt</summary>{e(row['chosen_prompt'])}</details>"
                 f"<p>{e(row['chosen'][0]['content'])}</p></div><div class=rejected><h3>rejected "
                 f"({e(row['rejected_finish_reason'])})</h3><p class=prompt>{e(row['rejected_prompt'])}</p>"
-                f"<p>{e(row['rejected'][0]['content'])}</p></div></div></section>"
+                f"<p>{e(row['rejected'][0]['content'])}</p></div></div>{_candidates_html(row.get('candidates'))}"
+                "</section>"
             )
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}section{border-bottom:1px solid #ccc;"
              "padding:8px}.imgs{display:flex;gap:8px}img{max-height:180px}.pair{display:flex;gap:12px}"
              ".pair>div{flex:1;padding:6px}.chosen{background:#eefbea}.rejected{background:#fdecec}"
-             ".prompt{color:#555;font-size:90%}figure{margin:0}")
+             ".prompt{color:#555;font-size:90%}figure{margin:0}table.cands{border-collapse:collapse;font-size:90%}"
+             ".cands td{border-top:1px solid #ddd;padding:3px 6px;vertical-align:top}.cands ul{margin:0}")
     (store.root / "preview.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>STIC preference pairs</title><style>{style}</style>"
         f"<h1>STIC preference pairs ({len(cards)} shown)</h1>{''.join(cards)}"
     )
+
+
+def _candidates_html(candidates: list[dict] | None) -> str:
+    """On-policy pairs (stic/onpolicy.py): every sampled answer with its score and what the score is made of."""
+    if not candidates:
+        return ""
+    e = html.escape
+    rows = []
+    for c in candidates:
+        parts = json.loads(c["parts"] or "{}")
+        totals = ", ".join(f"{k} {v}" for k, v in parts.items() if k != "claims")
+        claims = "".join(
+            f"<li>{e(p['claim'])}: " + (f"margin {p['margin']:+.4f}" if "margin" in p else
+                                        f"{'yes' if p['affirmed'] else 'not affirmed'} ({e(p['answer'])})") + "</li>"
+            for p in parts.get("claims", []))
+        score = "unscored" if c["score"] is None else f"{c['score']:+.4f}"
+        rows.append(f"<tr class='{e(c['role'])}'><td>{e(c['role']) or '&nbsp;'}</td><td>{score}</td>"
+                    f"<td>{e(c['text'])}<div class=prompt>{e(totals)}</div><ul>{claims}</ul></td></tr>")
+    return (f"<details open><summary>{len(candidates)} candidates, scored without labels</summary>"
+            f"<table class=cands><tr><th>role</th><th>score</th><th>answer, and the parts of its score</th></tr>"
+            f"{''.join(rows)}</table></details>")
 
 
 def _thumb(image) -> str:

@@ -242,6 +242,7 @@ class QuestionPairGenerator:
             "image_corruption": plan.branch == "corruption",
             "hallu_prompt": plan.rejected_prompt(question) if plan.branch == "hallucination" else "",
             "chosen_agreement": None,
+            "candidates": None,  # the on-policy pair sources' ranking; none here
             SOURCE_COLUMN: plan.image_id, "question_index": plan.index, "question": question,
             "question_prompt": plan.ask_prompt, "questioner_role": self.marker or None,
             "question_finish_reason": asked.finish_reason,

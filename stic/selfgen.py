@@ -9,6 +9,8 @@ For each image, with a private random stream seeded by (seed, image id):
 
 This is `selfgen.pair_source: stic`; `self_questions` (stic/self_questions.py) builds pairs from questions the model
 asks about each image instead, through the same sharded, resumable run.
+With `pair_source: grounding | self_feedback` the pair is made on-policy instead (stic/onpolicy.py): k answers to
+the prompt, ranked without labels, the best against the worst.
 
 The output is a parquet dataset in TRL's conversational preference format ({prompt, chosen, rejected,
 images}) plus provenance columns, written in atomic parts so a killed run resumes where it stopped, and
@@ -27,6 +29,7 @@ from typing import Any
 from stic.config import RecipeError, to_dict
 from stic.generation import BatchGenerator, Output, Request, prompt_messages, stable_seed
 from stic.images import ImageLoader, list_images
+from stic.onpolicy import ONPOLICY_SOURCES, OnPolicyRanker, check_backend, unused_keys
 from stic.prompts import PromptSets, load_prompts
 from stic.recipe import Recipe, SelfGenConfig  # noqa: F401  (the stage's section, re-exported)
 from stic.recipe import parse_recipe as parse_whole_recipe
@@ -37,7 +40,9 @@ from stic.serving import make_engine, run_identity, served_model
 def parse_recipe(data: dict) -> Recipe:
     """The recipe with the sections selfgen uses built; the others are only checked (building a TRL
     section runs TrainingArguments' setup, which belongs to the command that trains with it)."""
-    return parse_whole_recipe(data, build=("selfgen",))
+    recipe = parse_whole_recipe(data, build=("selfgen",))
+    check_backend(recipe.selfgen.pair_source, recipe.generation.backend)
+    return recipe
 
 
 ID_COLUMN = "image_id"
@@ -108,12 +113,16 @@ def features():
         # the field names of STIC's released preference records, for tools written against them
         "image_corruption": datasets.Value("bool"), "hallu_prompt": text,
         "chosen_agreement": datasets.Value("float32"),  # self-consistency score, null when it is off
+        # on-policy pairs: every sampled answer, its label-free score and the parts of it (JSON); null for stic
+        "candidates": datasets.List({"text": text, "score": datasets.Value("float64"), "role": text,
+                                     "finish_reason": text, "num_tokens": datasets.Value("int32"), "parts": text}),
     })
 
 
 def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_record: dict | None,
              prompts: PromptSets, cfg: SelfGenConfig, model_name: str, generation: str,
-             agreement: float | None = None, system_prompt: str | None = None) -> dict:
+             agreement: float | None = None, system_prompt: str | None = None,
+             candidates: list[dict] | None = None) -> dict:
     return {
         ID_COLUMN: plan.image_id,
         "prompt": prompt_messages(plan.caption_prompt, system_prompt),
@@ -132,6 +141,7 @@ def make_row(plan: Plan, image, chosen: Output, rejected: Output, corruption_rec
         "image_corruption": plan.branch == "corruption",
         "hallu_prompt": plan.hallucination_prompt or "",
         "chosen_agreement": agreement,
+        "candidates": candidates,
     }
 
 
@@ -181,6 +191,11 @@ def run_config(recipe: Recipe, prompts: PromptSets) -> dict:
     for key in ("output_dir", "batch_size", "images_per_part", "preview_pairs", "group_by_length"):
         sg.pop(key)
     sg["images"].pop("limit")
+    for key in unused_keys(recipe.selfgen.pair_source):
+        sg.pop(key)  # another pair source's keys: changing them changes nothing here
+    if recipe.selfgen.pair_source != "self_questions":
+        for key in ("questions_per_image", "question_sampling", "questioner_role"):
+            sg.pop(key)
     sg["prompt_sets"] = dataclasses.asdict(prompts)
     if recipe.selfgen.pair_source == "self_questions":
         from stic.self_questions import load_question_prompts
@@ -205,6 +220,10 @@ class PairGenerator:
         chosen = (to_dict(cfg.chosen_sampling) if cfg.consistency_samples == 1 else
                   {**to_dict(cfg.consistency_sampling), "self_consistency_samples": cfg.consistency_samples})
         self.generation = json.dumps({"chosen": chosen, "rejected": to_dict(cfg.rejected_sampling)}, sort_keys=True)
+        if cfg.pair_source in ONPOLICY_SOURCES:
+            self.ranker = OnPolicyRanker(generator, cfg, prompts.good, self.corruption_specs)
+            self.generation = json.dumps({"pair_source": cfg.pair_source, "candidates": cfg.candidates,
+                                          "sampling": to_dict(cfg.consistency_sampling)}, sort_keys=True)
 
     def plan(self, image_id: str) -> Plan:
         return plan_image(image_id, self.cfg, self.prompts, self.corruption_specs)
@@ -218,6 +237,8 @@ class PairGenerator:
 
     def __call__(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
         """items: (image_id, clean PIL image). Returns (rows, drops)."""
+        if self.cfg.pair_source in ONPOLICY_SOURCES:
+            return self.onpolicy_pairs(items, on_batch)
         plans = [self.plan(image_id) for image_id, _ in items]
         # every sampled answer draws from its own stream, seeded by (seed, image id, role): the pairs do not
         # depend on batch size, sharding or where a resumed run restarted
@@ -249,6 +270,30 @@ class PairGenerator:
             else:
                 rows.append(make_row(plan, image, c, r, record, self.prompts, self.cfg, self.model_name,
                                      self.generation, agree, getattr(self.gen, "system_prompt", None)))
+        return rows, drops
+
+    def onpolicy_pairs(self, items: list[tuple[str, Any]], on_batch=None) -> tuple[list[dict], list[dict]]:
+        """The best- against the worst-scored of k answers per image (stic/onpolicy.py); the row keeps the image's
+        caption prompt x as its prompt, as the stic rows do."""
+        plans = [self.plan(image_id) for image_id, _ in items]
+        rankings = self.ranker(items, [p.caption_prompt for p in plans], on_batch)
+        rows, drops = [], []
+        for plan, (_, image), ranking in zip(plans, items, rankings):
+            reason = ranking.pick if isinstance(ranking.pick, str) else None
+            if reason is None:
+                chosen, rejected = (ranking.candidates[i] for i in ranking.pick)
+                reason = drop_reason(chosen, rejected, self.cfg)
+            if reason:
+                drops.append({"id": plan.image_id, "status": "dropped", "reason": reason})
+                continue
+            ref = ranking.reference  # grounding's corrupted reference, shown in the preview
+            row_plan = Plan(plan.image_id, plan.caption_prompt, self.cfg.pair_source, None,
+                            {"kind": ref["kind"]} if ref else None, ref["seed"] if ref else None)
+            row = make_row(row_plan, image, chosen, rejected, ref, self.prompts, self.cfg, self.model_name,
+                           self.generation, None, getattr(self.gen, "system_prompt", None),
+                           ranking.candidate_records())
+            row.update(chosen_prompt=ranking.prompt, rejected_prompt=ranking.prompt)
+            rows.append(row)
         return rows, drops
 
 

@@ -100,3 +100,29 @@ def test_row_sampler_applies_top_k_and_top_p():
     # probabilities at T=1: .64 .24 .09 .03 .01; top_p 0.8 keeps the first two, 0.9 the first three
     assert draws(top_p=0.8) == {0, 1} and draws(top_p=0.9) == {0, 1, 2}
     assert draws(temperature=5.0) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_logprobs_are_the_log_probs_training_computes(family):
+    """The tokens answer_logprobs scores are the completion tokens of TRL's DPO collator, with the log-probs of a
+    forward over its batch, and a score does not change with the batch it is computed in."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    eng = engine(family, batch_size=3)
+    image, prompt, answers = photo(7, size=(90, 70)), "Describe the image.", ["a red cat. two dogs!", "blue sky"]
+    row = {"images": [image], "prompt": [{"role": "user", "content": prompt}],
+           "chosen": [{"role": "assistant", "content": answers[0]}],
+           "rejected": [{"role": "assistant", "content": answers[1]}]}
+    batch = DataCollatorForVisionPreference(eng.processor)([row])
+    mask = batch.pop("completion_mask")[:, 1:].bool()
+    with torch.no_grad():
+        logits = eng.model(**batch).logits[:, :-1].float()
+    trained = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    other = requests()[3]  # a longer prompt on another image size beside them in the batch
+    scored = eng.answer_logprobs([Request(image, prompt), other, Request(image, prompt)],
+                                 [answers[0], "a long answer about something else entirely", answers[1]])
+    for i, s in zip((0, 1), (scored[0], scored[2])):
+        assert torch.allclose(s.token_logprobs, trained[i][mask[i]], atol=1e-4)
+        alone = eng.answer_logprobs([Request(image, prompt)], [answers[i]])[0]
+        assert torch.allclose(s.token_logprobs, alone.token_logprobs, atol=1e-5)
+    assert "".join(answers[0][a:b] for a, b in scored[0].spans) == answers[0]  # the spans tile the answer

@@ -14,7 +14,7 @@ LAYERS = {
     2: ["stic.generation", "stic.images", "stic.prompts", "stic.models", "stic.serving", "stic.instructions",
         "stic.benchmarks", "stic.hf_benchmarks", "stic.judge", "stic.training", "stic.store", "stic.report",
         "stic.recipe_cache", "stic.self_questions"],
-    3: ["stic.recipe"],
+    3: ["stic.recipe", "stic.onpolicy"],
     4: ["stic.selfgen", "stic.dpo", "stic.infuse", "stic.evaluate", "stic.rounds"],  # the stages, in their order
     5: ["stic.shapes", "stic.bench", "stic.preflight", "stic.eval_fixtures", "stic.cli", "stic.__main__", "eval.run"],  # the toy world, tools, entry points
 }
