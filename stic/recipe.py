@@ -92,9 +92,9 @@ class SelfGenConfig:
         4, help="grounding/self_feedback: answers sampled per image with consistency_sampling; the best-scored one "
                 "becomes the chosen answer, the worst-scored one the rejected answer")
     candidate_prompt: Literal["good", "caption"] = option(
-        "good", help="grounding/self_feedback: the prompt the candidates are sampled and scored under: good (the "
-                     "step-by-step prompt of STIC's chosen answers) or caption (the image's caption prompt x, which "
-                     "the pair is trained with)")
+        "caption", help="grounding/self_feedback: the prompt the candidates are sampled and scored under: caption "
+                        "(the normal prompt x the pair is trained with: the answers the model really gives) or good "
+                        "(the step-by-step prompt of STIC's chosen answers)")
     min_score_gap: float = option(
         0.0, help="grounding/self_feedback: drop an image whose best and worst scores differ by less (ties always)")
     grounding_reference: Literal["corrupted", "blank"] = option(

@@ -21,6 +21,7 @@ PROMPTS = PromptSets("good prompt", tuple(CAPTION_PROMPTS), tuple(HALLUCINATION_
 
 
 def onpolicy_config(source, **kw):
+    kw.setdefault("candidate_prompt", "good")  # the fakes below answer the step-by-step prompt
     return SelfGenConfig(pair_source=source, seed=7, corruptions=["color_jitter", "gaussian_blur"], **kw)
 
 

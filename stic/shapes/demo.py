@@ -300,19 +300,20 @@ def image_use_margins(recipe, adapter_dir: Path, heldout_root: Path, seed: int,
                       n: int = MARGIN_SCENES) -> "np.ndarray":
     """Per held-out scene: log p(y | image) - log p(y | corrupted image), y the scene's true description under the
     describe prompt, for the base with the stage-1 adapter; the corruption is the one stage 1's conditional term
-    trains against (`stic.dpo.conditional_image`, seeded per scene)."""
+    trains against (`dpo.conditional_corruption`, seeded per scene)."""
     import numpy as np
     from PIL import Image
 
-    from stic.dpo import conditional_image
-    from stic.generation import BatchGenerator, Request
+    from corruptions import make_corruption
+    from stic.generation import BatchGenerator, Request, stable_seed
     from stic.models import load_for_inference
-    from stic.preflight import answer_logps
     from stic.shapes import world as W
 
     split = heldout_root / "shapesworld"
     world = W.load_world(split / "world.yaml") if (split / "world.yaml").exists() else W.DEFAULT
     scenes = [W.Scene.from_json(json.loads(line)) for line in (split / "scenes.jsonl").read_text().splitlines()][:n]
+    spec = recipe.dpo.conditional_corruption_spec()
+    corrupt = make_corruption(spec["kind"], **{k: v for k, v in spec.items() if k != "kind"})
     model, processor = load_for_inference(recipe.model, [str(adapter_dir)], "cpu")
     gen = BatchGenerator(model, processor, 32, system_prompt=recipe.model.system_prompt)
     out = []
@@ -321,9 +322,10 @@ def image_use_margins(recipe, adapter_dir: Path, heldout_root: Path, seed: int,
         images = [Image.open(split / "images" / f"{sc.id}.png").convert("RGB") for sc in chunk]
         answers = [W.describe(sc.objects) for sc in chunk]
         clean = [Request(im, world.prompts.describe) for im in images]
-        corrupted = [Request(conditional_image(im, recipe.dpo, sc.id), world.prompts.describe)
+        corrupted = [Request(corrupt(im, stable_seed(seed, "margin", sc.id))[0], world.prompts.describe)
                      for im, sc in zip(images, chunk)]
-        out.append((answer_logps(gen, clean, answers) - answer_logps(gen, corrupted, answers)).numpy())
+        logp = lambda reqs: np.array([a.total for a in gen.answer_logprobs(reqs, answers)])  # noqa: E731
+        out.append(logp(clean) - logp(corrupted))
     return np.concatenate(out)
 
 
