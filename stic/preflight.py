@@ -247,9 +247,15 @@ def check_image_used(trainer, examples, batch) -> Check:
                "mean": float(margin.mean())}
     detail = (f"log p(answer | image) - log p(answer | blank): chosen {float(margin[:n].mean()):+.3f}, "
               f"rejected {float(margin[n:].mean()):+.3f} nats")
+    return judge_image_use(margin, detail, "check pixel_values in the collator and the forward", numbers)
+
+
+def judge_image_use(margin: torch.Tensor, detail: str, where: str, numbers: dict) -> Check:
+    """Exactly 0 everywhere: the pixels never reach the model (fail); a mean at or below 0: it answers without
+    looking (warn)."""
     if float(margin.abs().max()) < 1e-6:
         return Check("image_used", FAIL, detail + ": the answers do not depend on the image at all",
-                     "the pixels never reach the model: check pixel_values in the collator and the forward", numbers)
+                     f"the pixels never reach the model: {where}", numbers)
     if float(margin.mean()) <= 0:
         return Check("image_used", WARN, detail + ": the model answers without looking", numbers=numbers)
     return Check("image_used", PASS, detail, numbers=numbers)
@@ -544,12 +550,7 @@ def check_generation_image_used(generator, requests) -> Check:
     margin = answer_logps(generator, picked, texts) - answer_logps(generator, blank, texts)
     numbers = {"per_request": [round(float(x), 4) for x in margin], "mean": float(margin.mean())}
     detail = f"log p(answer | image) - log p(answer | blank): {float(margin.mean()):+.3f} nats"
-    if float(margin.abs().max()) < 1e-6:
-        return Check("image_used", FAIL, detail + ": the answers do not depend on the image at all",
-                     "the pixels never reach the model: check the processor's pixel_values and the forward", numbers)
-    if float(margin.mean()) <= 0:
-        return Check("image_used", WARN, detail + ": the model answers without looking", numbers=numbers)
-    return Check("image_used", PASS, detail, numbers=numbers)
+    return judge_image_use(margin, detail, "check the processor's pixel_values and the forward", numbers)
 
 
 def padding_effect(generator, request) -> float:
