@@ -510,30 +510,6 @@ def check_generation_memory(generator, requests, max_new_tokens: int, samples: i
     return Check("memory", WARN if estimate > 0.85 * capacity else PASS, detail, numbers=numbers)
 
 
-def answer_logps(generator, requests, answers: list[str]) -> torch.Tensor:
-    """log p(answer | prompt, image) per request, as the generator renders prompts."""
-    tok = generator.processor.tokenizer
-    encoded = generator.encode(requests)
-    prompt_len = encoded["input_ids"].shape[1]
-    answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-    width = max(len(a) for a in answer_ids)
-    pad = generator.pad_id
-    ids = torch.tensor([a + [pad] * (width - len(a)) for a in answer_ids])
-    mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_ids])
-    device = next(generator.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in encoded.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(generator.model.dtype)
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], ids.to(device)], dim=1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(device)], dim=1)
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids).to(device)], 1)
-    with torch.no_grad():
-        logits = generator.model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()
-    picked = logits.log_softmax(-1).gather(-1, ids.to(device)[..., None])[..., 0]
-    return (picked * mask.to(device)).sum(dim=1).cpu()
-
-
 def check_generation_image_used(generator, requests) -> Check:
     """log p(own answer | image) - log p(own answer | a blank image of the same size), on short greedy answers."""
     from PIL import Image
@@ -547,7 +523,10 @@ def check_generation_image_used(generator, requests) -> Check:
     picked = [requests[i] for i in keep]
     blank = [Request(Image.new("RGB", r.image.size, (128, 128, 128)), r.prompt) for r in picked]
     texts = [answers[i] for i in keep]
-    margin = answer_logps(generator, picked, texts) - answer_logps(generator, blank, texts)
+    def logps(reqs):  # as TRL's collator trains an answer: the completion with its turn-end tokens
+        return torch.tensor([a.total for a in generator.answer_logprobs(reqs, texts)])
+
+    margin = logps(picked) - logps(blank)
     numbers = {"per_request": [round(float(x), 4) for x in margin], "mean": float(margin.mean())}
     detail = f"log p(answer | image) - log p(answer | blank): {float(margin.mean()):+.3f} nats"
     return judge_image_use(margin, detail, "check the processor's pixel_values and the forward", numbers)
