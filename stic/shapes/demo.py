@@ -7,7 +7,12 @@ only, alpha = 0, self-consistency, and twice the unlabeled images. Every model i
 table (mean ± standard deviation over seeds), a bar chart, and an HTML page of scenes with the base and
 STIC descriptions and the judge's marks.
 
-    python -m stic.shapes.demo [--world FILE] [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out DIR] [--ablations]
+    python -m stic.shapes.demo [--world FILE] [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out DIR]
+                               [--ablations | --methods | --beyond]
+
+`--methods` (`make demo-methods`) runs issue 23's pair constructions instead of the controls; `--beyond` (`make
+demo-beyond`) issue 24's: STIC + self-question pairs, a yes:no-balanced stage 2, and 3 rounds of the better
+stage-1 recipe, each pre-registered in recipes/shapesworld/hypotheses-<mode>.md.
 
 `--world` (`make demo WORLD=FILE`) runs the experiment in another world: its base is the committed checkpoint
 when that was pretrained in the same world, else pretrained once and cached by the world's digest.
@@ -412,7 +417,7 @@ def run_beyond_rounds(seed, seed_run, base_dir: str, results, arm_of, arm_runs, 
         arm_of[f"s{seed}-{tag}"] = f"rounds: round {k}"
         if best == "sticsq":  # both constructions again with the merged model, then one dataset
             for source, changes_k in (("stic", {}), ("sq", SQ_SELFGEN)):
-                images = s / "data" / (f"train-first{SQ_SCENES}" if source == "sq" else "train") / "images"
+                images = s / "data" / f"train-first{SQ_SCENES}" if source == "sq" else s / "data" / "train" / "images"
                 selfgen.run_selfgen(variant(stage1.seeded, model=changes["model"], selfgen={
                     **changes_k, "images": {"path": str(images)}, "output_dir": str(s / f"selfgen-{source}-r{k}")}))
             combine_pairs([s / f"selfgen-stic-r{k}", s / f"selfgen-sq-r{k}"], s / f"selfgen-{tag}")
