@@ -293,8 +293,12 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     if beyond:
         from stic.shapes.stats import beyond_comparisons, judge_beyond_hypotheses
 
-        rounds = run_beyond_rounds(seeds[0], stage1_of[seeds[0]], base_dir, results, arm_of, arm_runs, diagnostics,
-                                   costs)
+        # stage1 reads seed, s and seeded from this scope: rebind them to the rounds' seed (after the loop they
+        # hold the last seed's)
+        seed = seeds[0]
+        s, stage1 = stage1_of[seed]
+        seeded = stage1.seeded  # noqa: F841 (read by stage1)
+        rounds = run_beyond_rounds(seed, (s, stage1), base_dir, results, arm_of, arm_runs, diagnostics, costs)
         ci = confidence_intervals(out / "eval", arm_runs, comparisons=beyond_comparisons(),
                                   qa_file=heldout_root / "shapesworld" / "qa.jsonl")
         hypotheses = judge_beyond_hypotheses(ci)
