@@ -13,7 +13,7 @@ export STIC_CACHE ?= $(CURDIR)/.cache/stic
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-full demo-methods selfgen dpo infuse-sft eval merge rounds test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
+.PHONY: install demo demo-full demo-methods demo-beyond selfgen dpo infuse-sft eval merge rounds test test-all bench-selfgen bench-dpo preflight preflight-report gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ demo-full: $(STAMP)
 # Issue 23's pre-registered comparison of pair constructions (recipes/shapesworld/hypotheses-methods.md).
 demo-methods: $(STAMP)
 	$(BIN)/python -m stic.shapes.demo --methods $(if $(WORLD),--world $(WORLD)) $(DEMO_ARGS)
+
+# Issue 24's pre-registered run: self-question pairs, a yes:no-balanced stage 2, 3 rounds
+# (recipes/shapesworld/hypotheses-beyond.md).
+demo-beyond: $(STAMP)
+	$(BIN)/python -m stic.shapes.demo --beyond $(if $(WORLD),--world $(WORLD)) $(DEMO_ARGS)
 
 selfgen: $(STAMP)
 	$(BIN)/accelerate launch --quiet $(LAUNCH) -m stic selfgen --recipe $(RECIPE) $(ARGS)

@@ -369,6 +369,46 @@ def test_the_methods_hypotheses_are_read_as_pre_registered():
     assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
 
 
+def test_the_beyond_hypotheses_are_read_as_pre_registered():
+    """H8: all four CIs (self-questions vs STIC and vs base, presence F1 and adversarial accuracy) above 0; H9: the
+    |yes-ratio - 0.5| CI below 0 and the QA accuracy CI's lower bound above -1 point; H10: round 3 - round 1 below 0
+    (recipes/shapesworld/hypotheses-beyond.md)."""
+    from stic.shapes.stats import BALANCED_ARM, SQ_ARM, judge_beyond_hypotheses
+
+    def d(lo, hi):
+        return {"difference": (lo + hi) / 2, "ci95": [lo, hi]}
+
+    ci = {f"{SQ_ARM} - {ref} ({m})": d(0.01, 0.05) for ref in ("STIC stage 1", "base")
+          for m in ("presence_f1", "absent_companion_accuracy")}
+    ci[f"{BALANCED_ARM} - STIC stage 2 (yes_ratio_distance)"] = d(-0.08, -0.02)
+    ci[f"{BALANCED_ARM} - STIC stage 2 (QA)"] = d(-0.008, 0.004)
+    ci["rounds: round 3 - round 1"] = d(-0.01, -0.001)
+    got = judge_beyond_hypotheses(ci)
+    assert [got[h]["held"] for h in ("H8", "H9", "H10")] == [True, True, True]
+    ci[f"{SQ_ARM} - base (absent_companion_accuracy)"] = d(-0.001, 0.05)  # one of the four touches 0
+    ci[f"{BALANCED_ARM} - STIC stage 2 (QA)"] = d(-0.012, 0.004)  # may lose more than a point
+    ci["rounds: round 3 - round 1"] = d(-0.01, 0.0)
+    got = judge_beyond_hypotheses(ci)
+    assert [got[h]["held"] for h in ("H8", "H9", "H10")] == [False, False, False]
+    ci[f"{BALANCED_ARM} - STIC stage 2 (QA)"] = d(-0.008, 0.004)
+    ci[f"{BALANCED_ARM} - STIC stage 2 (yes_ratio_distance)"] = d(-0.08, 0.01)  # not clearly toward 0.5
+    assert judge_beyond_hypotheses(ci)["H9"]["held"] is False
+    assert all(h["held"] is None for h in judge_beyond_hypotheses({}).values())
+
+
+def test_presence_metrics_are_recomputed_from_the_drawn_items():
+    """The bootstrap's presence F1, adversarial accuracy and yes-ratio distance match their definitions."""
+    from stic.shapes.stats import _metric
+
+    data = {"said_yes": np.array([1, 1, 0, 1, 0, 1.0]), "is_yes": np.array([1, 0, 1, 1, 0, 0.0]),
+            "correct": np.array([1, 0, 0, 1, 1, 0.0]), "companion": np.array([False, True, False, False, True, True])}
+    every = np.arange(6)
+    assert _metric(data, "presence_f1", every) == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))  # tp 2, fp 2, fn 1
+    assert _metric(data, "absent_companion_accuracy", every) == pytest.approx(1 / 3)
+    assert _metric(data, "yes_ratio_distance", every) == pytest.approx(abs(4 / 6 - 0.5))
+    assert _metric(data, "presence_f1", np.array([1, 1, 4])) == 0.0  # no true positive drawn
+
+
 def test_base_calibration_is_reused_only_for_its_world_and_size(tmp_path, monkeypatch):
     from stic.shapes import calibrate
 

@@ -7,7 +7,12 @@ only, alpha = 0, self-consistency, and twice the unlabeled images. Every model i
 table (mean ± standard deviation over seeds), a bar chart, and an HTML page of scenes with the base and
 STIC descriptions and the judge's marks.
 
-    python -m stic.shapes.demo [--world FILE] [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out DIR] [--ablations]
+    python -m stic.shapes.demo [--world FILE] [--seeds 0 1 2] [--train 1000] [--heldout 3000] [--out DIR]
+                               [--ablations | --methods | --beyond]
+
+`--methods` (`make demo-methods`) runs issue 23's pair constructions instead of the controls; `--beyond` (`make
+demo-beyond`) issue 24's: STIC + self-question pairs, a yes:no-balanced stage 2, and 3 rounds of the better
+stage-1 recipe, each pre-registered in recipes/shapesworld/hypotheses-<mode>.md.
 
 `--world` (`make demo WORLD=FILE`) runs the experiment in another world: its base is the committed checkpoint
 when that was pretrained in the same world, else pretrained once and cached by the world's digest.
@@ -107,9 +112,48 @@ METHOD_ARMS = {
 }
 MARGIN_SCENES = 500  # the held-out scenes H6's image-use margin is measured on (the first, in file order)
 
+# issue 24's arms (`--beyond`, recipes/shapesworld/hypotheses-beyond.md). Self-question pairs are made from the first
+# SQ_SCENES of each seed's training scenes, with greedy questions: the option's sampled questions cost ~1 s an image
+# on 2 cores (base-only check in the pre-registration), too slow for 3 x 1000 scenes.
+SQ_SCENES = 200
+SQ_SELFGEN = {"pair_source": "self_questions",
+              "question_sampling": {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}}
+BOTH = ("shapes_describe", "shapes_qa")
+
+
+def first_scenes(train_dir: Path, out_dir: Path, n: int) -> Path:
+    """A folder with copies of the first n training images (file order of scenes.jsonl)."""
+    if not out_dir.exists():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for line in (train_dir / "scenes.jsonl").read_text().splitlines()[:n]:
+            name = f"{json.loads(line)['id']}.png"
+            shutil.copy(train_dir / "images" / name, tmp / name)
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def combine_pairs(folders: list[Path], out_dir: Path) -> Path:
+    """One stage-1 dataset from several selfgen folders: the columns they share, rows concatenated (the
+    dataset key takes one folder)."""
+    import datasets
+
+    if (out_dir / "data" / "train-0.parquet").exists():
+        return out_dir
+    parts = [datasets.load_dataset("parquet", data_dir=str(f), split="train") for f in folders]
+    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    features = parts[0].select_columns(common).features
+    ds = datasets.concatenate_datasets([p.select_columns(common).cast(features) for p in parts])
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(out_dir / "data" / "train-0.parquet.tmp"))
+    (out_dir / "data" / "train-0.parquet.tmp").rename(out_dir / "data" / "train-0.parquet")
+    return out_dir
+
 
 def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablations: bool = False,
-             world_file: str | None = None, calibration_scenes: int = 1000, methods: bool = False) -> dict:
+             world_file: str | None = None, calibration_scenes: int = 1000, methods: bool = False,
+             beyond: bool = False) -> dict:
     from stic import dpo, evaluate, infuse, models, selfgen
     from stic.shapes import world as W
     from stic.shapes.calibrate import base_calibration, base_for_world
@@ -147,10 +191,11 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     arm_runs: dict[str, list[str]] = {}  # arm -> its evaluation runs, one per seed (for the paired bootstrap)
     arm_of: dict[str, str] = {}
     calibration = base_calibration(Path(base_dir), world, calibration_scenes)  # the base only, as calibration.md
-    from stic.shapes.stats import METHOD_HYPOTHESES
+    from stic.shapes.stats import BEYOND_HYPOTHESES, METHOD_HYPOTHESES
 
+    written = BEYOND_HYPOTHESES if beyond else METHOD_HYPOTHESES if methods else HYPOTHESES
     (out / "hypotheses.md").write_text("Written before the run.\n\n" + "".join(
-        f"- **{k}**: {v}\n" for k, v in (METHOD_HYPOTHESES if methods else HYPOTHESES).items()))
+        f"- **{k}**: {v}\n" for k, v in written.items()))
     base_dir = str(base_dir)
     arm_of.update({"base": "base", "base+dar": "base + DaR"})
     results["base"] = [evaluate_model(base_dir, "base", ("shapes_describe", "shapes_qa"))]
@@ -168,7 +213,8 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
                        f"s{seed}-contpre": "control: continued pretraining", f"s{seed}-round2": "STIC round 2",
                        f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2+dar": "STIC stage 2 + DaR"})
 
-        def stage1(tag: str, changes: dict | None = None, dataset_from: str | None = None) -> dict:
+        def stage1(tag: str, changes: dict | None = None, dataset_from: str | None = None,
+                   benchmarks=("shapes_describe",)) -> dict:
             """selfgen (unless the pairs of `dataset_from` are reused), stage 1 and its evaluation, with `changes`
             to the seed's recipe (round 2's includes the model: the merged stage-1 model is the base)."""
             gen_dir, run = s / f"selfgen-{dataset_from or tag}", s / f"dpo-{tag}"
@@ -186,9 +232,15 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             gap = step0_logp_gap(run)
             if gap is not None:  # how separable the pairs are before training (without looking at the image)
                 diagnostics.setdefault("step0_logp_gap", {})[f"seed{seed}/{tag}"] = gap
-            return evaluate_model(str(run), f"s{seed}-{tag}", recipe=variant(in_world, model=changes.get("model", {})))
+            return evaluate_model(str(run), f"s{seed}-{tag}", benchmarks,
+                                  recipe=variant(in_world, model=changes.get("model", {})))
 
-        results.setdefault("STIC stage 1", []).append(stage1("stic"))
+        results.setdefault("STIC stage 1", []).append(stage1("stic", benchmarks=BOTH if beyond else BOTH[:1]))
+        stage1_of[seed] = (s, stage1)
+        stage1.seeded = seeded  # the seed's recipe, for the rounds of --beyond
+        if beyond:
+            run_beyond_seed(seed, s, train, seeded, stage1, evaluate_model, results, costs, arm_of)
+            continue
         results.setdefault("control: SFT on chosen", []).append(
             stage1("sftpos", {"dpo": {"mode": "sft_positive"}}, "stic"))
         stage1_of[seed] = (s, stage1)
@@ -238,7 +290,21 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
             evaluate_model(str(s2), f"s{seed}-stage2+dar", ("shapes_qa",), dar=True))
 
     margins = None
-    if methods:
+    if beyond:
+        from stic.shapes.stats import beyond_comparisons, judge_beyond_hypotheses
+
+        # stage1 reads seed, s and seeded from this scope: rebind them to the rounds' seed (after the loop they
+        # hold the last seed's)
+        seed = seeds[0]
+        s, stage1 = stage1_of[seed]
+        seeded = stage1.seeded  # noqa: F841 (read by stage1)
+        rounds = run_beyond_rounds(seed, (s, stage1), base_dir, results, arm_of, arm_runs, diagnostics, costs)
+        ci = confidence_intervals(out / "eval", arm_runs, comparisons=beyond_comparisons(),
+                                  qa_file=heldout_root / "shapesworld" / "qa.jsonl")
+        hypotheses = judge_beyond_hypotheses(ci)
+        diagnostics["costs"] = {arm: {k: round(v, 1) if isinstance(v, float) else v for k, v in c.items()}
+                                for arm, c in costs.items()}
+    elif methods:
         from stic.shapes.stats import METHOD_ARMS as ARMS_JUDGED
         from stic.shapes.stats import judge_method_hypotheses, method_comparisons
 
@@ -268,6 +334,8 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         ci = confidence_intervals(out / "eval", arm_runs)
         hypotheses = judge_hypotheses(ci)
     extra = ""
+    if beyond:
+        extra = beyond_tables(results, diagnostics, rounds)
     if methods:
         extra = ("\n| arm | selfgen s | stage 1 s |\n|---|---|---|\n" + "".join(
             f"| {arm} | {c['selfgen_s']:.0f} | {c['stage1_s']:.0f} |\n" for arm, c in diagnostics["costs"].items())
@@ -294,6 +362,105 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     print(f"demo: {time.time() - started:.0f}s; results in {out}/results.md, results.png, scenes.html, "
           "training_curves_stage1.png")
     return results
+
+
+def run_beyond_seed(seed, s: Path, train: Path, seeded, stage1, evaluate_model, results, costs, arm_of) -> None:
+    """One seed's arms of `--beyond`: STIC + self-questions (stage 1 on STIC's pairs and the self-question pairs of
+    the first SQ_SCENES scenes), and stage 2 on STIC's stage-1 adapter with the demo's subset and a yes:no-balanced
+    one of the same size."""
+    from stic import infuse, selfgen
+    from stic.shapes.stats import BALANCED_ARM, SQ_ARM
+
+    arm_of.update({f"s{seed}-sticsq": SQ_ARM, f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2bal": BALANCED_ARM})
+    cost = costs.setdefault(SQ_ARM, {"selfgen_s": 0.0, "stage1_s": 0.0})
+    started = time.time()
+    images = first_scenes(train, s / "data" / f"train-first{SQ_SCENES}", SQ_SCENES)
+    selfgen.run_selfgen(variant(seeded, selfgen={**SQ_SELFGEN, "images": {"path": str(images)},
+                                                 "output_dir": str(s / "selfgen-sq")}))
+    combine_pairs([s / "selfgen-stic", s / "selfgen-sq"], s / "selfgen-sticsq")
+    cost["selfgen_s"] += time.time() - started
+    results.setdefault(SQ_ARM, []).append(stage1("sticsq", None, "sticsq", BOTH))
+    for tag, arm, balance in (("stage2", "STIC stage 2", {}), ("stage2bal", BALANCED_ARM, {"yes_no_ratio": 1.0})):
+        s2 = s / f"infuse-{tag}"
+        started = time.time()
+        if not (s2 / "run_summary.json").exists():
+            infuse.run_infuse_sft(variant(seeded, infuse_sft={
+                "data": {"path": str(train / "instructions.json"), "image_folder": str(train)},
+                "stage1_adapter": str(s / "dpo-stic"), "output_dir": str(s2),
+                "subset": {"size": min(500, len(list((train / "images").iterdir()))), "seed": seed, **balance}}))
+        costs.setdefault(arm, {"stage2_s": 0.0})["stage2_s"] += time.time() - started
+        summary = json.loads((s2 / "run_summary.json").read_text())
+        costs[arm].setdefault("yes_no", []).append(summary.get("yes_no"))
+        results.setdefault(arm, []).append(evaluate_model(str(s2), f"s{seed}-{tag}", ("shapes_qa",)))
+
+
+def run_beyond_rounds(seed, seed_run, base_dir: str, results, arm_of, arm_runs, diagnostics, costs) -> list[dict]:
+    """Rounds 2 and 3 of the best stage-1 recipe (the lower mean hallucination rate of STIC stage 1 and STIC +
+    self-questions; ties: STIC) on one seed, by the demo's round mechanism: round k's pairs are made by round k-1's
+    merged model from the same scenes, with the same construction, then stage 1 on that merged model."""
+    from stic import models, selfgen
+    from stic.config import ModelSpec
+    from stic.shapes.stats import SQ_ARM
+
+    s, stage1 = seed_run
+    rate = {arm: statistics.mean(r["shapes_describe"]["hallucination_rate"] for r in results[arm])
+            for arm in ("STIC stage 1", SQ_ARM)}
+    best = "stic" if rate["STIC stage 1"] <= rate[SQ_ARM] else "sticsq"
+    diagnostics["rounds_of"] = "STIC stage 1" if best == "stic" else SQ_ARM
+    arm_runs["rounds: round 1"] = [f"s{seed}-{best}"]
+    table = [{"round": 1, "run": f"s{seed}-{best}", **results["STIC stage 1" if best == "stic" else SQ_ARM][0]}]
+    previous_model, previous_adapter = base_dir, s / f"dpo-{best}"
+    cost = costs.setdefault("rounds 2 and 3", {"merge_selfgen_s": 0.0})
+    for k in (2, 3):
+        started = time.time()
+        merged = s / f"{best}-r{k - 1}-merged"
+        if not (merged / "config.json").exists():
+            models.merge_adapter(ModelSpec(name_or_path=str(previous_model), dtype="float32"), str(previous_adapter),
+                                 str(merged), dtype="float32")
+        tag, changes = f"{best}-r{k}", {"model": {"name_or_path": str(merged)}}
+        arm_of[f"s{seed}-{tag}"] = f"rounds: round {k}"
+        if best == "sticsq":  # both constructions again with the merged model, then one dataset
+            for source, changes_k in (("stic", {}), ("sq", SQ_SELFGEN)):
+                images = s / "data" / f"train-first{SQ_SCENES}" if source == "sq" else s / "data" / "train" / "images"
+                selfgen.run_selfgen(variant(stage1.seeded, model=changes["model"], selfgen={
+                    **changes_k, "images": {"path": str(images)}, "output_dir": str(s / f"selfgen-{source}-r{k}")}))
+            combine_pairs([s / f"selfgen-stic-r{k}", s / f"selfgen-sq-r{k}"], s / f"selfgen-{tag}")
+            cost["merge_selfgen_s"] += time.time() - started
+            result = stage1(tag, changes, tag, BOTH)
+        else:
+            cost["merge_selfgen_s"] += time.time() - started
+            result = stage1(tag, changes, None, BOTH)
+        results.setdefault(f"rounds: round {k} (seed {seed})", []).append(result)
+        table.append({"round": k, "run": f"s{seed}-{tag}", **result})
+        previous_model, previous_adapter = merged, s / f"dpo-{tag}"
+    return table
+
+
+def beyond_tables(results, diagnostics, rounds: list[dict]) -> str:
+    """The costs, the presence figures per arm and the per-round table, as markdown."""
+    lines = ["\n| arm | seconds (summed over seeds) | achieved yes:no of the stage-2 subset |", "|---|---|---|"]
+    for arm, c in diagnostics["costs"].items():
+        ratio = ", ".join(f"{y['after']['yes']}:{y['after']['no']}" for y in c.get("yes_no") or [] if y
+                          and y.get("after"))
+        lines.append(f"| {arm} | " + ", ".join(f"{k} {v:.0f}" for k, v in c.items() if k != "yes_no")
+                     + f" | {ratio or '–'} |")
+    lines += ["", "| model | presence F1 % | adversarial (absent companion) acc % | yes-ratio % | QA acc % |",
+              "|---|---|---|---|---|"]
+    for arm, runs in results.items():
+        qa = [r["shapes_qa"] for r in runs if "shapes_qa" in r]
+        if qa:
+            lines.append(f"| {arm} | {_fmt([q['presence']['f1'] for q in qa])} | "
+                         f"{_fmt([q['presence'].get('absent_companion_accuracy', 0.0) for q in qa])} | "
+                         f"{_fmt([q['presence']['yes_ratio'] for q in qa])} | {_fmt([q['accuracy'] for q in qa])} |")
+    lines += ["", f"Rounds of {diagnostics['rounds_of']} (one seed):", "",
+              "| round | hallucination rate % | recall % | CHAIR_s % | presence F1 % | adversarial acc % | QA acc % |",
+              "|---|---|---|---|---|---|---|"]
+    for row in rounds:
+        d, q = row["shapes_describe"], row["shapes_qa"]
+        lines.append(f"| {row['round']} | {100 * d['hallucination_rate']:.2f} | {100 * d['recall']:.2f} | "
+                     f"{100 * d['chair_s']:.2f} | {100 * q['presence']['f1']:.2f} | "
+                     f"{100 * q['presence'].get('absent_companion_accuracy', 0.0):.2f} | {100 * q['accuracy']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def image_use_margins(recipe, adapter_dir: Path, heldout_root: Path, seed: int,
@@ -432,6 +599,9 @@ def main(argv=None):
     ap.add_argument("--out", help="default: outputs/demo, or outputs/demo-<world name> for another world")
     ap.add_argument("--methods", action="store_true",
                     help="issue 23's arms instead of the paper's (recipes/shapesworld/hypotheses-methods.md)")
+    ap.add_argument("--beyond", action="store_true",
+                    help="issue 24's arms: self-question pairs, a yes:no-balanced stage 2, 3 rounds "
+                         "(recipes/shapesworld/hypotheses-beyond.md)")
     ap.add_argument("--ablations", action="store_true",
                     help="also the ablations: negatives by kind, alpha = 0, self-consistency, 2x images")
     args = ap.parse_args(argv)
@@ -441,11 +611,11 @@ def main(argv=None):
 
         w = W.load_world(args.world)
         out = "outputs/demo" if w.digest() == W.DEFAULT.digest() else f"outputs/demo-{w.name}-{w.digest()}"
-        out += "-methods" if args.methods else ""
-    if args.methods and args.ablations:
-        ap.error("--methods and --ablations are separate experiments: run one at a time")
+        out += "-methods" if args.methods else "-beyond" if args.beyond else ""
+    if args.methods + args.ablations + args.beyond > 1:
+        ap.error("--methods, --beyond and --ablations are separate experiments: run one at a time")
     run_demo(args.seeds, args.train, args.heldout, Path(out), ablations=args.ablations, world_file=args.world,
-             methods=args.methods)
+             methods=args.methods, beyond=args.beyond)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def _metric(data: dict, metric: str, idx: np.ndarray) -> float:
         return float(data["mentioned"][idx].sum() / max(1.0, data["objects"][idx].sum()))
     if metric == "qa_accuracy":
         return float(data["correct"][idx].mean())
+    if metric in PRESENCE_METRICS:
+        return _presence_metric(data, metric, idx)
     raise ValueError(f"unknown metric {metric}")
 
 
@@ -100,13 +102,16 @@ COMPARISONS = [
 
 
 def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000,
-                         comparisons=COMPARISONS) -> dict:
-    """Each comparison whose two arms were run: {name: paired_difference}."""
+                         comparisons=COMPARISONS, qa_file: Path | None = None) -> dict:
+    """Each comparison whose two arms were run: {name: paired_difference}. The presence metrics read the truth
+    from `qa_file` (the held-out split's qa.jsonl)."""
     out = {}
     for name, a, b, metric in comparisons:
         if a not in arm_runs or b not in arm_runs:
             continue
         load = load_qa if metric == "qa_accuracy" else load_describe
+        if metric in PRESENCE_METRICS:
+            load = lambda d, r: load_presence(d, r, qa_file)  # noqa: E731
         out[name] = paired_difference([load(eval_dir, r) for r in arm_runs[a]],
                                       [load(eval_dir, r) for r in arm_runs[b]], metric, replicates)
     return out
@@ -211,4 +216,98 @@ def judge_method_hypotheses(ci: dict, margins: dict | None, step0: dict) -> dict
     pairs = [(g["gap"], st["gap"]) for g, st in pairs if g and st]
     out["H7"] = {"held": all(g < st for g, st in pairs), "gaps": pairs} if pairs else None
     return {k: ({"statement": METHOD_HYPOTHESES[k], **v} if v else {"statement": METHOD_HYPOTHESES[k], "held": None})
+            for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `make demo-beyond` (issue 24): pre-registered in recipes/shapesworld/hypotheses-beyond.md
+
+BEYOND_HYPOTHESES = {
+    "H8": "adding self-questioning pairs to STIC's pairs (one stage-1 dataset) raises shapes_qa's presence F1 and "
+          "adversarial (absent-companion) accuracy over STIC stage 1 alone and over the base: the 95% CI of each of "
+          "the four paired differences lies above 0",
+    "H9": "a yes:no-balanced stage-2 subset (infuse_sft.subset.yes_no_ratio: 1.0) moves the presence yes-ratio "
+          "toward 0.5 compared with the demo's stage 2 (95% CI of the difference in |yes-ratio - 0.5| below 0) "
+          "without losing QA accuracy (95% CI lower bound of the accuracy difference above -1 point)",
+    "H10": "three rounds of the best stage-1 recipe lower the hallucination rate: round 3 - round 1 on seed 0 has "
+           "its 95% CI below 0",
+}
+SQ_ARM = "STIC + self-questions"
+BALANCED_ARM = "STIC stage 2, yes:no 1:1"
+QA_METRICS = ("presence_f1", "absent_companion_accuracy")
+
+
+def beyond_comparisons() -> list[tuple[str, str, str, str]]:
+    out = []
+    for ref in ("STIC stage 1", "base"):
+        out += [(f"{SQ_ARM} - {ref} ({m})", SQ_ARM, ref, m) for m in QA_METRICS]
+    out += [(f"STIC stage 1 - base ({m})", "STIC stage 1", "base", m) for m in QA_METRICS]
+    out += [(f"{SQ_ARM} - STIC stage 1", SQ_ARM, "STIC stage 1", "hallucination_rate"),
+            (f"{SQ_ARM} - STIC stage 1 (QA)", SQ_ARM, "STIC stage 1", "qa_accuracy"),
+            (f"{BALANCED_ARM} - STIC stage 2 (yes_ratio_distance)", BALANCED_ARM, "STIC stage 2",
+             "yes_ratio_distance"),
+            (f"{BALANCED_ARM} - STIC stage 2 (yes_ratio)", BALANCED_ARM, "STIC stage 2", "yes_ratio"),
+            (f"{BALANCED_ARM} - STIC stage 2 (QA)", BALANCED_ARM, "STIC stage 2", "qa_accuracy"),
+            (f"{BALANCED_ARM} - STIC stage 2 (absent_companion_accuracy)", BALANCED_ARM, "STIC stage 2",
+             "absent_companion_accuracy"),
+            ("rounds: round 2 - round 1", "rounds: round 2", "rounds: round 1", "hallucination_rate"),
+            ("rounds: round 3 - round 1", "rounds: round 3", "rounds: round 1", "hallucination_rate"),
+            ("rounds: round 3 - round 1 (recall)", "rounds: round 3", "rounds: round 1", "recall")]
+    return out
+
+
+def load_presence(eval_dir: Path, run: str, qa_file: Path) -> dict:
+    """Per presence question of shapes_qa (in id order): the model said yes (POPE's parsing, as the reported F1
+    and yes-ratio), the truth is yes, the answer was right (exact match, as the reported accuracies), and whether
+    it asks about an absent companion (the adversarial kind)."""
+    from stic.metrics import pope_parse
+
+    truth = {q["id"]: q for q in map(json.loads, qa_file.read_text().splitlines()) if q.get("kind") == "presence"}
+    per = json.loads((eval_dir / run / "shapes_qa" / "scores.json").read_text())["per_item"]
+    said = {p["question_id"]: p["text"] for p in
+            map(json.loads, (eval_dir / run / "shapes_qa" / "predictions.jsonl").read_text().splitlines())}
+    keys = sorted(truth)
+    return {"said_yes": np.array([pope_parse(said[k]) == "yes" for k in keys], dtype=float),
+            "is_yes": np.array([truth[k]["answer"] != "no" for k in keys], dtype=float),
+            "correct": np.array([float(per[k]) for k in keys]),
+            "companion": np.array([truth[k].get("presence_kind") == "absent_companion" for k in keys]),
+            "ids": keys}
+
+
+def _presence_metric(data: dict, metric: str, idx: np.ndarray) -> float:
+    said, truth = data["said_yes"][idx], data["is_yes"][idx]
+    if metric == "presence_f1":
+        tp, fp, fn = (said * truth).sum(), (said * (1 - truth)).sum(), ((1 - said) * truth).sum()
+        return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+    if metric == "absent_companion_accuracy":
+        mask = data["companion"][idx]
+        return float(data["correct"][idx][mask].mean()) if mask.any() else 0.0
+    if metric == "yes_ratio":
+        return float(said.mean())
+    if metric == "yes_ratio_distance":
+        return float(abs(said.mean() - 0.5))
+    raise ValueError(f"unknown metric {metric}")
+
+
+PRESENCE_METRICS = ("presence_f1", "absent_companion_accuracy", "yes_ratio", "yes_ratio_distance")
+
+
+def judge_beyond_hypotheses(ci: dict) -> dict:
+    """H8-H10 from the comparisons of beyond_comparisons()."""
+    out: dict = {}
+    h8 = {name: ci.get(name) for name in (f"{SQ_ARM} - {ref} ({m})" for ref in ("STIC stage 1", "base")
+                                           for m in QA_METRICS)}
+    out["H8"] = None if not all(h8.values()) else {
+        "held": all(d["ci95"][0] > 0 for d in h8.values()),
+        "differences": {name: {"difference": d["difference"], "ci95": d["ci95"]} for name, d in h8.items()}}
+    dist = ci.get(f"{BALANCED_ARM} - STIC stage 2 (yes_ratio_distance)")
+    acc = ci.get(f"{BALANCED_ARM} - STIC stage 2 (QA)")
+    out["H9"] = None if not (dist and acc) else {
+        "held": bool(dist["ci95"][1] < 0 and acc["ci95"][0] > -0.01),
+        "yes_ratio_distance": {"difference": dist["difference"], "ci95": dist["ci95"]},
+        "qa_accuracy": {"difference": acc["difference"], "ci95": acc["ci95"]}}
+    r3 = ci.get("rounds: round 3 - round 1")
+    out["H10"] = None if not r3 else {"held": bool(r3["ci95"][1] < 0), "difference": r3["difference"],
+                                      "ci95": r3["ci95"]}
+    return {k: ({"statement": BEYOND_HYPOTHESES[k], **v} if v else {"statement": BEYOND_HYPOTHESES[k], "held": None})
             for k, v in out.items()}
