@@ -214,9 +214,10 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
                        f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2+dar": "STIC stage 2 + DaR"})
 
         def stage1(tag: str, changes: dict | None = None, dataset_from: str | None = None,
-                   benchmarks=("shapes_describe",)) -> dict:
+                   benchmarks=("shapes_describe",), s=s, seed=seed, seeded=seeded) -> dict:
             """selfgen (unless the pairs of `dataset_from` are reused), stage 1 and its evaluation, with `changes`
-            to the seed's recipe (round 2's includes the model: the merged stage-1 model is the base)."""
+            to the seed's recipe (round 2's includes the model: the merged stage-1 model is the base). The seed's
+            folder, number and recipe are bound when it is defined: the rounds call it after the loop has moved on."""
             gen_dir, run = s / f"selfgen-{dataset_from or tag}", s / f"dpo-{tag}"
             changes = changes or {}
             cost = costs.setdefault(arm_of.get(f"s{seed}-{tag}", tag), {"selfgen_s": 0.0, "stage1_s": 0.0})
@@ -293,11 +294,8 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     if beyond:
         from stic.shapes.stats import beyond_comparisons, judge_beyond_hypotheses
 
-        # stage1 reads seed, s and seeded from this scope: rebind them to the rounds' seed (after the loop they
-        # hold the last seed's)
         seed = seeds[0]
         s, stage1 = stage1_of[seed]
-        seeded = stage1.seeded  # noqa: F841 (read by stage1)
         rounds = run_beyond_rounds(seed, (s, stage1), base_dir, results, arm_of, arm_runs, diagnostics, costs)
         ci = confidence_intervals(out / "eval", arm_runs, comparisons=beyond_comparisons(),
                                   qa_file=heldout_root / "shapesworld" / "qa.jsonl")
