@@ -425,6 +425,25 @@ def test_base_calibration_is_reused_only_for_its_world_and_size(tmp_path, monkey
     assert calls == [(W.DEFAULT.name, 50), (W.DEFAULT.name, 100), (other.name, 100)]
 
 
+@pytest.mark.slow
+def test_the_methods_round_2_of_each_seed_uses_its_own_scenes(tmp_path):
+    """make demo-methods in miniature (2 seeds): every arm runs, and round 2 of each seed makes its pairs from that
+    seed's scenes with that seed's merged model (the seeds' stage-1 closures once all read the last seed's)."""
+    from stic.shapes.demo import run_demo
+
+    out = tmp_path / "methods"
+    results = run_demo([0, 1], n_train=16, n_heldout=20, out=out, calibration_scenes=20, methods=True)
+    assert {"STIC + conditional", "on-policy: grounding", "on-policy: self-feedback",
+            "round 2 of the best"} <= set(results)
+    best = json.loads((out / "results.json").read_text())["diagnostics"]["round2_of"]
+    tag = {"STIC + conditional": "cond", "on-policy: grounding": "ground", "on-policy: self-feedback": "selffb"}[best]
+    for seed in (0, 1):
+        config = json.loads((out / f"seed{seed}" / f"selfgen-{tag}-r2" / "run_config.json").read_text())
+        assert config["selfgen"]["images"]["path"] == str(out / f"seed{seed}" / "data" / "train" / "images")
+        assert config["selfgen"]["seed"] == seed
+        assert config["model"]["name_or_path"] == str(out / f"seed{seed}" / f"{tag}-merged")
+
+
 def test_demo_variants_equal_the_recipes_their_overrides_parse_to(tmp_path):
     """The demo builds its variants with dataclasses.replace; each equals the recipe that `section.key=value`
     overrides of the same settings parse to (so the stages see exactly what a user's command line would give)."""
