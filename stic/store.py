@@ -124,7 +124,9 @@ class ShardedOutput:
             has_work = bool(self.part_files() or self.ledger())
             if _canonical(old) != _canonical(run_config) and not overwrite and has_work:
                 a, b = _flatten(old), _flatten(run_config)
-                changed = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
+                # a key on one side only (another version's option) is named as such, null or not
+                changed = sorted(k if k in a and k in b else f"{k} ({'not in the stored run' if k in b else 'not set now'})"
+                                 for k in set(a) | set(b) if k not in a or k not in b or _canonical(a[k]) != _canonical(b[k]))
                 raise OutputConflict(
                     f"{self.root} already holds a run made with a different configuration (differs in: "
                     f"{', '.join(changed)}). Use another output directory, or pass --overwrite to delete it and "

@@ -126,6 +126,9 @@ def test_failed_start_does_not_block_the_corrected_rerun(tmp_path):
     ShardedOutput(out).log([{"id": "a", "status": "dropped"}])
     with pytest.raises(OutputConflict, match="differs in: model.name_or_path"):
         ShardedOutput(out).prepare({"model": {"name_or_path": "other"}})
+    # a key the stored run does not have, set to null (a newer version's option): named too, not "differs in: )"
+    with pytest.raises(OutputConflict, match=r"differs in: model.revision \(not in the stored run\)\)"):
+        ShardedOutput(out).prepare({"model": {"name_or_path": "right", "revision": None}})
 
 
 def test_failed_selfgen_start_then_rerun_is_not_refused(tmp_path, capsys, photo_dir):
