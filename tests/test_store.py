@@ -29,7 +29,7 @@ def test_prepare_resumes_the_same_config_and_names_what_differs(tmp_path):
     assert ShardedOutput(tmp_path / "out").prepare(config) is True
     ShardedOutput(tmp_path / "out").log([{"id": "a", "status": "dropped"}])  # without work it is re-configurable
     changed = {"selfgen": {"seed": 1, "sampling": {"temperature": 1.0}}, "model": "m", "extra": 3}
-    with pytest.raises(OutputConflict, match=r"differs in: extra, selfgen\.sampling\.temperature\)"):
+    with pytest.raises(OutputConflict, match=r"differs in: extra \(not in the stored run\), selfgen\.sampling\.temperature\)"):
         ShardedOutput(tmp_path / "out").prepare(changed)
 
 
