@@ -283,6 +283,7 @@ def test_stage2_reports_the_yes_no_balance_of_its_subset(tmp_path, llava_mix):
     """subset.yes_no_ratio: the subset stage 2 trains on is re-sampled, and the run summary and the data report
     (subset.json, written before training) give its yes/no records before and after."""
     from stic.instructions import select_subset
+    from stic.shapes.demo import achieved_yes_no
 
     answers = ["Yes."] * 9 + ["No, it is blue."] * 3 + ["It is red."] * 4
     records = [{"id": f"q{i}", "image": f"coco/{i % 4}.jpg", "conversations": conv(f"<image>\nIs block {i} red?", a)}
@@ -293,6 +294,7 @@ def test_stage2_reports_the_yes_no_balance_of_its_subset(tmp_path, llava_mix):
     summary = run_infuse_sft(Recipe(model=ModelSpec(name_or_path="tiny:llava", dtype="float32"), infuse_sft=cfg))
     chosen, expected = select_subset(load_instructions(llava_mix)[0], subset)
     assert summary["subset"]["yes_no"] == expected and summary["trained_records"] == 8
+    assert achieved_yes_no(cfg.output_dir) == expected  # what `make demo-beyond` reports of its stage-2 arms
     assert expected["before"]["yes"] > expected["before"]["no"]
     assert expected["after"]["yes"] == expected["after"]["no"] and expected["after"]["ratio"] == 1.0
     report = json.loads((Path(cfg.output_dir) / "subset.json").read_text())

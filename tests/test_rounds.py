@@ -1,5 +1,6 @@
 """`stic rounds`: the state and resume logic with the stages replaced by recorders (fast), the early stop on a
-hand-fed metric sequence, the refusals, and two real rounds of the tiny model killed in round 2's stage 1 (slow)."""
+hand-fed metric sequence, the refusals, two real rounds of the tiny LLaVA killed in round 2's stage 1, and two real
+rounds of self-question pairs on each other family (about 2-4 s each)."""
 
 import fcntl
 import json
@@ -184,7 +185,6 @@ def spy_on_stages(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.slow  # two real rounds of the tiny model and a resume: about 26 s of CPU, 50 s on busy cores
 def test_two_real_rounds_killed_in_round_2s_stage_1_and_resumed(monkeypatch, tmp_path, photo_dir, eval_root):
     import pyarrow.parquet as pq
     from trl import DPOTrainer
@@ -223,3 +223,45 @@ def test_two_real_rounds_killed_in_round_2s_stage_1_and_resumed(monkeypatch, tmp
                for m in pq.read_table(part, columns=["model"]).column("model").to_pylist()}
     assert made_by == {merged1}
     assert json.loads((out / "round-2" / "merged" / "merge_report.json").read_text())["base"] == merged1
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "idefics3"])
+def test_two_rounds_of_self_question_pairs_on_each_family(tmp_path, photo_dir, eval_root, family):
+    """The other three families through `stic rounds` with self-question pairs: round 1's merged model (the
+    family's own architecture, merged through the precision-safe path) asks, answers and is trained on in round 2,
+    and the rows of both rounds go through stage 1 unchanged."""
+    import pyarrow.parquet as pq
+
+    from stic.config import ModelSpec
+    from stic.models import load_model
+
+    out = tmp_path / "rounds"
+    data = {"model": {"name_or_path": f"tiny:{family}", "dtype": "float32"},
+            "selfgen": {"images": {"type": "folder", "path": str(photo_dir), "limit": 3},
+                        "pair_source": "self_questions", "questions_per_image": 2,
+                        "question_sampling": {"max_new_tokens": 6, "do_sample": True},
+                        "chosen_sampling": {"max_new_tokens": 6},
+                        "rejected_sampling": {"max_new_tokens": 6, "do_sample": True}, "batch_size": 4},
+            "dpo": {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-3, "max_steps": 1,
+                    "per_device_train_batch_size": 2, "report_to": [], "plot": False, "image_margin_probe": 0,
+                    "activation_checkpointing": False},
+            "eval": {"data_root": str(eval_root), "limit": 2},
+            "rounds": {"output_dir": str(out), "benchmarks": ["pope"], "min_improvement": None}}
+    report = run_rounds(data, 2)
+    rows = report["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["values"]["pope"] is not None for r in rows)
+    merged1 = str(out / "round-1" / "merged")
+    assert rows[2]["generator"]["model"] == merged1 and rows[2]["generator"]["digest"] == rows[1]["merged_digest"]
+    for k, generator in ((1, f"tiny:{family}"), (2, merged1)):
+        made = [row for part in sorted((out / f"round-{k}" / "selfgen" / "data").glob("*.parquet"))
+                for row in pq.read_table(part).to_pylist()]
+        assert made and {row["model"] for row in made} == {generator}
+        for row in made:  # each row is a question the round's model asked of an image
+            assert row["prompt"] == [{"role": "user", "content": row["question"]}] and row["question"]
+            assert row["image_id"] == f"{row['source_image_id']}#q{row['question_index']}"
+        summary = json.loads((out / f"round-{k}" / "dpo" / "run_summary.json").read_text())
+        assert summary["global_step"] == 1
+    merged2 = out / "round-2" / "merged"
+    assert json.loads((merged2 / models.MERGE_REPORT).read_text())["base"] == merged1
+    model = load_model(ModelSpec(name_or_path=str(merged2), dtype="float32"))  # the family's class loads it
+    assert type(model).__name__ == type(load_model(ModelSpec(name_or_path=f"tiny:{family}"))).__name__

@@ -469,3 +469,39 @@ def test_demo_variants_equal_the_recipes_their_overrides_parse_to(tmp_path):
     # a new sft_weight against the derived entry is ambiguous: refused, not silently mixed
     with pytest.raises(ValueError, match="sft_weight or an 'sft' entry"):
         variant(base_recipe(), dpo={"sft_weight": 0.5})
+
+
+def test_the_ablations_are_compared_with_stic_and_the_control(tmp_path):
+    """`make demo-full` pools each ablation's runs by arm (one per seed) and reports it against STIC stage 1 and SFT
+    on chosen with the same paired bootstrap as the pre-registered comparisons."""
+    from stic.shapes.demo import ABLATION_TAGS
+    from stic.shapes.stats import ABLATION_ARMS, ablation_comparisons, confidence_intervals, paired_difference
+
+    assert len(ABLATION_TAGS) == len(ABLATION_ARMS) == 5
+    n, rng = 300, np.random.default_rng(0)
+
+    def write(run, bad):  # a run with `bad` hallucinated claims of 2 per scene
+        per = {f"t{i:03d}": {"hallucinated": int(i < bad), "claims": 2, "mentioned": 2 - int(i % 7 == 0),
+                             "objects": 2} for i in rng.permutation(n)}
+        (tmp_path / run / "shapes_describe").mkdir(parents=True)
+        (tmp_path / run / "shapes_describe" / "scores.json").write_text(json.dumps({"per_item": per}))
+
+    arm_runs = {"STIC stage 1": [], "control: SFT on chosen": [], "ablation: 2x images": []}
+    for seed in range(3):
+        for arm, tag, bad in (("STIC stage 1", "stic", 12), ("control: SFT on chosen", "sftpos", 9),
+                              ("ablation: 2x images", "2x", 6 + seed)):
+            write(f"s{seed}-{tag}", bad)
+            arm_runs[arm].append(f"s{seed}-{tag}")
+    ci = confidence_intervals(tmp_path, arm_runs, replicates=200, comparisons=ablation_comparisons())
+    # only the ablation that ran is reported, in its three comparisons
+    assert list(ci) == ["ablation: 2x images - STIC stage 1", "ablation: 2x images - STIC stage 1 (recall)",
+                        "ablation: 2x images - control: SFT on chosen"]
+    assert ci["ablation: 2x images - STIC stage 1"]["difference"] == pytest.approx((7 - 12) / (2 * n))
+    assert ci["ablation: 2x images - control: SFT on chosen"]["difference"] == pytest.approx((7 - 9) / (2 * n))
+    assert ci["ablation: 2x images - STIC stage 1 (recall)"]["difference"] == 0
+    from stic.shapes.stats import load_describe
+
+    direct = paired_difference([load_describe(tmp_path, r) for r in arm_runs["ablation: 2x images"]],
+                               [load_describe(tmp_path, r) for r in arm_runs["STIC stage 1"]],
+                               "hallucination_rate", replicates=200)
+    assert ci["ablation: 2x images - STIC stage 1"] == direct

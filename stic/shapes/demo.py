@@ -110,6 +110,8 @@ METHOD_ARMS = {
     "ground": ("on-policy: grounding", {"selfgen": {"pair_source": "grounding"}}, None),
     "selffb": ("on-policy: self-feedback", {"selfgen": {"pair_source": "self_feedback"}}, None),
 }
+# `--ablations`: each run's tag (its folders and eval run s<seed>-<tag>), in the order of stats.ABLATION_ARMS
+ABLATION_TAGS = ("hallu", "corrupt", "alpha0", "consistency", "2x")
 MARGIN_SCENES = 500  # the held-out scenes H6's image-use margin is measured on (the first, in file order)
 
 # issue 24's arms (`--beyond`, recipes/shapesworld/hypotheses-beyond.md). Self-question pairs are made from the first
@@ -157,7 +159,7 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
     from stic import dpo, evaluate, infuse, models, selfgen
     from stic.shapes import world as W
     from stic.shapes.calibrate import base_calibration, base_for_world
-    from stic.shapes.stats import HYPOTHESES, ci_table, confidence_intervals, judge_hypotheses
+    from stic.shapes.stats import ABLATION_ARMS, HYPOTHESES, ci_table, confidence_intervals, judge_hypotheses
 
     started = time.time()
     world = W.load_world(world_file)
@@ -212,6 +214,8 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         arm_of.update({f"s{seed}-stic": "STIC stage 1", f"s{seed}-sftpos": "control: SFT on chosen",
                        f"s{seed}-contpre": "control: continued pretraining", f"s{seed}-round2": "STIC round 2",
                        f"s{seed}-stage2": "STIC stage 2", f"s{seed}-stage2+dar": "STIC stage 2 + DaR"})
+        if ablations:  # their runs pooled per arm for the paired bootstrap
+            arm_of.update({f"s{seed}-{tag}": arm for tag, arm in zip(ABLATION_TAGS, ABLATION_ARMS)})
 
         def stage1(tag: str, changes: dict | None = None, dataset_from: str | None = None,
                    benchmarks=("shapes_describe",), s=s, seed=seed, seeded=seeded) -> dict:
@@ -265,19 +269,19 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
                               dtype="float32")
         results.setdefault("STIC round 2", []).append(stage1("round2", {"model": {"name_or_path": str(merged)}}))
         if ablations:
-            results.setdefault("ablation: hallucination negatives only", []).append(
-                stage1("hallu", {"selfgen": {"hallucination_prob": 1.0}}))
-            results.setdefault("ablation: corruption negatives only", []).append(
+            arm = dict(zip(ABLATION_TAGS, ABLATION_ARMS))
+            results.setdefault(arm["hallu"], []).append(stage1("hallu", {"selfgen": {"hallucination_prob": 1.0}}))
+            results.setdefault(arm["corrupt"], []).append(
                 stage1("corrupt", {"selfgen": {"hallucination_prob": 0.0}}))
             # alpha = 0: the DPO loss alone (the sft entry the parsed config derived from sft_weight goes too)
-            results.setdefault("ablation: alpha = 0", []).append(stage1("alpha0", {"dpo": {
+            results.setdefault(arm["alpha0"], []).append(stage1("alpha0", {"dpo": {
                 "sft_weight": 0.0, "loss_type": ["sigmoid"], "loss_weights": [1.0]}}, "stic"))
-            results.setdefault("ablation: self-consistency k=4", []).append(
+            results.setdefault(arm["consistency"], []).append(
                 stage1("consistency", {"selfgen": {"consistency_samples": 4}}))
             train2 = s / "data" / "train2x"  # a scaling point: twice the unlabeled images
             if not (train2 / "scenes.jsonl").exists():
                 W.make_split(train2, 2 * n_train, seed=seed + 500, prefix=f"s{seed}x-", world=world)
-            results.setdefault("ablation: 2x images", []).append(
+            results.setdefault(arm["2x"], []).append(
                 stage1("2x", {"selfgen": {"images": {"path": str(train2 / "images")}}}))
         # stage 2 on the STIC stage-1 adapter, QA with and without DaR
         s2 = s / "infuse"
@@ -329,7 +333,10 @@ def run_demo(seeds: list[int], n_train: int, n_heldout: int, out: Path, ablation
         hypotheses = judge_method_hypotheses(ci, margins, diagnostics.get("step0_logp_gap", {}))
         diagnostics["costs"] = {arm: {k: round(v, 1) for k, v in c.items()} for arm, c in costs.items()}
     else:
-        ci = confidence_intervals(out / "eval", arm_runs)
+        from stic.shapes.stats import COMPARISONS, ablation_comparisons
+
+        ci = confidence_intervals(out / "eval", arm_runs,
+                                  comparisons=COMPARISONS + (ablation_comparisons() if ablations else []))
         hypotheses = judge_hypotheses(ci)
     extra = ""
     if beyond:
@@ -387,9 +394,15 @@ def run_beyond_seed(seed, s: Path, train: Path, seeded, stage1, evaluate_model, 
                 "stage1_adapter": str(s / "dpo-stic"), "output_dir": str(s2),
                 "subset": {"size": min(500, len(list((train / "images").iterdir()))), "seed": seed, **balance}}))
         costs.setdefault(arm, {"stage2_s": 0.0})["stage2_s"] += time.time() - started
-        summary = json.loads((s2 / "run_summary.json").read_text())
-        costs[arm].setdefault("yes_no", []).append(summary.get("yes_no"))
+        costs[arm].setdefault("yes_no", []).append(achieved_yes_no(s2))
         results.setdefault(arm, []).append(evaluate_model(str(s2), f"s{seed}-{tag}", ("shapes_qa",)))
+
+
+def achieved_yes_no(stage2_dir: Path) -> dict | None:
+    """The yes/no record counts of a stage-2 run's subset, before and after subset.yes_no_ratio, as its run summary
+    records them (None for a run without them)."""
+    summary = json.loads((Path(stage2_dir) / "run_summary.json").read_text())
+    return (summary.get("subset") or {}).get("yes_no")
 
 
 def run_beyond_rounds(seed, seed_run, base_dir: str, results, arm_of, arm_runs, diagnostics, costs) -> list[dict]:

@@ -101,6 +101,22 @@ COMPARISONS = [
 ]
 
 
+# `make demo-full`'s ablations, as the demo names them; not pre-registered, so their differences are reported but
+# no hypothesis reads them
+ABLATION_ARMS = ["ablation: hallucination negatives only", "ablation: corruption negatives only",
+                 "ablation: alpha = 0", "ablation: self-consistency k=4", "ablation: 2x images"]
+
+
+def ablation_comparisons() -> list[tuple[str, str, str, str]]:
+    """Each ablation against full STIC stage 1 (hallucination rate and recall) and against the control to beat."""
+    out = []
+    for arm in ABLATION_ARMS:
+        out += [(f"{arm} - STIC stage 1", arm, "STIC stage 1", "hallucination_rate"),
+                (f"{arm} - STIC stage 1 (recall)", arm, "STIC stage 1", "recall"),
+                (f"{arm} - control: SFT on chosen", arm, "control: SFT on chosen", "hallucination_rate")]
+    return out
+
+
 def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000,
                          comparisons=COMPARISONS, qa_file: Path | None = None) -> dict:
     """Each comparison whose two arms were run: {name: paired_difference}. The presence metrics read the truth
