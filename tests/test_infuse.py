@@ -244,7 +244,8 @@ def test_stage2_trains_the_projector_at_its_own_rate(tmp_path, llava_mix):
                                                                         train_projector=True)))
 
 
-def test_stage2_continue_keeps_training_the_stage1_vision_lora(tmp_path, llava_mix):
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "idefics3"])
+def test_stage2_continue_keeps_training_the_stage1_vision_lora(tmp_path, llava_mix, family):
     from peft import get_peft_model
     from trl import SFTTrainer
 
@@ -253,7 +254,7 @@ def test_stage2_continue_keeps_training_the_stage1_vision_lora(tmp_path, llava_m
     from stic.training import TrainingSetupError, trainer_class
     from tests.test_training import vision_parts
 
-    mcfg = ModelSpec(name_or_path="tiny:llava", dtype="float32")
+    mcfg = ModelSpec(name_or_path=f"tiny:{family}", dtype="float32")
     model = load_model(mcfg)  # a stage 1 that ran with lora_vision
     options = LoraOptions(lora_r=4, lora_alpha=8, lora_vision=True, lora_vision_r=2, lora_vision_alpha=4)
     get_peft_model(model, lora_config(options, model)).save_pretrained(tmp_path / "stage1")
@@ -276,7 +277,7 @@ def test_stage2_continue_keeps_training_the_stage1_vision_lora(tmp_path, llava_m
     assert frozen and not any(p.requires_grad for p in frozen.values())
     with pytest.raises(TrainingSetupError, match="holds no vision LoRA .* dpo.lora_vision: true"):
         load_model_for_training(Recipe(model=mcfg, infuse_sft=stage2_cfg(
-            tmp_path, llava_mix, make_adapter(tmp_path / "plain"), lora_vision=True)))
+            tmp_path, llava_mix, make_adapter(tmp_path / "plain", family), lora_vision=True)))
 
 
 def test_stage2_reports_the_yes_no_balance_of_its_subset(tmp_path, llava_mix):

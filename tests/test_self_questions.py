@@ -155,7 +155,7 @@ def test_recipe_keys_are_checked():
         parse_stage2({"infuse_sft": {"questioner_token": "[vusr]"}})
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "idefics3"])
 def test_questioner_role_starts_the_answer_as_stage2_renders_the_questioner_turn(family):
     processor = load_processor(ModelSpec(name_or_path=f"tiny:{family}"))
     model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=processor.tokenizer.eos_token_id))
@@ -280,3 +280,44 @@ def test_stage2_with_a_questioner_token_runs_and_its_model_loads_for_inference(t
     from transformers import AutoProcessor
 
     assert AutoProcessor.from_pretrained(merged).tokenizer.convert_tokens_to_ids("[vusr]") == 936
+
+
+# each family's input embeddings, where a questioner token's row lives
+EMBEDDINGS = {"llava_next": "model.language_model.embed_tokens", "qwen2_5_vl": "model.language_model.embed_tokens",
+              "idefics3": "model.text_model.embed_tokens"}
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "idefics3"])
+def test_stage2_self_questioning_with_a_token_on_each_family(tmp_path, family):
+    """The other three families: stage 2 with questioner turns and an added token trains that token's row of the
+    family's own input embeddings, and the adapter loads for inference with the token."""
+    from stic.infuse import Recipe, run_infuse_sft
+    from stic.instructions import InstructionDataConfig
+    from stic.models import load_for_inference, load_model
+    from tests.conftest import conv, make_adapter
+    from tests.test_infuse import stage2_cfg
+
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        photo(30 + i, size=(64, 48)).save(tmp_path / "img" / f"{i}.jpg")
+    records = [{"id": f"r{i}", "image": f"{i % 2}.jpg",
+                "conversations": conv(f"<image>\nWhat is block {i}?", "Red.", "And the background?", "A gradient.")}
+               for i in range(4)]
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    data = InstructionDataConfig(path=str(tmp_path / "mix.json"), image_folder=str(tmp_path / "img"))
+    cfg = stage2_cfg(tmp_path, data, make_adapter(tmp_path / "stage1", family), self_questioning=1.0,
+                     questioner_token="[vusr]", max_steps=1, lora_dropout=0.0)
+    cfg.subset.size = 4
+    base = ModelSpec(name_or_path=f"tiny:{family}", dtype="float32")
+    summary = run_infuse_sft(Recipe(model=base, infuse_sft=cfg))
+    token = summary["self_questioning"]["token_id"]
+    assert summary["self_questioning"]["questioner_turns"] == 4
+    out = Path(cfg.output_dir)
+    assert json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"] == {
+        EMBEDDINGS[family]: [token]}
+    model, processor = load_for_inference(base, [str(out)], "cpu")
+    assert processor.tokenizer.convert_tokens_to_ids("[vusr]") == token
+    before = load_model(base).get_input_embeddings().weight
+    after = model.get_input_embeddings().weight
+    assert after.shape[0] > token and not torch.equal(after[token], before[:token].mean(0))
+    assert torch.equal(after[:token], before[:token])  # no other row moved
