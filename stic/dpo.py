@@ -366,9 +366,9 @@ def completion_logps(model, batch: dict) -> torch.Tensor:
 
 def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tensor:
     """Summed log-probabilities of each sequence's completion, as TRL's DPO loss computes them."""
-    if reference:
-        chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
-        return torch.cat([chosen, rejected]).float()
+    if reference:  # TRL's reference: the policy with its adapter disabled under LoRA, else ref_model
+        model = trainer.model if trainer.ref_model is None else trainer.ref_model
+        return torch.cat(trainer.compute_ref_log_probs(model, batch)).float()  # its halves (one for one row)
     with torch.no_grad(), trainer.accelerator.autocast():
         return completion_logps(trainer.model, batch).float()
 
@@ -487,9 +487,7 @@ def conditional_logps(trainer, model, batch: dict) -> tuple[torch.Tensor, torch.
     """(policy, reference) log p(chosen answer | corrupted image) of a conditional batch: the policy with gradients
     through `model` (the module TRL's loss calls), the reference by TRL's compute_ref_log_probs."""
     policy = completion_logps(model, batch)
-    reference_model = trainer.model if trainer.ref_model is None else trainer.ref_model  # TRL's choice too
-    reference = torch.cat(trainer.compute_ref_log_probs(reference_model, batch))
-    return policy, reference
+    return policy, sequence_logps(trainer, batch, reference=True)
 
 
 class ConditionalPreferenceMixin:

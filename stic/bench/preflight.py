@@ -114,6 +114,14 @@ def shift_reference(trainer):
                 p.normal_(0, 0.05)
 
 
+def shift_ref_model(trainer):
+    """Full fine-tuning whose separate reference is not the model the policy starts from (dpo.ref_model naming
+    another checkpoint)."""
+    with torch.no_grad():
+        for p in trainer.ref_model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
 # fault: (family, dpo overrides (model_dtype: the dtype the bf16 checkpoint loads in, default float32, which is
 # fast on a CPU), injection, the check(s) that must fail)
 FAULTS = {
@@ -125,6 +133,8 @@ FAULTS = {
     "projector quantised": ("llava", {}, lambda: after_build(quantise_projector), ("parameters",)),
     "forward ignores pixel_values": ("llava", {}, lambda: after_build(ignore_pixels), ("image_used",)),
     "reference differs from the base": ("llava", {}, lambda: after_build(shift_reference), ("reference",)),
+    "full fine-tune, ref_model not the base": ("llava", {"use_peft": False}, lambda: after_build(shift_ref_model),
+                                               ("reference",)),
     # the run's card (preflight's --device-memory) holds less than a step needs
     "step larger than the device": ("llava", {"device_memory": 8 * 2**20}, nothing, ("memory",)),
 }
