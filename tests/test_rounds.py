@@ -1,6 +1,6 @@
 """`stic rounds`: the state and resume logic with the stages replaced by recorders (fast), the early stop on a
 hand-fed metric sequence, the refusals, two real rounds of the tiny LLaVA killed in round 2's stage 1, and two real
-rounds of self-question pairs on each other family (about 2-4 s each)."""
+rounds of self-question pairs on each other family (slow: about 2-4 s each, `make test-all`)."""
 
 import fcntl
 import json
@@ -185,6 +185,7 @@ def spy_on_stages(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow  # two real rounds and a resume: 3.5 s alone, but make test is at its 5-minute budget
 def test_two_real_rounds_killed_in_round_2s_stage_1_and_resumed(monkeypatch, tmp_path, photo_dir, eval_root):
     import pyarrow.parquet as pq
     from trl import DPOTrainer
@@ -225,6 +226,7 @@ def test_two_real_rounds_killed_in_round_2s_stage_1_and_resumed(monkeypatch, tmp
     assert json.loads((out / "round-2" / "merged" / "merge_report.json").read_text())["base"] == merged1
 
 
+@pytest.mark.slow  # 2-3 s a family alone (184 s under a concurrent demo), kept out of make test's budget
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "idefics3"])
 def test_two_rounds_of_self_question_pairs_on_each_family(tmp_path, photo_dir, eval_root, family):
     """The other three families through `stic rounds` with self-question pairs: round 1's merged model (the
