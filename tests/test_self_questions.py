@@ -247,13 +247,10 @@ def test_a_questioner_token_grows_the_embeddings_and_trains_only_its_input_row()
 
 
 @pytest.mark.slow
-def test_stage2_with_a_questioner_token_runs_and_its_model_loads_for_inference(tmp_path):
-    """A continued stage-1 adapter gains the token's row; the adapter, the merged folder and inference hold it."""
-    from stic.infuse import Recipe, run_infuse_sft
+def two_turn_mix(tmp_path):
+    """Four two-turn instruction records on two images: each later turn can become a questioner turn."""
     from stic.instructions import InstructionDataConfig
-    from stic.models import load_for_inference, merge_adapter
-    from tests.conftest import conv, make_adapter
-    from tests.test_infuse import stage2_cfg
+    from tests.conftest import conv
 
     (tmp_path / "img").mkdir()
     for i in range(2):
@@ -262,7 +259,17 @@ def test_stage2_with_a_questioner_token_runs_and_its_model_loads_for_inference(t
                 "conversations": conv(f"<image>\nWhat is block {i}?", "Red.", "And the background?", "A gradient.")}
                for i in range(4)]
     (tmp_path / "mix.json").write_text(json.dumps(records))
-    data = InstructionDataConfig(path=str(tmp_path / "mix.json"), image_folder=str(tmp_path / "img"))
+    return InstructionDataConfig(path=str(tmp_path / "mix.json"), image_folder=str(tmp_path / "img"))
+
+
+def test_stage2_with_a_questioner_token_runs_and_its_model_loads_for_inference(tmp_path):
+    """A continued stage-1 adapter gains the token's row; the adapter, the merged folder and inference hold it."""
+    from stic.infuse import Recipe, run_infuse_sft
+    from stic.models import load_for_inference, merge_adapter
+    from tests.conftest import make_adapter
+    from tests.test_infuse import stage2_cfg
+
+    data = two_turn_mix(tmp_path)
     adapter = make_adapter(tmp_path / "stage1")
     cfg = stage2_cfg(tmp_path, data, adapter, self_questioning=1.0, questioner_token="[vusr]", max_steps=2)
     cfg.subset.size = 4
@@ -292,19 +299,11 @@ def test_stage2_self_questioning_with_a_token_on_each_family(tmp_path, family):
     """The other three families: stage 2 with questioner turns and an added token trains that token's row of the
     family's own input embeddings, and the adapter loads for inference with the token."""
     from stic.infuse import Recipe, run_infuse_sft
-    from stic.instructions import InstructionDataConfig
     from stic.models import load_for_inference, load_model
-    from tests.conftest import conv, make_adapter
+    from tests.conftest import make_adapter
     from tests.test_infuse import stage2_cfg
 
-    (tmp_path / "img").mkdir()
-    for i in range(2):
-        photo(30 + i, size=(64, 48)).save(tmp_path / "img" / f"{i}.jpg")
-    records = [{"id": f"r{i}", "image": f"{i % 2}.jpg",
-                "conversations": conv(f"<image>\nWhat is block {i}?", "Red.", "And the background?", "A gradient.")}
-               for i in range(4)]
-    (tmp_path / "mix.json").write_text(json.dumps(records))
-    data = InstructionDataConfig(path=str(tmp_path / "mix.json"), image_folder=str(tmp_path / "img"))
+    data = two_turn_mix(tmp_path)
     cfg = stage2_cfg(tmp_path, data, make_adapter(tmp_path / "stage1", family), self_questioning=1.0,
                      questioner_token="[vusr]", max_steps=1, lora_dropout=0.0)
     cfg.subset.size = 4

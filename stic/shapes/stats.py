@@ -107,14 +107,19 @@ ABLATION_ARMS = ["ablation: hallucination negatives only", "ablation: corruption
                  "ablation: alpha = 0", "ablation: self-consistency k=4", "ablation: 2x images"]
 
 
+def comparisons_with(arms: list[str], with_recall: str, other: str) -> list[tuple[str, str, str, str]]:
+    """Each arm against `with_recall` (hallucination rate and recall) and against `other` (hallucination rate)."""
+    out = []
+    for arm in arms:
+        out += [(f"{arm} - {with_recall}", arm, with_recall, "hallucination_rate"),
+                (f"{arm} - {with_recall} (recall)", arm, with_recall, "recall"),
+                (f"{arm} - {other}", arm, other, "hallucination_rate")]
+    return out
+
+
 def ablation_comparisons() -> list[tuple[str, str, str, str]]:
     """Each ablation against full STIC stage 1 (hallucination rate and recall) and against the control to beat."""
-    out = []
-    for arm in ABLATION_ARMS:
-        out += [(f"{arm} - STIC stage 1", arm, "STIC stage 1", "hallucination_rate"),
-                (f"{arm} - STIC stage 1 (recall)", arm, "STIC stage 1", "recall"),
-                (f"{arm} - control: SFT on chosen", arm, "control: SFT on chosen", "hallucination_rate")]
-    return out
+    return comparisons_with(ABLATION_ARMS, "STIC stage 1", "control: SFT on chosen")
 
 
 def confidence_intervals(eval_dir: Path, arm_runs: dict[str, list[str]], replicates: int = 1000,
@@ -185,12 +190,7 @@ METHOD_ARMS = LABEL_FREE_ARMS + ["round 2 of the best"]
 
 def method_comparisons(arms: list[str]) -> list[tuple[str, str, str, str]]:
     """Each new arm against the control to beat (hallucination rate and recall) and against STIC stage 1."""
-    out = []
-    for arm in arms:
-        out += [(f"{arm} - control: SFT on chosen", arm, "control: SFT on chosen", "hallucination_rate"),
-                (f"{arm} - control: SFT on chosen (recall)", arm, "control: SFT on chosen", "recall"),
-                (f"{arm} - STIC stage 1", arm, "STIC stage 1", "hallucination_rate")]
-    return out
+    return comparisons_with(arms, "control: SFT on chosen", "STIC stage 1")
 
 
 def paired_bootstrap_arrays(a: list[np.ndarray], b: list[np.ndarray], replicates: int = 1000, seed: int = 0) -> dict:
