@@ -133,6 +133,8 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
     has them). Problems raise DatasetError."""
     import datasets
 
+    if isinstance(cfg.dataset, list):
+        return _load_several(cfg, extra_columns)
     source = cfg.dataset
     path = Path(source)
     if path.is_dir() and (path / "data").is_dir():
@@ -182,6 +184,29 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
     if "images" in keep:
         _check_images(ds, source)
     return ds
+
+
+def _load_several(cfg: DPOStageConfig, extra_columns: tuple[str, ...]):
+    """dpo.dataset as a list: each source loaded and checked as it would be alone, then their rows concatenated
+    (the columns all of them have); max_samples applies to the whole. A source named twice is refused: its rows
+    would weigh double."""
+    import datasets
+
+    if not cfg.dataset:
+        raise DatasetError("dpo.dataset is an empty list; name at least one dataset")
+    seen: dict[str, str] = {}
+    for source in cfg.dataset:
+        key = str(Path(source).resolve()) if Path(source).exists() else source
+        if key in seen:
+            raise DatasetError(f"dpo.dataset names {source} twice (as {seen[key]!r} and {source!r}): its rows would "
+                               "be trained on twice; list each dataset once")
+        seen[key] = source
+    parts = [load_preference_dataset(dataclasses.replace(cfg, dataset=source, max_samples=None), extra_columns)
+             for source in cfg.dataset]
+    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    features = parts[0].select_columns(common).features
+    ds = datasets.concatenate_datasets([p.select_columns(common).cast(features) for p in parts])
+    return ds.select(range(min(cfg.max_samples, len(ds)))) if cfg.max_samples else ds
 
 
 def _check_images(ds, source: str) -> None:

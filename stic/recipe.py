@@ -172,9 +172,10 @@ class DPOStageConfig(LoraOptions, DPOConfig):
     """DPOConfig plus the stage's own keys. Defaults follow the paper where it gives them."""
 
     output_dir: str = option("outputs/dpo", help="where the stage-1 adapter and its logs are written")
-    dataset: str = option(
+    dataset: str | list[str] = option(
         "outputs/selfgen", help="a folder written by `stic selfgen` (or any local dataset in that format), a "
-                                "STIC-style JSON/JSONL file of records, or a Hugging Face dataset id")
+                                "STIC-style JSON/JSONL file of records, or a Hugging Face dataset id; a list of "
+                                "them trains on all their rows (e.g. two pair constructions' selfgen folders)")
     dataset_split: str = option("train", help="the split of a dataset")
     image_folder: str | None = option(None, help="where a JSON/JSONL dataset's relative image paths live")
     allow_outside_image_folder: bool = option(
@@ -506,8 +507,17 @@ class RoundsConfig:
                   "units, or the rounds stop; null: never stop early")
     eval_base: bool = option(
         True, help="round 1 also evaluates its base (round 0 of the table: the first value the metric must beat)")
+    extra_selfgen: list[dict] = option(
+        factory=list, help="further pair constructions each round, each a mapping of the selfgen keys it changes "
+                           "(e.g. {pair_source: self_questions, images: {limit: 200}}): each runs with the round's "
+                           "model into round-<k>/selfgen-<i> (i = 2, 3, ...), and stage 1 trains on every round "
+                           "folder's pairs")
 
     def __post_init__(self):
+        if any(not isinstance(e, dict) for e in self.extra_selfgen):
+            raise ValueError("extra_selfgen takes a list of mappings of selfgen keys")
+        if any("output_dir" in e for e in self.extra_selfgen):
+            raise ValueError("extra_selfgen: output_dir is set by the rounds (round-<k>/selfgen-<i>)")
         if self.count < 1:
             raise ValueError(f"count must be at least 1, got {self.count}")
         if self.min_improvement is not None and self.min_improvement < 0:

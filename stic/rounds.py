@@ -7,7 +7,8 @@ standalone model folder: the next round's generator.
 
 Under rounds.output_dir:
     round-<k>/selfgen    the pairs (the round's selfgen.output_dir)
-    round-<k>/dpo        the stage-1 adapter (dpo.output_dir, trained on round-<k>/selfgen)
+    round-<k>/selfgen-<i>   the pairs of rounds.extra_selfgen's constructions (i = 2, 3, ...), by the same model
+    round-<k>/dpo        the stage-1 adapter (dpo.output_dir, trained on round-<k>/selfgen and any selfgen-<i>)
     round-<k>/eval       eval runs (eval.output_dir): `stage1`, the adapter on the round's base; round 1 also `base`
     round-<k>/merged     base + adapter, stored in the model's dtype if the update survives it, else in float32
     rounds_state.json    the finished steps and what each made, rewritten atomically after each step
@@ -59,14 +60,36 @@ def _section(data: dict, name: str) -> dict:
     return data[name]
 
 
+def extra_selfgen(data: dict) -> list[dict]:
+    """rounds.extra_selfgen of a recipe mapping: the further pair constructions each round makes."""
+    return plain((data.get("rounds") or {}).get("extra_selfgen") or [])
+
+
+def with_changes(section: dict, changes: dict) -> dict:
+    """`section` with `changes` applied key by key, into nested mappings (`images: {limit: 200}` keeps the path)."""
+    out = dict(section)
+    for key, value in changes.items():
+        inner = out.get(key)
+        out[key] = with_changes(inner or {}, value) if isinstance(value, dict) and isinstance(inner, (dict, type(None))) \
+            else value
+    return out
+
+
+def pair_folders(data: dict, out: Path, k: int) -> list[Path]:
+    """Round k's selfgen folders: the recipe's construction, then each of rounds.extra_selfgen's."""
+    r = round_dir(out, k)
+    return [r / "selfgen"] + [r / f"selfgen-{i}" for i in range(2, 2 + len(extra_selfgen(data)))]
+
+
 def round_data(data: dict, out: Path, k: int, benchmarks: list[str], model: dict | None = None) -> dict:
     """The recipe mapping of round k: every stage's folder inside round-<k>, eval on the chosen benchmarks, and
     `model` (from round 2 on: the previous round's merged folder, in the dtype it was stored in) as the base."""
     d = copy.deepcopy(data)
     r = round_dir(out, k)
     _section(d, "selfgen")["output_dir"] = str(r / "selfgen")
+    folders = [str(f) for f in pair_folders(data, out, k)]
     # the stage's own resume, when a killed run left checkpoints
-    _section(d, "dpo").update(output_dir=str(r / "dpo"), dataset=str(r / "selfgen"),
+    _section(d, "dpo").update(output_dir=str(r / "dpo"), dataset=folders if len(folders) > 1 else folders[0],
                               resume=any((r / "dpo").glob("checkpoint-*")))
     # eval judges the precision of the recipe's stage-1 and stage-2 adapters: this round's alone
     stage2 = _section(d, "infuse_sft")
@@ -146,7 +169,10 @@ def recipe_fingerprint(data: dict, out: Path, benchmarks: list[str]) -> dict:
                           "eval": ["output_dir"]}.items():
         for key in keys:
             d[section].pop(key)
-    return {s: digest(d.get(s) or {}) for s in DECIDING_SECTIONS}
+    fingerprint = {s: digest(d.get(s) or {}) for s in DECIDING_SECTIONS}
+    if extra_selfgen(data):  # the further constructions decide the pairs too (absent: as before they existed)
+        fingerprint["selfgen"] = digest({"selfgen": d.get("selfgen") or {}, "extra_selfgen": extra_selfgen(data)})
+    return fingerprint
 
 
 def check_same_recipe(state: dict, fingerprint: dict, out: Path) -> None:
@@ -233,6 +259,11 @@ class Rounds:
         self.base = checked.model
         self.out = Path(cfg.output_dir)
         check_output_dir(self.out, "rounds.output_dir")
+        for i, changes in enumerate(extra_selfgen(self.data)):  # each construction's keys checked before any work
+            try:
+                self.extra_recipe(round_data(self.data, self.out, 1, self.benchmarks), i, changes)
+            except RecipeError as err:
+                raise RecipeError(f"rounds.extra_selfgen[{i}]: {err}") from None
         self.main = is_main_rank()
 
     def run(self) -> dict | None:
@@ -287,6 +318,14 @@ class Rounds:
         data = round_data(self.data, self.out, k, self.benchmarks, model)
         return parse_recipe(data, build=("selfgen", "dpo", "eval", "rounds")), model
 
+    def extra_recipe(self, round_mapping: dict, i: int, changes: dict) -> Recipe:
+        """The recipe of the round's i-th further construction: its selfgen section with `changes`, written to
+        that construction's folder (round_mapping: the round's recipe mapping)."""
+        d = copy.deepcopy(round_mapping)
+        folder = Path(d["selfgen"]["output_dir"]).parent / f"selfgen-{i + 2}"
+        d["selfgen"] = {**with_changes(d["selfgen"], changes), "output_dir": str(folder)}
+        return parse_recipe(d, build=("selfgen",))
+
     def run_round(self, k: int) -> str | None:
         """Round k's unfinished steps; returns why the rounds stop after it, or None."""
         from stic import dpo, evaluate, models, selfgen
@@ -298,19 +337,28 @@ class Rounds:
         r = round_dir(self.out, k)
         if "selfgen" not in done:
             self.say(f"rounds: round {k}/{self.count}: selfgen with {recipe.model.name_or_path}")
-            manifest = selfgen.run_selfgen(recipe)
+            manifests = [selfgen.run_selfgen(recipe)]
+            mapping = round_data(self.data, self.out, k, self.benchmarks, model)
+            for i, changes in enumerate(extra_selfgen(self.data)):  # the same model, another construction
+                self.say(f"rounds: round {k}/{self.count}: selfgen-{i + 2} ({', '.join(sorted(changes))} changed)")
+                manifests.append(selfgen.run_selfgen(self.extra_recipe(mapping, i, changes)))
             record = None
             if self.main:
                 generator = (self.state["rounds"][str(k - 1)]["merge"]["identity"] if model
                              else model_identity(recipe.model.name_or_path, recipe.model.revision))
-                record = {"generator": generator, "pairs": str(r / "selfgen"),
-                          "rows": manifest["counts"]["rows"] if manifest else None}
+                folders = [str(f) for f in pair_folders(self.data, self.out, k)]
+                rows = [m["counts"]["rows"] if m else None for m in manifests]
+                record = {"generator": generator, "pairs": " + ".join(folders),
+                          "rows": None if None in rows else sum(rows)}
+                if len(folders) > 1:
+                    record["rows_by_folder"] = dict(zip(folders, rows))
             self.finish(k, "selfgen", record)
         if "dpo" not in self.state["rounds"][str(k)]:
             adapter = r / "dpo"
             summary_file = adapter / "run_summary.json"
             if not summary_file.exists():  # else: trained to the end before a kill that came before the state
-                self.say(f"rounds: round {k}/{self.count}: stage 1 on {r / 'selfgen'}"
+                self.say(f"rounds: round {k}/{self.count}: stage 1 on "
+                         f"{' + '.join(str(f) for f in pair_folders(self.data, self.out, k))}"
                          + (" (resuming from its last checkpoint)" if recipe.dpo.resume else ""))
                 dpo.run_dpo(recipe)
             record = None

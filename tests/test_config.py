@@ -174,7 +174,7 @@ def test_stage_help_lists_the_recipe_keys(capsys):
     for command, needles in [
         ("selfgen", ["selfgen.hallucination_prob (float, default 0.5): p in Algorithm 1",
                      "selfgen.chosen_sampling.max_new_tokens (int, default 256)", "model.name_or_path"]),
-        ("dpo", ["dpo.dataset (str, default selfgen.output_dir)", "dpo.lora_r (int, default 128)",
+        ("dpo", ["dpo.dataset (str | list[str], default selfgen.output_dir)", "dpo.lora_r (int, default 128)",
                  "every TRL DPOConfig option"]),
         ("infuse-sft", ["infuse_sft.stage1_adapter (str | None, default dpo.output_dir)",
                         "infuse_sft.subset.size", "every TRL SFTConfig option"]),

@@ -238,6 +238,33 @@ def test_stic_released_records_are_read(tmp_path):
     assert row["rejected"][0]["content"] == "A blurry street." and row["images"][0].size == (72, 56)
 
 
+def test_a_list_of_datasets_trains_on_all_their_rows(tmp_path):
+    """dpo.dataset as a list (two pair constructions' folders, a released JSONL file): each source is read and
+    checked as it is alone, the rows are concatenated, max_samples cuts the whole; a source named twice, even by
+    another spelling of its path, and an empty list are refused."""
+    from stic.dpo import DatasetError
+
+    a, b = make_dataset(tmp_path / "a", n=3), make_dataset(tmp_path / "b", n=2)
+    s = tmp_path / "pref.jsonl"
+    photo(0).save(tmp_path / "x.jpg")
+    s.write_text(json.dumps({"image": "x.jpg", "chosen": [{"role": "user", "content": "What is it?"},
+                                                          {"role": "assistant", "content": "A block."}],
+                             "rejected": [{"role": "user", "content": "What is it?"},
+                                          {"role": "assistant", "content": "A dog."}]}) + "\n")
+    ds = load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(b), str(s)]))
+    assert len(ds) == 6 and ds.column_names == ["prompt", "chosen", "rejected", "images"]
+    assert [r["chosen"][0]["content"] for r in ds] == [f"a {WORDS[i]} square on the left" for i in (0, 1, 2, 0, 1)] + [
+        "A block."]
+    assert ds[5]["images"][0].size == (72, 56) and ds[5]["prompt"][0]["content"] == "What is it?"
+    assert len(load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(b)], max_samples=4))) == 4
+    with pytest.raises(DatasetError, match=r"names .*a/ twice .* trained on twice"):
+        load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(b), str(a) + "/"]))
+    with pytest.raises(DatasetError, match="empty list"):
+        load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[]))
+    with pytest.raises(DatasetError, match="missing.* does not exist"):  # each source's own checks still apply
+        load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(tmp_path / "missing")]))
+
+
 def test_resume_continues_at_the_same_step(tmp_path, monkeypatch):
     import trl
     from transformers import TrainerCallback

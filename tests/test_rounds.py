@@ -172,6 +172,54 @@ def test_refusals_before_any_work(monkeypatch, tmp_path, capsys):
     assert exit_.value.code == 2 and err == ["stic: recipe error: --rounds must be at least 1, got 0"]
 
 
+def test_extra_pair_constructions_run_each_round_with_its_model_and_train_together(monkeypatch, tmp_path):
+    """rounds.extra_selfgen: each round makes the recipe's pairs and each further construction's (its keys changed,
+    nested ones merged) with the round's model into round-<k>/selfgen-<i>; stage 1 trains on all the folders; a
+    kill inside the further construction resumes there; other constructions are another recipe."""
+    values = {(1, "base"): 0.5, (1, "stage1"): 0.6, (2, "stage1"): 0.7}
+    fake = FakeStages(monkeypatch, values)
+    made, fail_in = [], {"folder": None}
+
+    def recording(recipe, overwrite=False):
+        cfg = recipe.selfgen
+        made.append((round_of(cfg.output_dir), Path(cfg.output_dir).name, cfg.pair_source, cfg.images.path,
+                     cfg.images.limit, recipe.model.name_or_path))
+        if cfg.output_dir == fail_in["folder"]:
+            fail_in["folder"] = None
+            raise KeyboardInterrupt("simulated kill in a further construction")
+        return fake.selfgen(recipe, overwrite)
+
+    monkeypatch.setattr(selfgen, "run_selfgen", recording)
+    data = recipe_data(tmp_path, min_improvement=None,
+                       extra_selfgen=[{"pair_source": "self_questions", "images": {"limit": 2}}])
+    data["selfgen"] = {"images": {"type": "folder", "path": str(tmp_path / "photos")}}
+    out = tmp_path / "rounds"
+    fail_in["folder"] = str(out / "round-2" / "selfgen-2")
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(data, 2)
+    report = run_rounds(data, 2)
+    base, merged1, photos = str(tmp_path / "base"), str(out / "round-1" / "merged"), str(tmp_path / "photos")
+    assert made == [(1, "selfgen", "stic", photos, None, base), (1, "selfgen-2", "self_questions", photos, 2, base),
+                    (2, "selfgen", "stic", photos, None, merged1),
+                    (2, "selfgen-2", "self_questions", photos, 2, merged1),  # killed
+                    (2, "selfgen", "stic", photos, None, merged1),  # the resume: selfgen's own resume skips done work
+                    (2, "selfgen-2", "self_questions", photos, 2, merged1)]
+    trained_on = [c[4] for c in fake.calls if c[0] == "dpo"]
+    assert trained_on == [[str(out / f"round-{k}" / "selfgen"), str(out / f"round-{k}" / "selfgen-2")] for k in (1, 2)]
+    row = report["rounds"][2]
+    assert row["pairs"] == f"{out / 'round-2' / 'selfgen'} + {out / 'round-2' / 'selfgen-2'}" and row["rows"] == 6
+
+    other = {**data, "rounds": {**data["rounds"], "extra_selfgen": [{"pair_source": "grounding"}]}}
+    with pytest.raises(RoundsStateError, match="selfgen settings differ"):
+        run_rounds(other, 3)
+    for bad, message in (([{"pair_sourse": "grounding"}], r"rounds.extra_selfgen\[0\]: .*pair_sourse"),
+                         ([{"output_dir": "x"}], "output_dir is set by the rounds")):
+        with pytest.raises(RecipeError, match=message):
+            run_rounds({**data, "rounds": {**data["rounds"], "output_dir": str(tmp_path / "new"),
+                                           "extra_selfgen": bad}}, 1)
+    assert not (tmp_path / "new").exists()
+
+
 def spy_on_stages(monkeypatch) -> list:
     """Record (stage function, round) of each call of the real selfgen, dpo and eval."""
     calls = []
@@ -267,3 +315,27 @@ def test_two_rounds_of_self_question_pairs_on_each_family(tmp_path, photo_dir, e
     assert json.loads((merged2 / models.MERGE_REPORT).read_text())["base"] == merged1
     model = load_model(ModelSpec(name_or_path=str(merged2), dtype="float32"))  # the family's class loads it
     assert type(model).__name__ == type(load_model(ModelSpec(name_or_path=f"tiny:{family}"))).__name__
+
+
+@pytest.mark.slow  # one real round of two constructions: about 2 s alone
+def test_a_real_round_trains_stage_1_on_both_constructions(tmp_path, photo_dir, eval_root):
+    """STIC's pairs and self-question pairs from the same model in one round, stage 1 on all of their rows."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "rounds"
+    data = {"model": {"name_or_path": "tiny:llava", "dtype": "float32"},
+            "selfgen": {"images": {"type": "folder", "path": str(photo_dir), "limit": 3},
+                        "chosen_sampling": {"max_new_tokens": 6},
+                        "rejected_sampling": {"max_new_tokens": 6, "do_sample": True}, "batch_size": 4},
+            "dpo": {"lora_r": 4, "lora_alpha": 8, "max_steps": 1, "per_device_train_batch_size": 2, "report_to": [],
+                    "plot": False, "image_margin_probe": 0, "activation_checkpointing": False},
+            "eval": {"data_root": str(eval_root), "limit": 2},
+            "rounds": {"output_dir": str(out), "benchmarks": ["pope"], "min_improvement": None, "eval_base": False,
+                       "extra_selfgen": [{"pair_source": "self_questions", "questions_per_image": 2,
+                                          "question_sampling": {"max_new_tokens": 6, "do_sample": True}}]}}
+    report = run_rounds(data, 1)
+    folders = [out / "round-1" / "selfgen", out / "round-1" / "selfgen-2"]
+    rows = [sum(pq.read_metadata(p).num_rows for p in (f / "data").glob("*.parquet")) for f in folders]
+    assert rows[0] == 3 and rows[1] >= 1 and report["rounds"][0]["rows"] == sum(rows)
+    summary = json.loads((out / "round-1" / "dpo" / "run_summary.json").read_text())
+    assert summary["dataset"] == {**summary["dataset"], "source": [str(f) for f in folders], "rows": sum(rows)}
