@@ -469,21 +469,31 @@ def test_find_unused_parameters_set_in_the_recipe_wins_and_text_only_rows_are_fo
     assert has_text_only_rows(datasets.Dataset.from_list([{"prompt": "x"}]))  # no image column at all
 
 
-def test_fsdp_or_deepspeed_without_cuda_is_refused_in_one_line_before_loading(tmp_path):
-    """accelerate runs fsdp.yaml/zero*.yaml with use_cpu as plain DDP: refused rather than silently replaced."""
+def test_fsdp_or_deepspeed_without_cuda_is_refused_in_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    """accelerate runs fsdp.yaml/zero*.yaml with use_cpu as plain DDP: refused rather than silently replaced. The
+    command runs in this process, with the environment accelerate sets and no CUDA device."""
     import os
+
+    import torch
+
+    from stic.cli import main
 
     data = make_dataset(tmp_path / "data", n=2)
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny:llava@987", "dtype": "float32"},
                                  "dpo": {"dataset": str(data), "output_dir": str(tmp_path / "o"),
                                          "report_to": []}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for env, name in [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
                       ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed")]:
-        res = subprocess.run([sys.executable, "-m", "stic", "dpo", "--recipe", str(r)], cwd=REPO,
-                             capture_output=True, text=True, env={**os.environ, **env, "CUDA_VISIBLE_DEVICES": ""})
-        lines = [line for line in res.stderr.splitlines() if line.startswith("stic: ")]
-        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            with pytest.raises(SystemExit) as exit_info:
+                main(["dpo", "--recipe", str(r)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("stic: ")]
+        assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
         assert lines == [f"stic: error: {name} needs CUDA GPUs: without them accelerate would run plain DDP over "
                          "gloo instead; launch with recipes/accelerate/ddp.yaml on this machine"]
     assert not list(Path(os.environ["STIC_CACHE"]).rglob("*seed987*"))  # refused before the model was even built

@@ -246,7 +246,7 @@ def test_killed_eval_resumes_from_answered_items(tmp_path, eval_root, monkeypatc
     assert summary["benchmarks"]["pope"]["value"] is not None
 
 
-def test_malformed_benchmark_file_stops_eval_in_one_line(tmp_path, eval_root):
+def test_malformed_benchmark_file_stops_eval_in_one_line(tmp_path, eval_root, capsys):
     import shutil
 
     root = tmp_path / "data"
@@ -254,9 +254,9 @@ def test_malformed_benchmark_file_stops_eval_in_one_line(tmp_path, eval_root):
     (root / "mathvista" / "testmini.json").write_text('{"1": {"pid": "1"')
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe_dict(root, tmp_path / "o")))
-    res = subprocess.run([sys.executable, "eval/run.py", "--recipe", str(r), "--benchmarks", "mathvista"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "testmini.json: not valid JSON" in res.stderr and "Traceback" not in res.stderr
+    # in this process (the command's own entry point is run as a subprocess by the tests of `make eval`)
+    assert eval_run_module().main(["--recipe", str(r), "--benchmarks", "mathvista"]) == 2
+    assert "testmini.json: not valid JSON" in one_error_line(capsys.readouterr().err)
 
 
 def test_dar_mode_and_compare(tmp_path, eval_root):
@@ -471,7 +471,7 @@ def test_eval_prints_toolkit_errors_as_one_line(tmp_path, eval_root, monkeypatch
     assert one_error_line(capsys.readouterr().err) == f"eval: error: simulated {error}"
 
 
-def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path, eval_root):
+def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path, eval_root, capsys):
     out = tmp_path / "o"
     generation = out / "base" / "pope" / "generation"
     generation.mkdir(parents=True)
@@ -482,10 +482,8 @@ def test_eval_refuses_a_run_folder_of_another_configuration_in_one_line(tmp_path
     ShardedOutput(generation).log([{"id": "q0", "status": "rejected"}])  # it holds work (a folder without is reused)
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe_dict(eval_root, out)))
-    res = subprocess.run([sys.executable, "eval/run.py", "--recipe", str(r), "--benchmarks", "pope"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert res.returncode == 2
-    assert "already holds a run made with a different configuration" in one_error_line(res.stderr)
+    assert eval_run_module().main(["--recipe", str(r), "--benchmarks", "pope"]) == 2
+    assert "already holds a run made with a different configuration" in one_error_line(capsys.readouterr().err)
 
 
 def test_benchmarks_option_leaves_dotted_overrides_alone(tmp_path, eval_root, monkeypatch, capsys):
