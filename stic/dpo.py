@@ -188,8 +188,8 @@ def load_preference_dataset(cfg: DPOStageConfig, extra_columns: tuple[str, ...] 
 
 def _load_several(cfg: DPOStageConfig, extra_columns: tuple[str, ...]):
     """dpo.dataset as a list: each source loaded and checked as it would be alone, then their rows concatenated
-    (the columns all of them have); max_samples applies to the whole. A source named twice is refused: its rows
-    would weigh double."""
+    (the columns all of them have); max_samples draws from the whole (shuffled with the run's seed). A source named
+    twice is refused (its rows would weigh double), and so are sources that differ in having images."""
     import datasets
 
     if not cfg.dataset:
@@ -203,10 +203,27 @@ def _load_several(cfg: DPOStageConfig, extra_columns: tuple[str, ...]):
         seen[key] = source
     parts = [load_preference_dataset(dataclasses.replace(cfg, dataset=source, max_samples=None), extra_columns)
              for source in cfg.dataset]
+    with_images = [source for source, p in zip(cfg.dataset, parts) if "images" in p.column_names]
+    if with_images and len(with_images) < len(parts):  # keeping the columns all share would drop every image
+        without = next(source for source, p in zip(cfg.dataset, parts) if "images" not in p.column_names)
+        raise DatasetError(f"dpo.dataset mixes pairs with images ({with_images[0]}) and without ({without}); train "
+                           "them in separate runs, or drop the images column from the image sources")
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
     features = parts[0].select_columns(common).features
-    ds = datasets.concatenate_datasets([p.select_columns(common).cast(features) for p in parts])
-    return ds.select(range(min(cfg.max_samples, len(ds)))) if cfg.max_samples else ds
+    aligned = []
+    for source, part in zip(cfg.dataset, parts):
+        part = part.select_columns(common)
+        if part.features != features:  # a cast rewrites every row, images included: only where it must
+            try:
+                part = part.cast(features)
+            except (TypeError, ValueError) as err:
+                raise DatasetError(f"dpo.dataset: {source}'s rows are not shaped as {cfg.dataset[0]}'s "
+                                   f"({one_line(err)}); convert one of them to the other's format") from None
+        aligned.append(part)
+    ds = datasets.concatenate_datasets(aligned)
+    if cfg.max_samples:  # a sample of all the sources, not the first source's rows alone
+        ds = ds.shuffle(seed=cfg.seed).select(range(min(cfg.max_samples, len(ds))))
+    return ds
 
 
 def _check_images(ds, source: str) -> None:
@@ -393,7 +410,11 @@ def sequence_logps(trainer, batch: dict, reference: bool = False) -> torch.Tenso
     """Summed log-probabilities of each sequence's completion, as TRL's DPO loss computes them."""
     if reference:  # TRL's reference: the policy with its adapter disabled under LoRA, else ref_model
         model = trainer.model if trainer.ref_model is None else trainer.ref_model
-        return torch.cat(trainer.compute_ref_log_probs(model, batch)).float()  # its halves (one for one row)
+        ld_alpha, trainer.ld_alpha = getattr(trainer, "ld_alpha", None), None  # whole sums, as the policy's below
+        try:
+            return torch.cat(trainer.compute_ref_log_probs(model, batch)).float()  # its halves (one for one row)
+        finally:
+            trainer.ld_alpha = ld_alpha
     with torch.no_grad(), trainer.accelerator.autocast():
         return completion_logps(trainer.model, batch).float()
 

@@ -744,17 +744,24 @@ def stand_in_pairs(recipe, root: str, rows: int = 4) -> str:
     return f"{root}/stand-in"
 
 
+def selfgen_pending(recipe) -> bool:
+    """Stage 1 reads the recipe's selfgen folder (dpo.dataset, or one of its list) and selfgen has not written it."""
+    if recipe.selfgen is None:
+        return False
+    sources = recipe.dpo.dataset if isinstance(recipe.dpo.dataset, list) else [recipe.dpo.dataset]
+    return recipe.selfgen.output_dir in sources and not os.path.exists(recipe.selfgen.output_dir)
+
+
 def dpo_setup(recipe, scratch: str, rows: int):
     """(processor, trainer, the longest examples, their batch) as stage 1 builds them, writing only to `scratch`.
     Before selfgen has written the recipe's pairs, stage 1 runs on stand-in pairs (`stand_in_pairs`)."""
-    from pathlib import Path
-
     from stic.dpo import build_trainer, load_preference_dataset, prepare_stage
     from stic.models import load_processor
 
     dataset = recipe.dpo.dataset
-    if recipe.selfgen is not None and dataset == recipe.selfgen.output_dir and not Path(dataset).exists():
-        dataset = stand_in_pairs(recipe, scratch)
+    if selfgen_pending(recipe):  # the recipe's selfgen folder, alone or in a list, not written yet
+        pending, stand_in = recipe.selfgen.output_dir, stand_in_pairs(recipe, scratch)
+        dataset = ([stand_in if d == pending else d for d in dataset] if isinstance(dataset, list) else stand_in)
     cfg = dataclasses.replace(recipe.dpo, output_dir=scratch, report_to=[], resume=False, image_margin_probe=0,
                               dataset=dataset)
     recipe = dataclasses.replace(recipe, dpo=cfg)
@@ -771,10 +778,9 @@ def _dpo_checks(recipe, scratch: str, rows: int, device_memory: int | None) -> l
     from stic.training import TrainingSetupError
 
     head = []
-    if recipe.selfgen is not None and recipe.dpo.dataset == recipe.selfgen.output_dir and \
-            not os.path.exists(recipe.dpo.dataset):
-        head.append(Check("data", WARN, f"selfgen has not written {recipe.dpo.dataset} yet: checked on stand-in pairs "
-                          "(its largest images and prompt, answers of max_new_tokens words)"))
+    if selfgen_pending(recipe):
+        head.append(Check("data", WARN, f"selfgen has not written {recipe.selfgen.output_dir} yet: checked on "
+                          "stand-in pairs (its largest images and prompt, answers of max_new_tokens words)"))
     try:
         processor, trainer, examples, batch = dpo_setup(recipe, scratch, rows)
     except TrainingSetupError as err:

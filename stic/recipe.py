@@ -508,10 +508,10 @@ class RoundsConfig:
     eval_base: bool = option(
         True, help="round 1 also evaluates its base (round 0 of the table: the first value the metric must beat)")
     extra_selfgen: list[dict] = option(
-        factory=list, help="further pair constructions each round, each a mapping of the selfgen keys it changes "
-                           "(e.g. {pair_source: self_questions, images: {limit: 200}}): each runs with the round's "
-                           "model into round-<k>/selfgen-<i> (i = 2, 3, ...), and stage 1 trains on every round "
-                           "folder's pairs")
+        factory=list, help="further pair constructions each round, each a mapping of the selfgen keys it changes, "
+                           "nested mappings merged key by key (e.g. {pair_source: self_questions, images: {limit: "
+                           "200}} keeps images.path): each runs with the round's model into round-<k>/selfgen-<i> "
+                           "(i = 2, 3, ...), and stage 1 trains on every round folder's pairs")
 
     def __post_init__(self):
         if any(not isinstance(e, dict) for e in self.extra_selfgen):

@@ -75,6 +75,13 @@ def with_changes(section: dict, changes: dict) -> dict:
     return out
 
 
+def construction(recipe: Recipe) -> dict:
+    """What decides a selfgen run's pairs: its section without the folder it writes."""
+    from stic.config import to_dict
+
+    return {key: value for key, value in to_dict(recipe.selfgen).items() if key != "output_dir"}
+
+
 def pair_folders(data: dict, out: Path, k: int) -> list[Path]:
     """Round k's selfgen folders: the recipe's construction, then each of rounds.extra_selfgen's."""
     r = round_dir(out, k)
@@ -259,11 +266,18 @@ class Rounds:
         self.base = checked.model
         self.out = Path(cfg.output_dir)
         check_output_dir(self.out, "rounds.output_dir")
+        first = round_data(self.data, self.out, 1, self.benchmarks)
+        made = {"the recipe's selfgen": construction(parse_recipe(first, build=("selfgen",)))}
         for i, changes in enumerate(extra_selfgen(self.data)):  # each construction's keys checked before any work
             try:
-                self.extra_recipe(round_data(self.data, self.out, 1, self.benchmarks), i, changes)
+                this = construction(self.extra_recipe(first, i, changes))
             except RecipeError as err:
                 raise RecipeError(f"rounds.extra_selfgen[{i}]: {err}") from None
+            same = next((name for name, other in made.items() if other == this), None)
+            if same:
+                raise RecipeError(f"rounds.extra_selfgen[{i}] makes the same pairs as {same}: stage 1 would train "
+                                  "on them twice; change a key that decides the pairs, or remove it")
+            made[f"rounds.extra_selfgen[{i}]"] = this
         self.main = is_main_rank()
 
     def run(self) -> dict | None:

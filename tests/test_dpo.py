@@ -256,7 +256,20 @@ def test_a_list_of_datasets_trains_on_all_their_rows(tmp_path):
     assert [r["chosen"][0]["content"] for r in ds] == [f"a {WORDS[i]} square on the left" for i in (0, 1, 2, 0, 1)] + [
         "A block."]
     assert ds[5]["images"][0].size == (72, 56) and ds[5]["prompt"][0]["content"] == "What is it?"
-    assert len(load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(b)], max_samples=4))) == 4
+    # max_samples draws from every source (a seeded shuffle), not the first one's rows alone
+    cut = load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(s), str(b)], max_samples=3))
+    sizes = [r["images"][0].size for r in cut]
+    assert len(cut) == 3 and sizes != [(48, 40)] * 3, sizes  # a's images are 48x40, the JSONL's 72x56
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                                     "chosen": [{"role": "assistant", "content": "Hello."}],
+                                     "rejected": [{"role": "assistant", "content": "Go."}]}) + "\n")
+    with pytest.raises(DatasetError, match=r"mixes pairs with images .*a\) and without .*text.jsonl"):
+        load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(text_only)]))
+    plain = tmp_path / "plain.jsonl"  # answers as plain strings, not conversations
+    plain.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}) + "\n")
+    with pytest.raises(DatasetError, match=r"plain.jsonl's rows are not shaped as .*text.jsonl's"):
+        load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(text_only), str(plain)]))
     with pytest.raises(DatasetError, match=r"names .*a/ twice .* trained on twice"):
         load_preference_dataset(dpo_cfg(tmp_path, a, dataset=[str(a), str(b), str(a) + "/"]))
     with pytest.raises(DatasetError, match="empty list"):

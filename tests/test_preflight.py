@@ -6,7 +6,7 @@ import pytest
 
 from stic.bench.preflight import (CHECKS, FAULTS, GENERATION_CHECKS, GENERATION_FAULTS, generation_row, markdown,
                                   nothing, paper_like_recipe, preference_data, run_fault)
-from stic.preflight import FAIL
+from stic.preflight import FAIL, PASS
 from stic.tiny import FAMILIES
 
 
@@ -220,3 +220,27 @@ def test_preflight_of_every_stage_on_the_default_recipe(tmp_path, capsys):
               ("selfgen", "dpo", "infuse-sft", "eval")}
     assert stages == {"selfgen", "dpo", "infuse-sft", "eval"}
     assert "checked on stand-in pairs" in out
+
+
+def test_preflight_of_stage1_on_a_list_holding_the_unwritten_selfgen_folder(tmp_path, capsys):
+    """dpo.dataset as a list with the recipe's selfgen folder not written yet: stand-in pairs take its place, and
+    the list's other sources are read as they are."""
+    from stic.cli import main
+    from tests.test_dpo import make_dataset
+
+    other = make_dataset(tmp_path / "other", n=2)
+    pending = tmp_path / "no-pairs-yet"
+    with pytest.raises(SystemExit) as exit_:
+        main(["preflight", "--recipe", "recipes/default.yaml", "--stage", "dpo", f"selfgen.output_dir={pending}",
+              f"dpo.dataset=[{pending}, {other}]"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0, out[-3000:]
+    assert f"selfgen has not written {pending} yet: checked on stand-in pairs" in out
+    assert not pending.exists()
+
+
+def test_the_reference_check_passes_a_length_desensitised_loss(root):
+    """dpo.ld_alpha (LD-DPO) weighs the reference's tokens past the shorter answer's length inside TRL: the step-0
+    comparison must sum both sides alike, or a correct reference fails whenever the two answers differ in length."""
+    got = run_fault(root, "llava", {"ld_alpha": 0.5}, nothing)
+    assert got["reference"] == PASS, got

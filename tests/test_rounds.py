@@ -213,7 +213,10 @@ def test_extra_pair_constructions_run_each_round_with_its_model_and_train_togeth
     with pytest.raises(RoundsStateError, match="selfgen settings differ"):
         run_rounds(other, 3)
     for bad, message in (([{"pair_sourse": "grounding"}], r"rounds.extra_selfgen\[0\]: .*pair_sourse"),
-                         ([{"output_dir": "x"}], "output_dir is set by the rounds")):
+                         ([{"output_dir": "x"}], "output_dir is set by the rounds"),
+                         ([{}], r"extra_selfgen\[0\] makes the same pairs as the recipe's selfgen"),
+                         ([{"seed": 1}, {"seed": 1, "images": {}}],
+                          r"extra_selfgen\[1\] makes the same pairs as rounds.extra_selfgen\[0\]")):
         with pytest.raises(RecipeError, match=message):
             run_rounds({**data, "rounds": {**data["rounds"], "output_dir": str(tmp_path / "new"),
                                            "extra_selfgen": bad}}, 1)
