@@ -207,6 +207,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return plain(value)
 
 
+def with_changes(section: dict, changes: dict) -> dict:
+    """`section` with `changes` applied key by key, into nested mappings (`images: {limit: 200}` keeps the path)."""
+    out = dict(section)
+    for key, value in changes.items():
+        inner = out.get(key)
+        nested = isinstance(value, dict) and isinstance(inner, (dict, type(None)))
+        out[key] = with_changes(inner or {}, value) if nested else value
+    return out
+
+
 def from_dict(cls: type, data: dict, section: str) -> Any:
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types (named as section.key)."""
     return build_checked(cls, checked_fields(cls, data, section), section)

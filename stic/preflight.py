@@ -655,23 +655,52 @@ def preflight_selfgen(recipe, device_memory: int | None = None) -> list[Check]:
     from stic.generation import BatchGenerator, Request
     from stic.images import ImageLoader, list_images
     from stic.models import load_model, load_processor, process_state
-    from stic.prompts import load_prompts
 
     cfg = recipe.selfgen
     if recipe.generation.backend != "local":
         return [Check("model_inputs", WARN, f"generation runs on the {recipe.generation.backend} server: its "
                       "inputs are the server's to check")]
-    prompts = load_prompts(cfg.prompts)
-    longest = max([prompts.good, *prompts.caption, *prompts.hallucination], key=len)
+    longest, new_tokens = selfgen_workload(cfg)
     images = largest_images(ImageLoader(cfg.images), list_images(cfg.images), cfg.batch_size)
     if not images:
         return [Check("image_tokens", FAIL, f"no image in {cfg.images.path}", "point selfgen.images at images")]
     generator = BatchGenerator(load_model(recipe.model, process_state().device), load_processor(recipe.model),
                                cfg.batch_size, cfg.group_by_length, recipe.model.system_prompt)
-    new_tokens = max(cfg.chosen_sampling.max_new_tokens, cfg.rejected_sampling.max_new_tokens,
-                     cfg.consistency_sampling.max_new_tokens if cfg.consistency_samples > 1 else 0)
     return generation_checks(generator, [Request(im, longest) for im in images], new_tokens,
                              cfg.consistency_samples, "selfgen.batch_size", device_memory)
+
+
+def selfgen_workload(cfg) -> tuple[str, int]:
+    """(the longest prompt selfgen's pair source sends, the most new tokens any of its generations may make). The
+    on-policy sources sample their candidates with consistency_sampling, one request each; self-questions ask with
+    question_sampling, then answer a question of up to that length under a hallucination prompt."""
+    from stic.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts)
+    texts = [prompts.good, *prompts.caption, *prompts.hallucination]
+    tokens = [cfg.chosen_sampling.max_new_tokens, cfg.rejected_sampling.max_new_tokens]
+    if cfg.consistency_samples > 1 or cfg.pair_source in ("grounding", "self_feedback"):
+        tokens.append(cfg.consistency_sampling.max_new_tokens)
+    if cfg.pair_source == "self_questions":
+        from stic.self_questions import load_question_prompts
+
+        sets = load_question_prompts(cfg.prompts)
+        question = " ".join(["what"] * cfg.question_sampling.max_new_tokens)  # about a token a word
+        texts += [*sets.ask, *(p.format(question=question) for p in sets.hallucination)]
+        tokens.append(cfg.question_sampling.max_new_tokens)
+    return max(texts, key=len), max(tokens)
+
+
+def extra_constructions(recipe) -> list[tuple[str, object]]:
+    """(name, recipe) of each further pair construction `stic rounds` runs (rounds.extra_selfgen): selfgen-2, ..."""
+    rounds = getattr(recipe, "rounds", None)
+    if rounds is None or not rounds.extra_selfgen or recipe.selfgen is None:
+        return []
+    from stic.config import from_dict, to_dict, with_changes
+
+    return [(f"selfgen-{i + 2}", dataclasses.replace(recipe, selfgen=from_dict(
+        type(recipe.selfgen), with_changes(to_dict(recipe.selfgen), changes), f"rounds.extra_selfgen[{i}]")))
+        for i, changes in enumerate(rounds.extra_selfgen)]
 
 
 def preflight_eval(recipe, model_spec: str = "base", device_memory: int | None = None) -> list[Check]:
@@ -905,8 +934,16 @@ STAGES = ("selfgen", "dpo", "infuse-sft", "eval")
 
 
 def preflight_stage(recipe, stage: str, device_memory: int | None = None, model_spec: str = "base") -> list[Check]:
-    if stage == "selfgen":
+    if stage == "selfgen":  # and each further construction of `stic rounds`, under its own name
         checks = preflight_selfgen(recipe, device_memory)
+        for c in checks:
+            c.stage = stage
+        for name, extra in extra_constructions(recipe):
+            more = preflight_selfgen(extra, device_memory)
+            for c in more:
+                c.stage = name
+            checks += more
+        return checks
     elif stage == "dpo":
         checks = preflight_dpo(recipe, device_memory=device_memory)
     elif stage == "infuse-sft":

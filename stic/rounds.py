@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from stic.benchmarks import check_known, get_benchmark
-from stic.config import RecipeError, plain
+from stic.config import RecipeError, plain, with_changes
 from stic.errors import SticError
 from stic.locks import main_process_lock
 from stic.recipe import Recipe, parse_recipe
@@ -63,16 +63,6 @@ def _section(data: dict, name: str) -> dict:
 def extra_selfgen(data: dict) -> list[dict]:
     """rounds.extra_selfgen of a recipe mapping: the further pair constructions each round makes."""
     return plain((data.get("rounds") or {}).get("extra_selfgen") or [])
-
-
-def with_changes(section: dict, changes: dict) -> dict:
-    """`section` with `changes` applied key by key, into nested mappings (`images: {limit: 200}` keeps the path)."""
-    out = dict(section)
-    for key, value in changes.items():
-        inner = out.get(key)
-        out[key] = with_changes(inner or {}, value) if isinstance(value, dict) and isinstance(inner, (dict, type(None))) \
-            else value
-    return out
 
 
 def construction(recipe: Recipe) -> dict:

@@ -244,3 +244,24 @@ def test_the_reference_check_passes_a_length_desensitised_loss(root):
     comparison must sum both sides alike, or a correct reference fails whenever the two answers differ in length."""
     got = run_fault(root, "llava", {"ld_alpha": 0.5}, nothing)
     assert got["reference"] == PASS, got
+
+
+def test_preflight_of_selfgen_counts_each_pair_sources_generations_and_the_rounds_constructions(capsys):
+    """The memory check sizes the cache for the longest generation the pair source makes: on-policy candidates
+    sample with consistency_sampling, self-questions ask with question_sampling. `stic rounds`' further
+    constructions (rounds.extra_selfgen) are checked too, each under its own name."""
+    import json
+
+    from stic.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["preflight", "--recipe", "recipes/default.yaml", "--stage", "selfgen", "--json",
+              "selfgen.pair_source=grounding", "selfgen.consistency_sampling.max_new_tokens=600",
+              "selfgen.consistency_sampling.do_sample=true",
+              "rounds.extra_selfgen=[{pair_source: self_questions, question_sampling: {max_new_tokens: 700}}]"])
+    checks = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == 0, checks
+    memory = {c["stage"]: c["detail"] for c in checks if c["name"] == "memory"}
+    assert set(memory) == {"selfgen", "selfgen-2"}
+    assert "x 600 new tokens" in memory["selfgen"] and "x 700 new tokens" in memory["selfgen-2"], memory
+    assert all(c["status"] != "fail" for c in checks)
