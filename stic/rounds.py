@@ -433,6 +433,7 @@ def table_rows(state: dict, benchmarks: list[str]) -> list[dict]:
         rec = rounds[str(k)]
         rows.append({"round": k, "generator": rec.get("selfgen", {}).get("generator"),
                      "pairs": rec.get("selfgen", {}).get("pairs"), "rows": rec.get("selfgen", {}).get("rows"),
+                     "rows_by_folder": rec.get("selfgen", {}).get("rows_by_folder"),
                      "adapter": rec.get("dpo", {}).get("adapter"), "adapter_digest": rec.get("dpo", {}).get("digest"),
                      "global_step": rec.get("dpo", {}).get("global_step"),
                      "values": rec.get("eval", {}).get("values"),
@@ -462,8 +463,10 @@ def markdown_table(rows: list[dict], benchmarks: list[str], metric: str) -> str:
             cells += [_value(row["values"], b) for b in benchmarks] + ["–"]
         else:
             gen = row["generator"] or {}
+            pairs = (" + ".join(f"{folder} ({'–' if n is None else n})" for folder, n in row["rows_by_folder"].items())
+                     if row.get("rows_by_folder") else row["pairs"] or "–")
             cells = [str(row["round"]), f"{gen.get('model', '–')} ({_short(gen.get('digest'))})",
-                     f"{row['pairs'] or '–'} ({row['rows'] if row['rows'] is not None else '–'} rows)",
+                     f"{pairs} ({row['rows'] if row['rows'] is not None else '–'} rows)",
                      f"{row['adapter'] or '–'} ({row['global_step'] if row['global_step'] is not None else '–'})"]
             cells += [_value(row["values"], b) for b in benchmarks]
             cells.append(f"{row['merged']} ({row['merged_dtype']}, {_short(row['merged_digest'])})"

@@ -208,6 +208,9 @@ def test_extra_pair_constructions_run_each_round_with_its_model_and_train_togeth
     assert trained_on == [[str(out / f"round-{k}" / "selfgen"), str(out / f"round-{k}" / "selfgen-2")] for k in (1, 2)]
     row = report["rounds"][2]
     assert row["pairs"] == f"{out / 'round-2' / 'selfgen'} + {out / 'round-2' / 'selfgen-2'}" and row["rows"] == 6
+    # the table gives each folder's pairs
+    assert f"{out / 'round-2' / 'selfgen'} (3) + {out / 'round-2' / 'selfgen-2'} (3) (6 rows)" in (
+        out / "rounds.md").read_text()
 
     other = {**data, "rounds": {**data["rounds"], "extra_selfgen": [{"pair_source": "grounding"}]}}
     with pytest.raises(RoundsStateError, match="selfgen settings differ"):
