@@ -82,7 +82,8 @@ def _preflight(args) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     # each stage's section built as its command builds it (a TRL section only for the training stages); rounds for
     # the further pair constructions `stic rounds` makes
-    build = {"selfgen": ("selfgen", "rounds"), "dpo": ("selfgen", "dpo"), "infuse-sft": ("infuse_sft",), "eval": ("eval",)}
+    build = {"selfgen": ("selfgen", "rounds"), "dpo": ("selfgen", "dpo"), "infuse-sft": ("infuse_sft",),
+             "eval": ("eval",)}
     recipe = parse_recipe(load_recipe_dict(args.recipe, args.overrides, default_section="dpo"),
                           build=tuple(dict.fromkeys(section for stage in stages for section in build[stage])))
     checks = run_checks(recipe, stages, as_json=args.json, device_memory_gib=args.device_memory,

@@ -309,8 +309,9 @@ class Rounds:
         process_state().wait_for_everyone()
         self.state = read_state(self.out)
 
-    def round_recipe(self, k: int) -> tuple[Recipe, dict | None]:
-        """Round k's recipe, and the changes to its model section (None in round 1: the recipe's base)."""
+    def round_recipe(self, k: int) -> tuple[Recipe, dict | None, dict]:
+        """Round k's recipe, the changes to its model section (None in round 1: the recipe's base), and the recipe
+        mapping it was parsed from (the further constructions' start)."""
         model = None
         if k > 1:  # the previous round's merged folder, loaded in the precision it was stored in
             from stic.models import merged_folder_config
@@ -320,7 +321,7 @@ class Rounds:
             model = {"name_or_path": spec.name_or_path, "dtype": spec.dtype, "load_in_4bit": spec.load_in_4bit,
                      "revision": None}
         data = round_data(self.data, self.out, k, self.benchmarks, model)
-        return parse_recipe(data, build=("selfgen", "dpo", "eval", "rounds")), model
+        return parse_recipe(data, build=("selfgen", "dpo", "eval", "rounds")), model, data
 
     def extra_recipe(self, round_mapping: dict, i: int, changes: dict) -> Recipe:
         """The recipe of the round's i-th further construction: its selfgen section with `changes`, written to
@@ -337,12 +338,12 @@ class Rounds:
         done = self.state["rounds"].get(str(k), {})
         if all(step in done for step in STEPS):  # the stop is decided again: rounds.min_improvement may have changed
             return stop_reason(self.state, k, self.metric, self.higher_is_better, self.margin)
-        recipe, model = self.round_recipe(k)
+        recipe, model, mapping = self.round_recipe(k)
         r = round_dir(self.out, k)
+        folders = [str(f) for f in pair_folders(self.data, self.out, k)]
         if "selfgen" not in done:
             self.say(f"rounds: round {k}/{self.count}: selfgen with {recipe.model.name_or_path}")
             manifests = [selfgen.run_selfgen(recipe)]
-            mapping = round_data(self.data, self.out, k, self.benchmarks, model)
             for i, changes in enumerate(extra_selfgen(self.data)):  # the same model, another construction
                 self.say(f"rounds: round {k}/{self.count}: selfgen-{i + 2} ({', '.join(sorted(changes))} changed)")
                 manifests.append(selfgen.run_selfgen(self.extra_recipe(mapping, i, changes)))
@@ -350,7 +351,6 @@ class Rounds:
             if self.main:
                 generator = (self.state["rounds"][str(k - 1)]["merge"]["identity"] if model
                              else model_identity(recipe.model.name_or_path, recipe.model.revision))
-                folders = [str(f) for f in pair_folders(self.data, self.out, k)]
                 rows = [m["counts"]["rows"] if m else None for m in manifests]
                 record = {"generator": generator, "pairs": " + ".join(folders),
                           "rows": None if None in rows else sum(rows)}
@@ -361,8 +361,7 @@ class Rounds:
             adapter = r / "dpo"
             summary_file = adapter / "run_summary.json"
             if not summary_file.exists():  # else: trained to the end before a kill that came before the state
-                self.say(f"rounds: round {k}/{self.count}: stage 1 on "
-                         f"{' + '.join(str(f) for f in pair_folders(self.data, self.out, k))}"
+                self.say(f"rounds: round {k}/{self.count}: stage 1 on {' + '.join(folders)}"
                          + (" (resuming from its last checkpoint)" if recipe.dpo.resume else ""))
                 dpo.run_dpo(recipe)
             record = None
@@ -463,8 +462,9 @@ def markdown_table(rows: list[dict], benchmarks: list[str], metric: str) -> str:
             cells += [_value(row["values"], b) for b in benchmarks] + ["–"]
         else:
             gen = row["generator"] or {}
-            pairs = (" + ".join(f"{folder} ({'–' if n is None else n})" for folder, n in row["rows_by_folder"].items())
-                     if row.get("rows_by_folder") else row["pairs"] or "–")
+            by_folder = row.get("rows_by_folder")
+            pairs = (" + ".join(f"{folder} ({'–' if n is None else n})" for folder, n in by_folder.items())
+                     if by_folder else row["pairs"] or "–")
             cells = [str(row["round"]), f"{gen.get('model', '–')} ({_short(gen.get('digest'))})",
                      f"{pairs} ({row['rows'] if row['rows'] is not None else '–'} rows)",
                      f"{row['adapter'] or '–'} ({row['global_step'] if row['global_step'] is not None else '–'})"]
